@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +70,7 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
             f"{path}: refused to load: the file holds pickled objects other than tensors and plain containers "
             f"({str(exc).splitlines()[0][:200]}). Loading it would execute code from the file; pass "
             "allow_unsafe_pickle=True only for a file you trust") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # torch raises many types for corrupt or truncated files (KeyError among them)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
                               f"{str(exc).splitlines()[0][:200]}") from exc
 
