@@ -1,0 +1,64 @@
+"""rvc_lora: RVC-compatible synthesizers with hot-swappable LoRA adapters (pure PyTorch)."""
+
+from rvc_lora.adapters import Adapter, AdapterInfo, load_adapter, save_adapter
+from rvc_lora.checkpoint import (
+    RVCCheckpoint,
+    base_fingerprint,
+    load_rvc_checkpoint,
+    read_rvc_checkpoint,
+    save_rvc_checkpoint,
+)
+from rvc_lora.config import SynthConfig
+from rvc_lora.errors import (
+    AdapterError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    AudioError,
+    CheckpointError,
+    ConfigError,
+    IndexFileError,
+    ModelUnavailableError,
+    ParameterError,
+    RVCLoraError,
+    UnsupportedAudioError,
+)
+from rvc_lora.lora import (
+    LoRAConfig,
+    LoRAConv1d,
+    LoRAConvTranspose1d,
+    LoRAEmbedding,
+    LoRALinear,
+    inject_lora,
+    load_lora_weights,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
+from rvc_lora.models.generator import Generator, GeneratorNSF
+from rvc_lora.models.generator_lora import GeneratorLoRA
+from rvc_lora.models.resblock import ResBlock1, ResBlock2
+from rvc_lora.models.synthesizer import (
+    RVCSynthesizer,
+    SynthesizerTrnMs256NSFsid,
+    SynthesizerTrnMs256NSFsid_nono,
+    SynthesizerTrnMs768NSFsid,
+    SynthesizerTrnMs768NSFsid_nono,
+    build_synthesizer,
+)
+from rvc_lora.models.synthesizer_lora import (
+    SynthesizerLoRA,
+    create_synthesizer_lora_from_pretrained,
+    load_synthesizer_with_lora,
+)
+
+__all__ = [
+    "Adapter", "AdapterError", "AdapterInfo", "AdapterMismatchError", "AdapterNotFoundError", "AudioError",
+    "CheckpointError", "ConfigError", "Generator", "GeneratorLoRA", "GeneratorNSF", "IndexFileError", "LoRAConfig",
+    "LoRAConv1d", "LoRAConvTranspose1d", "LoRAEmbedding", "LoRALinear", "ModelUnavailableError", "ParameterError",
+    "RVCCheckpoint", "RVCLoraError", "RVCSynthesizer", "ResBlock1", "ResBlock2", "SynthConfig", "SynthesizerLoRA",
+    "SynthesizerTrnMs256NSFsid", "SynthesizerTrnMs256NSFsid_nono", "SynthesizerTrnMs768NSFsid",
+    "SynthesizerTrnMs768NSFsid_nono", "UnsupportedAudioError", "base_fingerprint", "build_synthesizer",
+    "create_synthesizer_lora_from_pretrained", "inject_lora", "load_adapter", "load_lora_weights",
+    "load_rvc_checkpoint", "load_synthesizer_with_lora", "lora_state_dict", "merge_lora", "read_rvc_checkpoint",
+    "save_adapter", "save_rvc_checkpoint", "unmerge_lora",
+]

@@ -1,0 +1,229 @@
+"""Adapter files: safetensors holding LoRA pairs and full deltas, with metadata tying them to a base model.
+
+Tensors: `<layer>.lora_A` `[r, cols]`, `<layer>.lora_B` `[rows, r]` (layout of `rvc_lora.lora`) and
+`full_delta.<param>`. Metadata (str -> str): `format`, `format_version`, `name`, `r`, `lora_alpha`,
+`target_modules` (JSON list), `full_delta` (JSON list), `base_fingerprint`, `sr`, `version`, `f0`.
+Loading folds `lora_alpha / r` into B. Only safetensors is ever read: a pickle is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from rvc_lora.errors import AdapterError, AdapterMismatchError
+from rvc_lora.lora.inject import FULL_DELTA_PREFIX
+
+FORMAT = "rvc-lora-adapter"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a real header is a few hundred KB at most
+REQUIRED = ("format", "format_version", "r", "lora_alpha", "target_modules", "base_fingerprint", "sr", "version",
+            "f0")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter is for: rank, scale, targets and the base model (fingerprint, sr, version, f0)."""
+
+    name: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    base_fingerprint: str
+    sr: int
+    version: str
+    f0: bool
+    full_delta: tuple[str, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.target_modules
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "format_version": str(self.format_version), "name": self.name, "r": str(self.r),
+                "lora_alpha": repr(self.lora_alpha), "target_modules": json.dumps(list(self.target_modules)),
+                "full_delta": json.dumps(list(self.full_delta)), "base_fingerprint": self.base_fingerprint,
+                "sr": str(self.sr), "version": self.version, "f0": str(int(self.f0))}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A validated adapter in memory: raw tensors (scale not yet folded) and their `AdapterInfo`."""
+
+    info: AdapterInfo
+    tensors: dict[str, Tensor] = field(repr=False)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k in self.tensors if not k.startswith(FULL_DELTA_PREFIX)})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Adapter:
+        return Adapter(self.info, {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.tensors.items()})
+
+
+def _header_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return "is too short to be a safetensors file"
+    (n,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{":
+        return "is not a safetensors file (pickle and other formats are refused, never executed)"
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        return f"declares a {n}-byte header in a {size}-byte file (corrupt or hostile)"
+    return None
+
+
+def _parse_info(path: Path, meta: Mapping[str, str]) -> AdapterInfo:
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise AdapterError(f"{path}: metadata is missing {missing[0]!r} (not an rvc-lora adapter?)")
+    if meta["format"] != FORMAT:
+        raise AdapterError(f"{path}: metadata format is {meta['format']!r}, expected {FORMAT!r}")
+    try:
+        version = int(meta["format_version"])
+        r, alpha, sr = int(meta["r"]), float(meta["lora_alpha"]), int(meta["sr"])
+        targets = json.loads(meta["target_modules"])
+        full = json.loads(meta.get("full_delta", "[]"))
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: malformed metadata: {exc}") from exc
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path}: format_version {version} is newer than this rvc-lora reads ({FORMAT_VERSION})")
+    if r < 1 or not math.isfinite(alpha) or alpha <= 0 or sr <= 0:
+        raise AdapterError(f"{path}: metadata r={meta['r']!r}, lora_alpha={meta['lora_alpha']!r}, sr={meta['sr']!r} "
+                           "out of range")
+    for label, value in (("target_modules", targets), ("full_delta", full)):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise AdapterError(f"{path}: metadata {label} must be a JSON list of names")
+    if meta["version"] not in ("v1", "v2") or meta["f0"] not in ("0", "1"):
+        raise AdapterError(f"{path}: metadata version={meta['version']!r}, f0={meta['f0']!r} invalid")
+    return AdapterInfo(name=meta.get("name", path.stem), r=r, lora_alpha=alpha, target_modules=tuple(targets),
+                       base_fingerprint=meta["base_fingerprint"], sr=sr, version=meta["version"],
+                       f0=meta["f0"] == "1", full_delta=tuple(full), format_version=version)
+
+
+def _check_tensors(path: Path, info: AdapterInfo, tensors: Mapping[str, Tensor]) -> None:
+    pairs: dict[str, set[str]] = {}
+    fulls = set()
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a float type")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{path}: tensor {key!r} contains NaN or inf")
+        if key.startswith(FULL_DELTA_PREFIX):
+            fulls.add(key.removeprefix(FULL_DELTA_PREFIX))
+            continue
+        layer, _, leaf = key.rpartition(".")
+        if leaf not in ("lora_A", "lora_B") or not layer:
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (expected <layer>.lora_A/lora_B or "
+                               f"{FULL_DELTA_PREFIX}<param>)")
+        if t.dim() != 2:
+            raise AdapterError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected 2-D")
+        rank = t.shape[0] if leaf == "lora_A" else t.shape[1]
+        if rank != info.r:
+            raise AdapterError(f"{path}: tensor {key!r} has rank {rank} but metadata says r={info.r}")
+        pairs.setdefault(layer, set()).add(leaf)
+    for layer, leaves in pairs.items():
+        if leaves != {"lora_A", "lora_B"}:
+            raise AdapterError(f"{path}: layer {layer!r} has {sorted(leaves)} but needs both lora_A and lora_B")
+    if set(pairs) != set(info.target_modules):
+        raise AdapterError(f"{path}: metadata target_modules do not list the layers the tensors hold")
+    if fulls != set(info.full_delta):
+        raise AdapterError(f"{path}: metadata full_delta does not list the full-delta tensors the file holds")
+
+
+def load_adapter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Adapter:
+    """Read and validate an adapter file (format, metadata, keys, ranks, dtypes, finiteness).
+
+    Fit to a particular base model is checked by `SynthesizerLoRA.load_adapter` before anything is copied.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such adapter file")
+    if (problem := _header_problem(path)) is not None:
+        raise AdapterError(f"{path}: {problem}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            info = _parse_info(path, meta)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise AdapterError(f"{path}: unreadable safetensors file: {exc}") from exc
+    _check_tensors(path, info, tensors)
+    return Adapter(info, tensors).to(device)
+
+
+def save_adapter_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], info: AdapterInfo,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """Write tensors + metadata atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    _check_tensors(path, info, tensors)
+    data = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(data, str(tmp), metadata=info.to_metadata())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_adapter_fits(info: AdapterInfo, *, fingerprint: str, sr: int, version: str, f0: bool,
+                       slots: Mapping[str, int], full_delta: set[str], source: str = "adapter") -> None:
+    """Raise `AdapterMismatchError` unless the adapter was made for this base and fits its LoRA slots.
+
+    slots: layer name -> resident rank; full_delta: parameter names that have full-delta slots.
+    """
+    if info.base_fingerprint != fingerprint:
+        raise AdapterMismatchError(f"{source}: made for base {info.base_fingerprint[:16]}, the resident base is "
+                                   f"{fingerprint[:16]}")
+    if (info.sr, info.version, info.f0) != (sr, version, f0):
+        raise AdapterMismatchError(f"{source}: for a {info.version} {info.sr} Hz f0={info.f0} model, the resident "
+                                   f"model is {version} {sr} Hz f0={f0}")
+    for layer in info.target_modules:
+        if layer not in slots:
+            raise AdapterMismatchError(f"{source}: adapts layer {layer!r}, which has no LoRA slot in the resident "
+                                       "model (build it with matching target_modules)")
+        if info.r > slots[layer]:
+            raise AdapterMismatchError(f"{source}: rank {info.r} exceeds the resident slots' rank {slots[layer]}")
+    for name in info.full_delta:
+        if name not in full_delta:
+            raise AdapterMismatchError(f"{source}: carries a full delta for {name!r}, which has no full-delta slot "
+                                       "in the resident model")
+
+
+def save_adapter(path: str | os.PathLike[str], model: SynthesizerLoRA, *, name: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write the resident adapter of `model` (trimmed to its configured rank) with its base's metadata.
+
+    Resident tensors already hold `alpha/r * B`, so the file says `lora_alpha = r` (scale 1) and loading
+    it back reproduces the resident values exactly.
+    """
+    state = model.get_lora_state_dict(rank=model.lora_config.r)
+    layers = sorted({k.rsplit(".", 1)[0] for k in state if not k.startswith(FULL_DELTA_PREFIX)})
+    fulls = sorted(k.removeprefix(FULL_DELTA_PREFIX) for k in state if k.startswith(FULL_DELTA_PREFIX))
+    cfg = model.cfg
+    info = AdapterInfo(name=name or Path(path).stem, r=model.lora_config.r, lora_alpha=float(model.lora_config.r),
+                       target_modules=tuple(layers), base_fingerprint=model.fingerprint, sr=cfg.sr,
+                       version=cfg.version, f0=cfg.f0, full_delta=tuple(fulls))
+    return save_adapter_tensors(path, state, info, dtype)
+
+
+if TYPE_CHECKING:
+    from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
