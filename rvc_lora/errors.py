@@ -52,6 +52,12 @@ class UnsupportedAudioError(AudioError):
     code = "unsupported_audio"
 
 
+class AudioTooLongError(AudioError):
+    """The audio is longer than the caller's duration limit."""
+
+    code = "audio_too_long"
+
+
 class ParameterError(RVCLoraError, ValueError):
     """A conversion parameter is out of range or of the wrong kind."""
 

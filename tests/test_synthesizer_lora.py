@@ -117,9 +117,8 @@ def test_lora_parameter_freezing_and_summary() -> None:
 
 
 def test_full_size_lora_share_is_about_two_percent() -> None:
-    from tests.test_models import full_config
-
     from rvc_lora.models.synthesizer import build_synthesizer
+    from tests.test_models import full_config
     model = SynthesizerLoRA(build_synthesizer(full_config("v2", "40k"), with_posterior=False),
                             LoRAConfig(r=8, lora_alpha=16, target_modules=["ups", "resblocks"]))
     s = model.parameter_summary()
@@ -198,7 +197,8 @@ def test_library_never_imports_the_service() -> None:
     code = ("import sys, pkgutil, importlib, rvc_lora\n"
             "for m in pkgutil.walk_packages(rvc_lora.__path__, 'rvc_lora.'):\n"
             "    if m.name != 'rvc_lora.cli': importlib.import_module(m.name)\n"
-            "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('fastapi', 'uvicorn', 'service', 'starlette'))\n"
+            "server = ('fastapi', 'uvicorn', 'service', 'starlette')\n"
+            "bad = sorted(n for n in sys.modules if n.split('.')[0] in server)\n"
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

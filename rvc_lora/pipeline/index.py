@@ -1,0 +1,161 @@
+"""Retrieval index: RVC's faiss `.index` files and the feature blend (spec §3.6), and index training (§4.8).
+
+faiss is optional (`pip install rvc-lora[index]`); it is imported only when an index is loaded or built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rvc_lora.errors import IndexFileError, ModelUnavailableError, ParameterError
+
+__all__ = ["RetrievalIndex", "build_index", "n_ivf_for"]
+
+K = 8  # neighbours per frame (RVC)
+KMEANS_ABOVE = 200_000  # RVC replaces larger feature sets by k-means centres before training
+KMEANS_CENTRES = 10_000
+ADD_BATCH = 8192
+
+
+def _faiss() -> ModuleType:
+    try:
+        import faiss
+    except ImportError as e:
+        raise ModelUnavailableError(
+            "retrieval index needs faiss, which is not installed: pip install 'rvc-lora[index]' (faiss-cpu)"
+        ) from e
+    return faiss
+
+
+def _reason(e: Exception) -> str:
+    """faiss errors read 'Error in <signature> at <file>:<line>: [Error: ]<reason>'; keep the reason."""
+    lines = str(e).strip().splitlines()
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", lines[0]) if lines else type(e).__name__
+
+
+class RetrievalIndex:
+    """A loaded `.index` with its stored vectors (`big`, `[ntotal, dim]` float32, reconstructed once at load)."""
+
+    def __init__(self, index: Any, big: np.ndarray, path: Path) -> None:
+        self._index = index
+        self.big = big
+        self.path = path
+
+    @classmethod
+    def from_path(cls, path: str | Path, dim: int | None = None) -> RetrievalIndex:
+        """Read an RVC index (any faiss index that can `reconstruct_n`; RVC writes `IVF{n},Flat`, nprobe 1, which is
+        kept as stored). `dim`: the feature width the model produces (256 v1 / 768 v2), checked here."""
+        faiss = _faiss()
+        path = Path(path)
+        if not path.is_file():
+            raise IndexFileError(f"index file {path} does not exist")
+        try:
+            index = faiss.read_index(str(path))
+        except Exception as e:  # faiss raises RuntimeError for every malformed file
+            raise IndexFileError(f"{path} is not a readable faiss index ({_reason(e)})") from e
+        if index.ntotal == 0:
+            raise IndexFileError(f"{path} holds no vectors")
+        try:
+            big = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
+        except Exception as e:
+            raise IndexFileError(f"{path}: cannot read back its vectors ({_reason(e)})") from e
+        loaded = cls(index, big, path)
+        if dim is not None:
+            loaded.check_dim(dim)
+        return loaded
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def check_dim(self, dim: int) -> None:
+        if dim != self.dim:
+            raise IndexFileError(
+                f"{self.path} holds {self.dim}-d features but the model uses {dim}-d features "
+                "(v1 models: 256, v2 models: 768); use an index trained for this model version"
+            )
+
+    def retrieve(self, query: np.ndarray) -> np.ndarray:
+        """`[F, dim]` float32 queries -> `[F, dim]` float32 weighted mean of their K nearest stored vectors.
+
+        RVC's weights are `(1 / dist)**2` with dist the squared L2 distance, normalised per frame. Where RVC gets
+        inf/NaN we do what a user expects: an exact match (dist 0, or so small that the weight overflows) takes
+        all the weight (shared between exact matches), and a frame with no neighbour at all (an empty IVF list
+        under nprobe 1) keeps its own features."""
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        if query.ndim != 2:
+            raise ParameterError(f"index query must be [frames, {self.dim}], got shape {query.shape}")
+        self.check_dim(query.shape[1])
+        dist, ix = self._index.search(query, K)
+        with np.errstate(divide="ignore", over="ignore"):
+            weight = np.square(1 / dist)
+        weight[ix < 0] = 0  # missing hit: faiss gives dist FLT_MAX, so RVC's weight is already exactly 0
+        exact = np.isinf(weight)
+        rows = exact.any(axis=1)
+        weight[rows] = exact[rows]
+        total = weight.sum(axis=1, keepdims=True)
+        empty = total[:, 0] == 0
+        total[empty] = 1
+        weight /= total
+        out: np.ndarray = np.sum(self.big[np.maximum(ix, 0)] * np.expand_dims(weight, axis=2), axis=1)
+        out[empty] = query[empty]
+        return out
+
+    def blend(self, feats: Tensor, index_rate: float) -> Tensor:
+        """Content features `[1, F, dim]` -> `index_rate * retrieved + (1 - index_rate) * feats`, same shape, dtype
+        and device, computed in RVC's order: search in float32 numpy, retrieved cast to the features' dtype."""
+        if not 0.0 <= index_rate <= 1.0:
+            raise ParameterError(f"index_rate must be within [0, 1], got {index_rate}")
+        if feats.dim() != 3 or feats.shape[0] != 1:
+            raise ParameterError(f"features must be [1, frames, dim], got shape {tuple(feats.shape)}")
+        self.check_dim(int(feats.shape[-1]))
+        if index_rate == 0:
+            return feats
+        query = feats[0].detach().to(device="cpu", dtype=torch.float32).numpy()
+        retrieved = torch.from_numpy(self.retrieve(query)).to(dtype=feats.dtype).unsqueeze(0).to(feats.device)
+        return retrieved * index_rate + (1 - index_rate) * feats
+
+
+def n_ivf_for(n: int) -> int:
+    """RVC's IVF list count `min(int(16 sqrt(N)), N // 39)`, at least 1 (RVC's classic UI fails below 39 rows)."""
+    return max(1, min(int(16 * math.sqrt(n)), n // 39))
+
+
+def build_index(features: np.ndarray | Tensor, path: str | Path, *, seed: int = 0) -> Path:
+    """Train and write an index the way RVC's index training does: rows shuffled (seeded here, RVC's is not),
+    more than 200k rows replaced by 10k k-means centres (faiss k-means here, RVC uses scikit-learn's
+    MiniBatchKMeans), `IVF{n_ivf},Flat` with nprobe 1, vectors added in batches of 8192 (ids = shuffled order).
+    `features`: `[N, dim]`, e.g. the concatenated 3_feature768 files."""
+    faiss = _faiss()
+    data = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
+    if data.ndim != 2 or data.shape[0] == 0 or not np.isfinite(data).all():
+        raise ParameterError(f"index features must be a finite, non-empty [N, dim] array, got shape {data.shape}")
+    data = np.ascontiguousarray(data[np.random.default_rng(seed).permutation(data.shape[0])], dtype=np.float32)
+    if data.shape[0] > KMEANS_ABOVE:
+        kmeans = faiss.Kmeans(data.shape[1], KMEANS_CENTRES, seed=seed)
+        kmeans.train(data)
+        data = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+    n, dim = data.shape
+    index = faiss.index_factory(dim, f"IVF{n_ivf_for(n)},Flat")
+    faiss.extract_index_ivf(index).nprobe = 1
+    index.train(data)
+    for start in range(0, n, ADD_BATCH):
+        index.add(data[start : start + ADD_BATCH])
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)  # a reader never sees a half-written index
+    return path
