@@ -1,0 +1,291 @@
+"""`VoiceConverter`: audio in, converted audio out, step by step as RVC's pipeline (spec §3).
+
+One object holds the synthesizer (with LoRA slots), the content encoder and the f0 extractors on one
+device. With `seed` set, `torch.manual_seed(seed)` runs once before the first chunk and nothing but the
+synthesizer draws from torch's generator, so a conversion equals RVC's pipeline run right after the
+same call on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+from torch import Tensor
+
+from rvc_lora.adapters import Adapter, load_adapter
+from rvc_lora.errors import ParameterError
+from rvc_lora.lora import LoRAConfig
+from rvc_lora.models.generator import GeneratorNSF
+from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, SynthesizerLoRA, load_synthesizer_with_lora
+from rvc_lora.pipeline import steps
+from rvc_lora.pipeline.audio import SR_16K, AudioSource, decode_audio, prepare_16k, resample, to_int16
+from rvc_lora.pipeline.content import ContentEncoder
+from rvc_lora.pipeline.f0 import GivenF0, get_f0_extractor
+from rvc_lora.pipeline.index import RetrievalIndex
+from rvc_lora.pipeline.params import ConvertParams
+
+AdapterArg = Adapter | str | os.PathLike[str] | None
+IndexArg = RetrievalIndex | str | os.PathLike[str] | None
+Progress = Callable[[int, int], None]  # (chunks done, chunks in all)
+STAGES = ("decode", "f0", "features", "index", "synth", "postprocess")
+
+
+@dataclass
+class ConversionResult:
+    """Converted audio (float32 `[N]` in [-1, 1], before RVC's int16 step) at `sr`, and stage timings (s)."""
+
+    audio: NDArray[np.float32]
+    sr: int
+    timings: dict[str, float] = field(default_factory=dict)
+    adapter: str | None = None
+    adapter_swapped: bool = False
+
+    def int16(self) -> NDArray[np.int16]:
+        """RVC's output: peak above 0.99 scaled down, `* 32768`, truncated to int16."""
+        return to_int16(self.audio)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / self.sr
+
+
+class _Stopwatch:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] += time.perf_counter() - start
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class VoiceConverter:
+    """Converts `(audio, params, adapter)` to audio with one resident base model.
+
+    fp16 on CUDA (RVC's is_half padding constants), fp32 on CPU. Not thread-safe: one thread (the
+    service's device worker) owns a converter.
+    """
+
+    def __init__(self, model: SynthesizerLoRA, content: ContentEncoder, *, device: str | torch.device = "cpu",
+                 is_half: bool | None = None, rmvpe_path: str | os.PathLike[str] | None = None,
+                 pad: steps.PadConfig | None = None) -> None:
+        self.device = torch.device(device)
+        self.is_half = (self.device.type == "cuda") if is_half is None else is_half
+        dtype = torch.float16 if self.is_half else torch.float32
+        self.model = model.to(self.device, dtype).eval()
+        self.content = content.to(self.device, dtype).eval()
+        self.rmvpe_path = Path(rmvpe_path) if rmvpe_path else None
+        self.pad = pad or steps.PadConfig.select(is_half=self.is_half)
+        self._resident: Adapter | None = None
+        self._indexes: dict[Path, RetrievalIndex] = {}
+
+    @classmethod
+    def from_files(cls, model: str | os.PathLike[str], hubert: str | os.PathLike[str], *, device: str | None = None,
+                   rmvpe: str | os.PathLike[str] | None = None, lora_config: LoRAConfig | None = None,
+                   max_rank: int | None = None, is_half: bool | None = None) -> VoiceConverter:
+        """Load the base `.pth` (with LoRA slots: `lora_config`, default r=8 on ups+resblocks, allocated at
+        `max_rank`) and the content encoder (fairseq `hubert_base.pt` or a Hugging Face folder)."""
+        device = device or _default_device()
+        synth = load_synthesizer_with_lora(model, lora_config or DEFAULT_LORA_CONFIG, max_rank=max_rank)
+        return cls(synth, ContentEncoder.from_path(Path(hubert)), device=device, is_half=is_half, rmvpe_path=rmvpe)
+
+    @property
+    def sr(self) -> int:
+        return self.model.cfg.sr
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.is_half else torch.float32
+
+    # --- adapters and indexes ---------------------------------------------------------------------
+    def use_adapter(self, adapter: AdapterArg) -> bool:
+        """Make `adapter` resident (None = the base voice); returns whether the slots were rewritten."""
+        if adapter is not None and not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter)
+        if adapter is self._resident and adapter is not None:
+            return False
+        if adapter is None:
+            self.model.reset_adapter()
+        else:
+            self.model.load_adapter(adapter.to(self.device))
+        self._resident = adapter
+        return True
+
+    def _index(self, index: IndexArg) -> RetrievalIndex | None:
+        if index is None or isinstance(index, RetrievalIndex):
+            if index is not None:
+                index.check_dim(self.model.cfg.content_dim)
+            return index
+        path = Path(index).resolve()
+        if path not in self._indexes:
+            self._indexes[path] = RetrievalIndex.from_path(path, dim=self.model.cfg.content_dim)
+        return self._indexes[path]
+
+    # --- conversion -------------------------------------------------------------------------------
+    def convert_file(self, source: AudioSource, params: ConvertParams | None = None, *, adapter: AdapterArg = None,
+                     index: IndexArg = None, progress: Progress | None = None) -> ConversionResult:
+        """Decode any audio file (path or bytes) and convert it."""
+        start = time.perf_counter()
+        audio, sr = decode_audio(source)
+        decode_s = time.perf_counter() - start
+        result = self.convert(audio, sr, params, adapter=adapter, index=index, progress=progress)
+        result.timings["decode"] += decode_s
+        return result
+
+    def convert(self, audio: ArrayLike, sr: int, params: ConvertParams | None = None, *, adapter: AdapterArg = None,
+                index: IndexArg = None, f0_curve: ArrayLike | None = None,
+                progress: Progress | None = None) -> ConversionResult:
+        """Mono audio `[N]` at `sr` -> converted audio at the model rate (or `params.resample_sr`).
+
+        adapter: an `Adapter`, an adapter file, or None for the base voice. index: a retrieval index
+        (object or `.index` path), used when `params.index_rate > 0`. f0_curve: Hz per 10 ms frame of
+        the input, replacing extraction (still transposed by `f0_up_key`).
+        """
+        params = params or ConvertParams()
+        clock = _Stopwatch(self.device)
+        with clock.stage("decode"):
+            audio16k = prepare_16k(audio, sr)
+        swapped = self.use_adapter(adapter)
+        retrieval = self._index(index) if params.index_rate > 0 else None
+        if params.sid >= self.model.base.emb_g.num_embeddings:
+            raise ParameterError(f"sid {params.sid} is out of range: the model has "
+                                 f"{self.model.base.emb_g.num_embeddings} speakers")
+        with torch.inference_mode():
+            out = self._pipeline(audio16k, params, retrieval, f0_curve, clock, progress)
+        name = None if self._resident is None else self._resident.info.name
+        return ConversionResult(out, steps.output_sr(self.sr, params.resample_sr), clock.times, name, swapped)
+
+    def _pitch(self, audio_pad: NDArray[np.floating], p_len: int, params: ConvertParams,
+               f0_curve: ArrayLike | None) -> tuple[Tensor, Tensor]:
+        if f0_curve is not None:
+            f0 = GivenF0(f0_curve, offset_frames=self.pad.t_pad // steps.WINDOW)(audio_pad, p_len)
+        else:
+            extractor = get_f0_extractor(params.f0_method, device=str(self.device), rmvpe_path=self.rmvpe_path,
+                                         is_half=self.is_half)
+            f0 = extractor(audio_pad, p_len, filter_radius=params.filter_radius)  # type: ignore[assignment]
+        return steps.pitch_tensors(steps.transpose_f0(f0, params.f0_up_key), p_len)
+
+    def _pipeline(self, audio16k: NDArray[np.float32], params: ConvertParams, retrieval: RetrievalIndex | None,
+                  f0_curve: ArrayLike | None, clock: _Stopwatch, progress: Progress | None) -> NDArray[np.float32]:
+        pad, tgt_sr = self.pad, self.sr
+        with clock.stage("postprocess"):
+            audio = steps.highpass(audio16k)
+            cuts = steps.find_cut_points(audio, pad.t_center, pad.t_query, pad.t_max)
+            audio_pad = steps.reflect_pad(audio, pad.t_pad, pad.t_pad)
+        p_len = len(audio_pad) // steps.WINDOW
+        pitch = pitchf = None
+        if self.model.cfg.f0:
+            with clock.stage("f0"):
+                pitch, pitchf = self._pitch(audio_pad, p_len, params, f0_curve)
+        sid = torch.tensor([params.sid], device=self.device)
+        chunks = steps.plan_chunks(cuts, len(audio_pad), pad.t_pad)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        pieces = []
+        for i, chunk in enumerate(chunks):
+            x = audio_pad[chunk.start : chunk.stop]
+            pc = pitch[:, chunk.frame_start : chunk.frame_stop] if pitch is not None else None
+            pfc = pitchf[:, chunk.frame_start : chunk.frame_stop] if pitchf is not None else None
+            y = self._chunk(x, pc, pfc, sid, params, retrieval, clock)
+            pieces.append(steps.trim_chunk(y, pad.t_pad_tgt(tgt_sr)))
+            if progress is not None:
+                progress(i + 1, len(chunks))
+        with clock.stage("postprocess"):
+            out = steps.assemble_chunks(pieces)
+            if params.rms_mix_rate != 1:
+                out = steps.change_rms(audio, SR_16K, out, tgt_sr, params.rms_mix_rate)
+            sr_out = steps.output_sr(tgt_sr, params.resample_sr)
+            if sr_out != tgt_sr:
+                out = resample(out, tgt_sr, sr_out).astype(np.float32)
+        return out
+
+    def _chunk(self, x: NDArray[np.floating], pitch: Tensor | None, pitchf: Tensor | None, sid: Tensor,
+               params: ConvertParams, retrieval: RetrievalIndex | None, clock: _Stopwatch) -> NDArray[np.float32]:
+        """One chunk of padded 16 kHz audio -> synthesized audio at the model rate (untrimmed)."""
+        has_f0 = pitch is not None and pitchf is not None
+        with clock.stage("features"):
+            feats = self.content.extract(torch.from_numpy(x).to(self.device), self.model.cfg.version)
+            protect = has_f0 and params.protect < steps.PROTECT_OFF
+            feats0 = feats.clone() if protect else None
+        if retrieval is not None:
+            with clock.stage("index"):
+                feats = retrieval.blend(feats, params.index_rate)
+        with clock.stage("features"):
+            feats = steps.upsample_features_x2(feats)
+            if has_f0:
+                assert pitch is not None and pitchf is not None
+                feats, pitch, pitchf = steps.align_pitch(feats, pitch.to(self.device), pitchf.to(self.device), len(x))
+                if feats0 is not None:
+                    feats = steps.protect_features(feats, steps.upsample_features_x2(feats0), pitchf, params.protect)
+            else:
+                feats = feats[:, : min(feats.shape[1], len(x) // steps.WINDOW)]
+        lengths = torch.tensor([feats.shape[1]], device=self.device)
+        with clock.stage("synth"):
+            if has_f0:
+                audio = self.model.infer(feats, lengths, pitch, pitchf, sid)[0]
+            else:
+                audio = self.model.infer(feats, lengths, sid)[0]
+            out: NDArray[np.float32] = audio[0, 0].float().cpu().numpy()
+        return out
+
+    def infer_features(self, phone: Tensor, pitch: Tensor | None, nsff0: Tensor | None, *, sid: int = 0,
+                       seed: int | None = None, adapter: AdapterArg = None) -> ConversionResult:
+        """The low-level path: content features `[T, D]` (+ coarse pitch `[T]`, f0 Hz `[T]` for f0 models)
+        straight into `infer` -> audio at the model rate."""
+        cfg = self.model.cfg
+        if phone.dim() != 2 or phone.shape[1] != cfg.content_dim or phone.shape[0] < 1:
+            raise ParameterError(f"phone must be [T, {cfg.content_dim}], got {tuple(phone.shape)}")
+        frames = phone.shape[0]
+        if cfg.f0:
+            if pitch is None or nsff0 is None:
+                raise ParameterError("this model uses f0: pitch [T] and nsff0 [T] are required")
+            if pitch.shape != (frames,) or nsff0.shape != (frames,):
+                raise ParameterError(f"pitch and nsff0 must be [{frames}], got {tuple(pitch.shape)} / "
+                                     f"{tuple(nsff0.shape)}")
+            if int(pitch.min()) < 1 or int(pitch.max()) > 255:
+                raise ParameterError("pitch must hold coarse pitch ids in 1..255")
+            if not bool(torch.isfinite(nsff0).all()) or bool((nsff0 < 0).any()):
+                raise ParameterError("nsff0 must be finite Hz >= 0")
+        if not bool(torch.isfinite(phone).all()):
+            raise ParameterError("phone contains NaN or inf")
+        if sid >= self.model.base.emb_g.num_embeddings or sid < 0:
+            raise ParameterError(f"sid {sid} is out of range: the model has {self.model.base.emb_g.num_embeddings} "
+                                 "speakers")
+        swapped = self.use_adapter(adapter)
+        clock = _Stopwatch(self.device)
+        with torch.inference_mode(), clock.stage("synth"):
+            if seed is not None:
+                torch.manual_seed(seed)
+            x = phone.to(self.device, self.dtype)[None]
+            lengths = torch.tensor([frames], device=self.device)
+            sid_t = torch.tensor([sid], device=self.device)
+            if isinstance(self.model.base.dec, GeneratorNSF):
+                assert pitch is not None and nsff0 is not None
+                y = self.model.infer(x, lengths, pitch.to(self.device, torch.long)[None],
+                                     nsff0.to(self.device, torch.float32)[None], sid_t)[0]
+            else:
+                y = self.model.infer(x, lengths, sid_t)[0]
+        name = None if self._resident is None else self._resident.info.name
+        return ConversionResult(y[0, 0].float().cpu().numpy(), self.sr, clock.times, name, swapped)
