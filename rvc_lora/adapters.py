@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from rvc_lora.errors import AdapterError, AdapterMismatchError
@@ -174,14 +173,36 @@ def save_adapter_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Ten
     """Write tensors + metadata atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     _check_tensors(path, info, tensors)
-    data = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    data = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(tensors.items())}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(data, str(tmp), metadata=info.to_metadata())
+        with tmp.open("wb") as f:
+            f.write(_safetensors_bytes(data, info.to_metadata()))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors layout with a sorted header, so the same adapter always gives the same bytes
+    (the safetensors library orders metadata by a hash map, which differs from run to run)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                              offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 def check_adapter_fits(info: AdapterInfo, *, fingerprint: str, sr: int, version: str, f0: bool,
