@@ -82,3 +82,45 @@ def require_reference() -> Path:
         pytest.skip(f"RVC reference fixtures not found at {RVC_REFERENCE} (they live in the shared/ folder "
                     "beside the repository)")
     return RVC_REFERENCE
+
+
+# --- service tests: tiny files for the real engine (base .pth, content encoder, adapters), built once ---
+
+TINY_HUBERT_V1 = {"hidden_size": 64, "num_hidden_layers": 9, "num_attention_heads": 2, "intermediate_size": 32,
+                  "conv_dim": (16,) * 7, "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4,
+                  "classifier_proj_size": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_service_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[Path]]:
+    """A v1 f0 base (ResBlock2: cheap on CPU), a 9-layer 64-wide HuBERT, four rank-4 adapters for the base
+    and one adapter made for another base."""
+    from rvc_lora.adapters import save_adapter
+    from rvc_lora.checkpoint import save_rvc_checkpoint
+    from rvc_lora.lora import LoRAConfig
+    from rvc_lora.models.synthesizer_lora import load_synthesizer_with_lora
+    from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
+
+    root = tmp_path_factory.mktemp("service-assets")
+    lora = LoRAConfig(r=4, lora_alpha=4, target_modules=["ups", "resblocks"])
+    hubert = save_fairseq_hubert(build_random_hubert(TINY_HUBERT_V1, seed=1), root / "hubert.pt")
+    files: list[Path] = []
+    for base_seed in (0, 7):
+        base = save_rvc_checkpoint(root / f"base{base_seed}.pth", tiny_model("v1", True, resblock="2", seed=base_seed))
+        synth = load_synthesizer_with_lora(base, lora)
+        for seed in (1, 2, 3, 4) if base_seed == 0 else (5,):
+            gen = torch.Generator().manual_seed(seed)
+            synth.load_lora_weights({k: torch.randn(v.shape, generator=gen) * 0.1
+                                     for k, v in synth.get_lora_state_dict().items()})
+            files.append(save_adapter(root / f"voice{seed}.safetensors", synth, name=f"voice{seed}"))
+    return {"model": root / "base0.pth", "hubert": hubert, "adapters": files[:4], "other_base_adapter": files[4]}
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real demo assets (full-size models, ~40 s to write), written once per test session."""
+    from rvc_lora.demo import write_demo_assets
+
+    folder = tmp_path_factory.mktemp("demo-assets")
+    write_demo_assets(folder)
+    return folder

@@ -1,0 +1,107 @@
+"""The `rvc-lora` command line: convert, inspect, demo assets; errors exit 2 with a message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from rvc_lora import LoRAConfig, SynthesizerLoRA, save_adapter, save_rvc_checkpoint
+from rvc_lora.cli import main
+from rvc_lora.demo import ensure_demo_assets, speech_like, write_demo_assets
+from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
+from rvc_lora.pipeline.index import build_index
+from tests.conftest import tiny_model
+from tests.test_converter import TINY_HUBERT
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cli")
+    base = tiny_model(seed=9)
+    paths = {"model": save_rvc_checkpoint(d / "base.pth", base, info="tiny")}
+    hubert = build_random_hubert(TINY_HUBERT, seed=1)
+    paths["hubert"] = save_fairseq_hubert(hubert, d / "hubert_base.pt")
+    lora = SynthesizerLoRA(tiny_model(seed=9), LoRAConfig(r=4, lora_alpha=4, target_modules=["ups", "resblocks"]))
+    gen = torch.Generator().manual_seed(0)
+    lora.load_lora_weights({k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in lora.get_lora_state_dict().items()})
+    paths["adapter"] = save_adapter(d / "voice.safetensors", lora, name="tiny voice")
+    paths["index"] = build_index(np.random.default_rng(0).standard_normal((100, 768)).astype(np.float32), d / "v.index")
+    paths["input"] = d / "in.flac"
+    sf.write(paths["input"], speech_like(1.5, 22050), 22050)
+    return paths
+
+
+def test_convert_writes_pcm16_wav_with_every_flag(files: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.wav"
+    code = main(["convert", str(files["input"]), str(out), "--model", str(files["model"]), "--hubert",
+                 str(files["hubert"]), "--adapter", str(files["adapter"]), "--index", str(files["index"]),
+                 "--f0-method", "harvest", "--pitch", "12", "--index-rate", "0.5", "--filter-radius", "3",
+                 "--rms-mix-rate", "0.5", "--protect", "0.4", "--resample-sr", "32000", "--sid", "1", "--seed", "3",
+                 "--device", "cpu"])
+    assert code == 0 and "RTF" in capsys.readouterr().out
+    info = sf.info(out)
+    assert (info.samplerate, info.subtype, info.channels) == (32000, "PCM_16", 1)
+    assert abs(info.duration - 1.5) < 0.05
+    flac = tmp_path / "out.flac"
+    assert main(["convert", str(files["input"]), str(flac), "--model", str(files["model"]), "--hubert",
+                 str(files["hubert"]), "--seed", "3", "--device", "cpu"]) == 0
+    assert sf.info(flac).format == "FLAC"
+
+
+def test_inspect_every_kind(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    for key, expected in (("model", "voice model"), ("adapter", "adapter"), ("index", "index")):
+        assert main(["inspect", str(files[key]), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["kind"] == expected
+    assert main(["inspect", str(files["adapter"])]) == 0
+    text = capsys.readouterr().out
+    assert "tiny voice" in text and "rank" in text
+
+
+def test_errors_exit_2_with_the_reason(files: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a model")
+    assert main(["inspect", str(bad)]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    assert main(["convert", str(silent), str(tmp_path / "o.wav"), "--model", str(files["model"]), "--hubert",
+                 str(files["hubert"]), "--device", "cpu"]) == 2
+    assert "silent" in capsys.readouterr().err
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_demo_assets_are_deterministic_and_complete(demo_assets: Path, tmp_path: Path) -> None:
+    manifest = ensure_demo_assets(demo_assets)  # already there: not rewritten
+    for key in ("model", "pretrained", "hubert", "voice_model", "input"):
+        assert (demo_assets / manifest[key]).is_file()
+    assert set(manifest["adapters"]) == {"demo-voice-a", "demo-voice-b"}
+    again = write_demo_assets(tmp_path)  # a second copy: byte-identical
+    for rel in [again[k] for k in ("model", "hubert", "input")] + list(again["adapters"].values()):
+        digest = [hashlib.sha256((d / rel).read_bytes()).hexdigest() for d in (demo_assets, tmp_path)]
+        assert digest[0] == digest[1], rel
+
+
+def test_demo_command_converts_with_base_and_adapters(demo_assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = ensure_demo_assets(demo_assets)
+    src = demo_assets / manifest["input"]
+    short = demo_assets / "short.wav"  # the full 6 s input takes minutes on a loaded 2-core CI machine
+    audio, sr = sf.read(src)
+    sf.write(short, audio[: sr // 2], sr)
+    manifest["input"] = "short.wav"
+    (demo_assets / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["demo", str(demo_assets), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in ("base", "demo-voice-a", "demo-voice-b"):
+        assert name in out
+        assert sf.info(demo_assets / f"converted-{name}.wav").samplerate == 40000
+    a, b = (sf.read(demo_assets / f"converted-demo-voice-{v}.wav")[0] for v in "ab")
+    assert not np.allclose(a, b)
