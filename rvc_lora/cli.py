@@ -187,8 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import serve
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    serve(host=args.host, port=args.port, demo=args.demo, settings_overrides=overrides)
+    serve(host=args.host, port=args.port, demo=args.demo)  # unset flags fall back to RVC_LORA_HOST / _PORT
     return 0
 
 
