@@ -249,9 +249,9 @@ def test_dropout_acts_on_lora_branch_in_train_mode_only(case: str) -> None:
     a, b = adapter(plain, MAX_RANK)
     plain.load_(a, b)
     dropped.load_(a, b)
-    assert torch.equal(dropped.eval()(x), plain(x))
+    assert torch.equal(dropped.eval()(x), plain.eval()(x))
     train_out = dropped.train()(x)
-    assert not torch.allclose(train_out, plain(x))
+    assert not torch.allclose(train_out, plain.train()(x))
     dropped.reset_()
     assert torch.equal(dropped(x), base(x))  # dropout never touches the base path
 
