@@ -91,10 +91,10 @@ def main() -> None:
                       torch.randint(1, 256, (1, frames), generator=gen).to(dev),
                       (100 + 100 * torch.rand(1, frames, generator=gen)).to(dev), torch.tensor([0], device=dev))
 
-            def run(m: torch.nn.Module) -> Callable[[], object]:
+            def run(m: torch.nn.Module, args: tuple[torch.Tensor, ...] = inputs) -> Callable[[], object]:
                 def go() -> object:
                     with torch.inference_mode():
-                        return m.infer(*inputs)  # type: ignore[operator]
+                        return m.infer(*args)  # type: ignore[operator]
                 return go
 
             t_base = statistics.median(timed(run(plain), args.infer_repeats, dev))
@@ -106,7 +106,8 @@ def main() -> None:
                          f"{1e3 * t_base:.0f} / {1e3 * t_unmerged:.0f} ({100 * (t_unmerged / t_base - 1):+.1f}%)"
                          f" / {1e3 * t_merged:.0f} ({100 * (t_merged / t_base - 1):+.1f}%)"))
         pth_bytes, ad_bytes = pth.stat().st_size, adapter_file.stat().st_size
-        rows += [(".pth bytes / adapter bytes (r=8, fp16)", f"{pth_bytes:,} / {ad_bytes:,} ({pth_bytes / ad_bytes:.0f}x)")]
+        rows += [(".pth bytes / adapter bytes (r=8, fp16)",
+                  f"{pth_bytes:,} / {ad_bytes:,} ({pth_bytes / ad_bytes:.0f}x)")]
     width = max(len(k) for k, _ in rows)
     print(f"device: {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

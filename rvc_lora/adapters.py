@@ -172,12 +172,11 @@ def save_adapter_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Ten
                          dtype: torch.dtype = torch.float32) -> Path:
     """Write tensors + metadata atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    _check_tensors(path, info, tensors)
-    data = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(tensors.items())}
+    data = adapter_file_bytes(tensors, info, dtype, source=str(path))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("wb") as f:
-            f.write(_safetensors_bytes(data, info.to_metadata()))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -189,13 +188,17 @@ def save_adapter_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Ten
 _DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def _safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
-    """The safetensors layout with a sorted header, so the same adapter always gives the same bytes
-    (the safetensors library orders metadata by a hash map, which differs from run to run)."""
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+def adapter_file_bytes(tensors: Mapping[str, Tensor], info: AdapterInfo, dtype: torch.dtype = torch.float32,
+                       *, source: str = "adapter") -> bytes:
+    """The adapter file's bytes: safetensors with a sorted header, so the same adapter always gives the
+    same bytes and the same content-addressed id (the safetensors library orders metadata by a hash map,
+    which differs from run to run)."""
+    _check_tensors(Path(source), info, tensors)
+    header: dict[str, object] = {"__metadata__": dict(sorted(info.to_metadata().items()))}
     blobs, offset = [], 0
-    for name, t in tensors.items():
-        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    for name, t in sorted(tensors.items()):
+        t = t.detach().to("cpu", dtype).contiguous()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
                                                                                               offset + len(blob)]}
         blobs.append(blob)

@@ -58,7 +58,8 @@ def _convert_one(vc: Any, src: Path, dst: Path, args: argparse.Namespace, adapte
 
     from rvc_lora.pipeline.audio import encode_audio
 
-    fmt = args.format or (dst.suffix.lstrip(".").lower() if dst.suffix.lower() in (".wav", ".flac", ".ogg") else "wav")
+    suffix = dst.suffix.lstrip(".").lower()
+    fmt: Any = args.format or (suffix if suffix in ("wav", "flac", "ogg") else "wav")
     with tqdm(total=1, desc=f"converting {src.name}", unit="chunk", leave=False, disable=None) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -29,7 +29,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["hubert"] = save_fairseq_hubert(hubert, d / "hubert_base.pt")
     lora = SynthesizerLoRA(tiny_model(seed=9), LoRAConfig(r=4, lora_alpha=4, target_modules=["ups", "resblocks"]))
     gen = torch.Generator().manual_seed(0)
-    lora.load_lora_weights({k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in lora.get_lora_state_dict().items()})
+    state = lora.get_lora_state_dict()
+    lora.load_lora_weights({k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in state.items()})
     paths["adapter"] = save_adapter(d / "voice.safetensors", lora, name="tiny voice")
     paths["index"] = build_index(np.random.default_rng(0).standard_normal((100, 768)).astype(np.float32), d / "v.index")
     paths["input"] = d / "in.flac"

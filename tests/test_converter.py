@@ -97,7 +97,8 @@ def test_long_input_is_cut_at_quiet_places(hubert: ContentEncoder) -> None:
     vc = converter(hubert, pad=pad)
     audio = speech_like(30.0, 16000, seed=3)
     calls: list[tuple[int, int]] = []
-    result = vc.convert(audio, 16000, ConvertParams(rms_mix_rate=1.0, seed=1), progress=lambda i, n: calls.append((i, n)))
+    result = vc.convert(audio, 16000, ConvertParams(rms_mix_rate=1.0, seed=1),
+                        progress=lambda i, n: calls.append((i, n)))
     chunks = calls[-1][1]
     assert chunks >= 3 and calls[-1] == (chunks, chunks)
     assert abs(len(result.audio) - 30 * 40000) <= chunks * 2 * 400

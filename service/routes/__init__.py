@@ -1,0 +1,11 @@
+"""HTTP routes: each one validates, enqueues on the worker or reads the store, and answers."""
+
+from fastapi import APIRouter
+
+from service.routes import adapters, convert, health, infer, model
+
+api_router = APIRouter()
+for _module in (convert, infer, adapters, model, health):
+    api_router.include_router(_module.router)
+
+__all__ = ["api_router"]

@@ -1,0 +1,48 @@
+"""API-key check: `Authorization: Bearer <key>` on every route but health, readiness and metrics.
+
+It runs as ASGI middleware, before the body is read: an unauthenticated upload is refused without
+being received. Keys are compared as sha256 digests with `hmac.compare_digest`: constant time, and
+independent of the presented key's length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi.security import HTTPBearer
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import Unauthorized
+from service.handlers import error_json
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+# documents the scheme in OpenAPI; the check itself is `BearerAuth` below
+bearer_scheme = HTTPBearer(auto_error=False, description="required when RVC_LORA_API_KEY is set")
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key_digest = _digest(api_key)
+
+    def authorized(self, header: str | None) -> bool:
+        scheme, _, token = (header or "").partition(" ")
+        presented = _digest(token.strip()) if scheme.lower() == "bearer" else b""
+        return hmac.compare_digest(presented, self._key_digest)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.authorized(Headers(scope=scope).get("authorization")):
+            await self.app(scope, receive, send)
+            return
+        exc = Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+        await error_json(exc.status, exc.code, str(exc), {"WWW-Authenticate": "Bearer"})(scope, receive, send)

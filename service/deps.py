@@ -1,0 +1,49 @@
+"""Request-scoped access to what the lifespan built (`app.state`), as `Annotated` dependencies."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.settings import Settings
+from service.store import AdapterStore
+from service.worker import Worker
+
+
+def _worker(request: Request) -> Worker:
+    worker: Worker = request.app.state.worker
+    return worker
+
+
+def _store(request: Request) -> AdapterStore:
+    store: AdapterStore = request.app.state.store
+    return store
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+WorkerDep = Annotated[Worker, Depends(_worker)]
+StoreDep = Annotated[AdapterStore, Depends(_store)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+
+
+def request_id(request: Request) -> str:
+    rid: str = request.state.request_id
+    return rid
+
+
+def deadline(request: Request, settings: Settings) -> float:
+    """Event-loop time by which the result must be ready: arrival + the request timeout."""
+    arrived: float = request.state.arrived
+    return arrived + settings.request_timeout_s
+
+
+async def disconnected(request: Request) -> None:
+    """Completes when the client goes away. The body is fully read by then, so the next message on
+    the raw channel is the disconnect (or the end of the response, when this watcher is cancelled)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

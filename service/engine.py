@@ -1,0 +1,272 @@
+"""The boundary between the service and the models: an `Engine` protocol and the real implementation.
+
+Everything behind this boundary runs on the worker's device thread except `describe_adapter` and
+`check_index`, which read files and the base model's fixed metadata only (no model state) and are
+called from upload handlers. Tests substitute fakes; the real engine wraps `VoiceConverter` and is
+imported lazily so that importing the service does not load torch models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from rvc_lora.errors import ModelUnavailableError
+from service.errors import DeviceOutOfMemory
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+T = TypeVar("T")
+SR_16K = 16000
+FRAMES_PER_S = 100  # content features and f0 are 10 ms frames (hop 160 at 16 kHz)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The resident base model, as `/model` reports it and as request validation needs it."""
+
+    fingerprint: str
+    version: str
+    f0: bool
+    sr: int
+    n_speakers: int
+    content_dim: int
+    max_rank: int
+    target_modules: tuple[str, ...]
+    f0_methods: tuple[str, ...]
+    device: str
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What an adapter file says about itself, after it was checked against the resident base."""
+
+    label: str
+    rank: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    base_fingerprint: str
+    sr: int
+    version: str
+    f0: bool
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """RVC's conversion parameters (same names and defaults as `ConvertParams`)."""
+
+    sid: int = 0
+    f0_up_key: int = 0
+    f0_method: str = "pm"
+    index_rate: float = 0.75
+    filter_radius: int = 3
+    rms_mix_rate: float = 0.25
+    protect: float = 0.33
+    resample_sr: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """Inputs of the low-level path: phone `[T, C]` float32, pitch `[T]` int64 and nsff0 `[T]` float32
+    (both None for models without f0)."""
+
+    phone: NDArray[np.float32]
+    pitch: NDArray[np.int64] | None
+    nsff0: NDArray[np.float32] | None
+    sid: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Audio out of the engine: mono float32 `[N]` at `sr` Hz and per-stage seconds."""
+
+    audio: NDArray[np.float32]
+    sr: int
+    timings: Mapping[str, float]
+
+
+class Engine(Protocol):
+    """What the worker needs from the models. Voices are opaque: `load_voice` returns a host-memory
+    voice (adapter tensors + optional index), `to_device` the device copy that `convert`/`infer` take."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def describe_adapter(self, path: Path) -> AdapterMeta:
+        """Read and validate an adapter file against the base (AdapterError / AdapterMismatchError)."""
+        ...
+
+    def check_index(self, path: Path) -> None:
+        """Raise IndexFileError unless `path` is a usable retrieval index for the base's feature width."""
+        ...
+
+    def load_voice(self, adapter: Path, index: Path | None) -> object: ...
+
+    def to_device(self, voice: object) -> object: ...
+
+    def warmup(self) -> float:
+        """Run one representative conversion; return the seconds of audio it processed."""
+        ...
+
+    def convert(self, audio16k: NDArray[np.float32], options: ConvertOptions, voice: object | None) -> Rendered: ...
+
+    def infer(self, features: Features, voice: object | None) -> Rendered: ...
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The real engine (imports torch and the pipeline here, on the device thread)."""
+    return RVCEngine(settings)
+
+
+@dataclass(frozen=True)
+class _Voice:
+    adapter: Any  # rvc_lora.adapters.Adapter
+    index: Any  # rvc_lora.pipeline.index.RetrievalIndex | None
+
+
+class RVCEngine:
+    """`VoiceConverter` behind the `Engine` protocol."""
+
+    def __init__(self, settings: Settings) -> None:
+        from rvc_lora.pipeline.converter import VoiceConverter
+
+        if settings.model is None or settings.hubert is None:
+            raise ModelUnavailableError("RVC_LORA_MODEL and RVC_LORA_HUBERT must name the base checkpoint and the "
+                                        "content encoder")
+        device = None if settings.device == "auto" else settings.device
+        self._vc = VoiceConverter.from_files(model=settings.model, hubert=settings.hubert, device=device,
+                                             rmvpe=settings.rmvpe, max_rank=settings.max_rank)
+        model = self._vc.model
+        cfg = model.cfg
+        self._info = ModelInfo(fingerprint=model.fingerprint, version=cfg.version, f0=cfg.f0, sr=cfg.sr,
+                               n_speakers=int(model.base.emb_g.num_embeddings), content_dim=cfg.content_dim,
+                               max_rank=settings.max_rank, target_modules=tuple(sorted(model.slot_ranks())),
+                               f0_methods=_f0_methods(settings), device=str(self._vc.device))
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def describe_adapter(self, path: Path) -> AdapterMeta:
+        from rvc_lora.adapters import load_adapter
+
+        adapter = load_adapter(path)
+        self._check_fit(adapter)
+        info = adapter.info
+        return AdapterMeta(label=info.name, rank=info.r, lora_alpha=info.lora_alpha,
+                           target_modules=tuple(info.target_modules), base_fingerprint=info.base_fingerprint,
+                           sr=info.sr, version=info.version, f0=info.f0)
+
+    def _check_fit(self, adapter: Any) -> None:
+        """Base, slots and every tensor's shape, read-only: what `load_adapter` would refuse, refused now."""
+        from rvc_lora.errors import AdapterMismatchError
+        from rvc_lora.lora.inject import FULL_DELTA_PREFIX, full_delta_slots, lora_layers
+
+        model = self._vc.model
+        model.check_adapter(adapter.info, source=str(adapter.info.name))  # fingerprint, sr/version/f0, slot ranks
+        layers, slots = lora_layers(model.base), full_delta_slots(model.base)
+        for name in adapter.info.target_modules:
+            a, b = adapter.tensors[f"{name}.lora_A"], adapter.tensors[f"{name}.lora_B"]
+            if (problem := layers[name].adapter_problem(a, b)) is not None:
+                leaf, error = problem
+                raise type(error)(f"adapter key '{name}.{leaf}' {error}")
+        for name in adapter.info.full_delta:
+            assert slots is not None  # check_adapter refused full deltas without slots
+            want = slots.base(slots.index[name]).shape
+            got = adapter.tensors[FULL_DELTA_PREFIX + name].shape
+            if got != want:
+                raise AdapterMismatchError(f"adapter key {FULL_DELTA_PREFIX + name!r} has shape {tuple(got)}, "
+                                           f"expected {tuple(want)}")
+
+    def check_index(self, path: Path) -> None:
+        from rvc_lora.pipeline.index import RetrievalIndex
+
+        RetrievalIndex.from_path(path, dim=self._info.content_dim)
+
+    def load_voice(self, adapter: Path, index: Path | None) -> object:
+        from rvc_lora.adapters import load_adapter
+        from rvc_lora.pipeline.index import RetrievalIndex
+
+        loaded = load_adapter(adapter)
+        if self._vc.device.type == "cuda":  # pinned host copies make the host -> device copy asynchronous
+            loaded = type(loaded)(loaded.info, {k: v.pin_memory() for k, v in loaded.tensors.items()})
+        retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim)
+        return _Voice(loaded, retrieval)
+
+    def to_device(self, voice: object) -> object:
+        host = _as_voice(voice)
+        return _Voice(host.adapter.to(self._vc.device, self._vc.dtype), host.index)
+
+    def warmup(self) -> float:
+        seconds = 1.0
+        t = np.arange(int(seconds * SR_16K), dtype=np.float32) / SR_16K
+        audio = (0.3 * np.sin(2 * np.pi * 140.0 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+        self.convert(audio, ConvertOptions(seed=0), None)
+        return seconds
+
+    def convert(self, audio16k: NDArray[np.float32], options: ConvertOptions, voice: object | None) -> Rendered:
+        from rvc_lora.pipeline.params import ConvertParams
+
+        params = ConvertParams(sid=options.sid, f0_up_key=options.f0_up_key, f0_method=options.f0_method,
+                               index_rate=options.index_rate, filter_radius=options.filter_radius,
+                               rms_mix_rate=options.rms_mix_rate, protect=options.protect,
+                               resample_sr=options.resample_sr, seed=options.seed)
+        adapter, index = (None, None) if voice is None else (_as_voice(voice).adapter, _as_voice(voice).index)
+        result = self._guard_oom(lambda: self._vc.convert(audio16k, SR_16K, params, adapter=adapter, index=index))
+        timings = {k: v for k, v in result.timings.items() if k != "decode"}  # decoding is the handler's
+        return Rendered(result.audio, result.sr, timings)
+
+    def infer(self, features: Features, voice: object | None) -> Rendered:
+        import torch
+
+        adapter = None if voice is None else _as_voice(voice).adapter
+        phone = torch.from_numpy(features.phone)
+        pitch = None if features.pitch is None else torch.from_numpy(features.pitch)
+        nsff0 = None if features.nsff0 is None else torch.from_numpy(features.nsff0)
+        result = self._guard_oom(lambda: self._vc.infer_features(phone, pitch, nsff0, sid=features.sid,
+                                                                 seed=features.seed, adapter=adapter))
+        return Rendered(result.audio, result.sr, dict(result.timings))
+
+    def _guard_oom(self, run: Callable[[], T]) -> T:
+        """Device out of memory: free the allocator's cache and try once more, else 503 (the worker lives on)."""
+        import torch
+
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise DeviceOutOfMemory("the device ran out of memory for this request; retry later or send shorter "
+                                    "audio", retry_after=5) from exc
+
+
+def _f0_methods(settings: Settings) -> tuple[str, ...]:
+    """The f0 methods this server can run: rmvpe needs its weights, fcpe the torchfcpe package."""
+    from rvc_lora.errors import RVCLoraError
+    from rvc_lora.pipeline.f0.fcpe import bundled_weights_path
+
+    methods = ["pm", "harvest"]
+    try:
+        bundled_weights_path()
+        methods.append("fcpe")
+    except RVCLoraError:
+        pass
+    if settings.rmvpe is not None:
+        methods.append("rmvpe")
+    return tuple(methods)
+
+
+def _as_voice(voice: object) -> _Voice:
+    assert isinstance(voice, _Voice)
+    return voice

@@ -1,0 +1,115 @@
+"""Request payloads in and audio out, run in threads off the event loop and off the device thread.
+
+Audio uploads are copied to a temp file under the size cap, their duration is read from the header
+before anything is decoded, then they are decoded and resampled to 16 kHz. `.npz` features are read
+with pickles refused and every member's size checked before it is inflated.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from numpy.typing import NDArray
+
+from rvc_lora.errors import AudioTooLongError, RVCLoraError
+from rvc_lora.pipeline.audio import SR_16K, encode_audio, load_audio_16k, probe_duration
+from service.engine import FRAMES_PER_S, Features, ModelInfo
+from service.errors import BadFeatures, PayloadTooLarge, relabel
+
+CHUNK = 1 << 20
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+
+
+def spool(src: BinaryIO, limit: int, work_dir: Path | None, what: str) -> Path:
+    """Copy an upload to a new temp file, refusing it (413) as soon as it passes `limit` bytes."""
+    fd, name = tempfile.mkstemp(dir=work_dir, prefix="rvc-upload-", suffix=".part")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := src.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+                out.write(chunk)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def read_audio(src: BinaryIO, *, limit: int, max_s: float, work_dir: Path | None) -> NDArray[np.float32]:
+    """An audio upload -> mono float32 `[N]` at 16 kHz. 413 past `limit` bytes or `max_s` seconds (the
+    header's duration is checked first: a 3-hour file is refused without decoding it)."""
+    path = spool(src, limit, work_dir, "audio upload")
+    try:
+        duration, _, _ = probe_duration(path)
+        if duration > max_s:
+            raise AudioTooLongError(f"audio is {duration:.1f} s long, the limit is {max_s:g} s")
+        return load_audio_16k(path, max_duration_s=max_s)
+    except RVCLoraError as exc:
+        raise relabel(exc, path, "audio upload") from exc
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def audio_seconds(audio16k: NDArray[np.float32]) -> float:
+    return len(audio16k) / SR_16K
+
+
+def encode(audio: NDArray[np.float32], sr: int, fmt: str) -> bytes:
+    return encode_audio(audio, sr, fmt)  # type: ignore[arg-type]  # fmt is validated by the form's Literal
+
+
+def read_features(src: BinaryIO, *, info: ModelInfo, max_s: float, sid: int, seed: int | None) -> Features:
+    """An `.npz` upload -> validated `Features` for the resident model (422 `bad_features` otherwise)."""
+    max_frames = int(max_s * FRAMES_PER_S)
+    try:
+        with zipfile.ZipFile(src) as archive:
+            for member in archive.infolist():  # before inflating anything: no zip bombs
+                if member.file_size > (max_frames + 1) * info.content_dim * 8 + 4096:
+                    raise PayloadTooLarge(f"features: member {member.filename[:64]!r} inflates to "
+                                          f"{member.file_size} bytes, more than {max_s:g} s of features")
+    except zipfile.BadZipFile as exc:
+        raise BadFeatures("features: not an .npz file (numpy.savez output expected)") from exc
+    src.seek(0)
+    try:
+        with np.load(src, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in ("phone", "pitch", "nsff0") if key in npz.files}
+            extra = sorted(set(npz.files) - {"phone", "pitch", "nsff0"})
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadFeatures(f"features: unreadable .npz ({str(exc)[:200]})") from exc
+    if extra:
+        raise BadFeatures(f"features: unexpected arrays {extra[:5]}; expected phone, pitch, nsff0")
+    return _check_features(arrays, info, max_frames, sid, seed)
+
+
+def _check_features(arrays: dict[str, np.ndarray], info: ModelInfo, max_frames: int, sid: int,
+                    seed: int | None) -> Features:
+    phone = arrays.get("phone")
+    if phone is None:
+        raise BadFeatures("features: missing array 'phone' [T, C]")
+    if phone.ndim != 2 or phone.shape[1] != info.content_dim or not 1 <= phone.shape[0] <= max_frames:
+        raise BadFeatures(f"features: phone has shape {phone.shape}, expected [T, {info.content_dim}] with "
+                          f"1 <= T <= {max_frames}")
+    if not np.issubdtype(phone.dtype, np.floating) or not np.isfinite(phone).all():
+        raise BadFeatures("features: phone must hold finite float values")
+    frames = phone.shape[0]
+    if not info.f0:
+        if "pitch" in arrays or "nsff0" in arrays:
+            raise BadFeatures("features: this model has no f0 input; send phone only")
+        return Features(phone.astype(np.float32), None, None, sid, seed)
+    pitch, nsff0 = arrays.get("pitch"), arrays.get("nsff0")
+    if pitch is None or nsff0 is None:
+        raise BadFeatures("features: an f0 model needs 'pitch' [T] and 'nsff0' [T] as well")
+    if pitch.shape != (frames,) or nsff0.shape != (frames,):
+        raise BadFeatures(f"features: pitch {pitch.shape} and nsff0 {nsff0.shape} must both be [{frames}]")
+    if not np.issubdtype(pitch.dtype, np.integer) or pitch.min() < 1 or pitch.max() > 255:
+        raise BadFeatures("features: pitch must be integers in 1..255 (RVC's coarse f0)")
+    if not np.issubdtype(nsff0.dtype, np.floating) or not np.isfinite(nsff0).all() or nsff0.min() < 0:
+        raise BadFeatures("features: nsff0 must be finite, non-negative float Hz")
+    return Features(phone.astype(np.float32), pitch.astype(np.int64), nsff0.astype(np.float32), sid, seed)

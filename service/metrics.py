@@ -1,0 +1,48 @@
+"""Prometheus collectors, in a registry of their own per app (tests build many apps in one process).
+
+Labels come from small fixed sets (route templates, methods, statuses, outcomes, tiers); the adapter
+id is unbounded, so it is never a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("rvc_lora_http_requests_total", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("rvc_lora_http_request_duration_seconds", "HTTP request latency",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("rvc_lora_queue_wait_seconds", "time a job waited before the device took it",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("rvc_lora_compute_seconds", "device time per job", ["kind"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.rtf = Histogram("rvc_lora_real_time_factor", "device seconds per second of audio, per job",
+                             buckets=RTF_BUCKETS, registry=r)
+        self.queued_audio = Gauge("rvc_lora_queued_audio_seconds", "seconds of audio waiting in the queue",
+                                  registry=r)
+        self.queued_jobs = Gauge("rvc_lora_queued_jobs", "jobs waiting in the queue", registry=r)
+        self.throughput = Gauge("rvc_lora_throughput_audio_seconds_per_second",
+                                "measured audio seconds converted per device second (Retry-After uses it)",
+                                registry=r)
+        self.jobs = Counter("rvc_lora_jobs_total", "jobs by outcome", ["outcome"], registry=r)
+        self.rejected = Counter("rvc_lora_rejected_total", "requests refused at admission", ["reason"], registry=r)
+        self.swaps = Counter("rvc_lora_adapter_swaps_total", "adapter changes in the model's LoRA slots",
+                             registry=r)
+        self.cache = Counter("rvc_lora_adapter_cache_lookups_total",
+                             "adapter lookups: hit (already on the device) or miss, and the tier that served it",
+                             ["result", "tier"], registry=r)
+        self.resident = Gauge("rvc_lora_resident_adapters", "adapters held per tier", ["tier"], registry=r)
+        self.ready = Gauge("rvc_lora_ready", "1 when models are loaded and warm", registry=r)
+        self.cache.labels(result="hit", tier="device")
+        for tier in ("host", "disk"):
+            self.cache.labels(result="miss", tier=tier)
+        for tier in ("device", "host"):
+            self.resident.labels(tier=tier).set(0)

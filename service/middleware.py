@@ -1,0 +1,112 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: the request keeps one task, one context, its receive).
+
+`RequestContext`: request id (header, log context, `request.state`), arrival time, access log, metrics.
+`BodyLimit`: the per-route upload cap, enforced while the body streams in: past it the client gets 413
+at once and the app sees a disconnect, so no oversized upload is ever fully received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge
+from service.handlers import error_json
+from service.logs import REQUEST_ID
+from service.metrics import Metrics
+
+log = logging.getLogger("service.access")
+
+INCOMING_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if INCOMING_ID.fullmatch(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["arrived"] = asyncio.get_running_loop().time()
+        token = REQUEST_ID.set(request_id)
+        status, start = 500, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"  # the template: bounded labels
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(route=route, method=method, status=str(status)).inc()
+            self.metrics.request_seconds.labels(route=route).observe(elapsed)
+            log.info("request", extra={"request_id": request_id, "method": method, "route": route, "status": status,
+                                       "duration_ms": round(elapsed * 1000, 2)})
+            REQUEST_ID.reset(token)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for  # (method, path) -> bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["method"], scope["path"])
+        too_large = PayloadTooLarge(f"request body is larger than the limit of {limit} bytes for this route")
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(too_large, scope, receive, send)
+            return
+        received, refused, started = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    if not started:
+                        await self._refuse(too_large, scope, receive, send)
+                    return {"type": "http.disconnect"}  # the app stops reading; its reply is dropped
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    @staticmethod
+    async def _refuse(exc: PayloadTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_json(exc.status, exc.code, str(exc), {"Connection": "close"})
+        await response(scope, receive, send)

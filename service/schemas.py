@@ -1,0 +1,172 @@
+"""Every request and response body. Unknown fields are refused (`extra="forbid"`); errors are
+`{"error": {"code", "message"}}`. In multipart forms the files are fields of the model, because a
+separate file parameter would be rejected as an extra field."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.engine import ConvertOptions
+from service.store import NAME_PATTERN, StoredAdapter
+
+FORM = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+BODY = ConfigDict(extra="forbid", frozen=True)
+
+AdapterRef = Field(default=None, min_length=1, max_length=128, description="adapter id or name; absent: base voice")
+Seed = Field(default=None, ge=0, le=2**32 - 1, description="fixes the synthesizer's noise: same seed, same bytes")
+Sid = Field(default=0, ge=0, le=65535, description="speaker id; must be below the model's speaker count")
+
+
+class ErrorBody(BaseModel):
+    model_config = BODY
+    code: str = Field(description="stable machine-readable code, e.g. adapter_not_found, queue_full")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    model_config = BODY
+    error: ErrorBody
+
+
+class ConvertForm(BaseModel):
+    model_config = FORM
+    audio: UploadFile = Field(description="WAV, FLAC, OGG or MP3")
+    adapter: str | None = AdapterRef
+    sid: int = Sid
+    f0_up_key: int = Field(default=0, ge=-24, le=24, description="pitch shift in semitones")
+    f0_method: Literal["pm", "harvest", "rmvpe", "fcpe"] = "pm"
+    index_rate: float = Field(default=0.75, ge=0, le=1, description="retrieval blend (needs an adapter with an index)")
+    filter_radius: int = Field(default=3, ge=0, le=7, description="median filter on harvest f0 (>= 3 applies it)")
+    rms_mix_rate: float = Field(default=0.25, ge=0, le=1, description="1: loudness as converted, 0: as input")
+    protect: float = Field(default=0.33, ge=0, le=0.5, description="consonant protection (0.5: off)")
+    resample_sr: int = Field(default=0, ge=0, le=96000, description="0: the model's rate, else 16000..96000 Hz")
+    format: Literal["wav", "flac", "ogg"] = "wav"
+    seed: int | None = Seed
+
+    @field_validator("resample_sr")
+    @classmethod
+    def _rate(cls, value: int) -> int:
+        if value and value < 16000:
+            raise ValueError("must be 0 (the model's rate) or 16000..96000 Hz")
+        return value
+
+    def options(self) -> ConvertOptions:
+        return ConvertOptions(sid=self.sid, f0_up_key=self.f0_up_key, f0_method=self.f0_method,
+                              index_rate=self.index_rate, filter_radius=self.filter_radius,
+                              rms_mix_rate=self.rms_mix_rate, protect=self.protect, resample_sr=self.resample_sr,
+                              seed=self.seed)
+
+
+class InferForm(BaseModel):
+    model_config = FORM
+    features: UploadFile = Field(description=".npz with phone [T, 256|768] float32, and for f0 models pitch [T] "
+                                             "int (1..255) and nsff0 [T] float32 Hz")
+    adapter: str | None = AdapterRef
+    sid: int = Sid
+    seed: int | None = Seed
+
+
+class AdapterForm(BaseModel):
+    model_config = FORM
+    file: UploadFile = Field(description="the adapter (.safetensors)")
+    index: UploadFile | None = Field(default=None, description="optional retrieval index (.index)")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN, description="unique name; 1-64 of A-Z a-z 0-9 . _ -")
+
+
+class AdapterOut(BaseModel):
+    model_config = BODY
+    id: str = Field(description="first 16 hex digits of the file's sha256")
+    name: str | None
+    sha256: str
+    size_bytes: int
+    has_index: bool
+    index_bytes: int | None
+    created_at: str
+    label: str = Field(description="the name written in the adapter file's metadata")
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    base_fingerprint: str
+    sr: int
+    version: str
+    f0: bool
+
+    @classmethod
+    def of(cls, rec: StoredAdapter) -> AdapterOut:
+        m = rec.meta
+        return cls(id=rec.id, name=rec.name, sha256=rec.sha256, size_bytes=rec.size_bytes,
+                   has_index=rec.index_sha256 is not None, index_bytes=rec.index_bytes, created_at=rec.created_at,
+                   label=m.label, rank=m.rank, lora_alpha=m.lora_alpha, target_modules=list(m.target_modules),
+                   base_fingerprint=m.base_fingerprint, sr=m.sr, version=m.version, f0=m.f0)
+
+
+class AdapterList(BaseModel):
+    model_config = BODY
+    adapters: list[AdapterOut]
+
+
+class Limits(BaseModel):
+    model_config = BODY
+    max_audio_s: float
+    max_audio_bytes: int
+    max_features_bytes: int
+    max_adapter_bytes: int
+    max_index_bytes: int
+    max_queued_audio_s: float
+    request_timeout_s: float
+
+
+class ModelOut(BaseModel):
+    model_config = BODY
+    fingerprint: str
+    version: str
+    f0: bool
+    sr: int
+    n_speakers: int
+    content_dim: int
+    max_rank: int
+    target_modules: list[str]
+    f0_methods: list[str]
+    device: str
+    limits: Limits
+
+
+class Health(BaseModel):
+    model_config = BODY
+    status: Literal["ok", "failed"]
+
+
+class Readiness(BaseModel):
+    model_config = BODY
+    ready: bool
+    state: Literal["loading", "ready", "draining", "stopped", "failed"]
+    queued_audio_s: float
+
+
+_DESCRIPTIONS = {
+    401: "missing or wrong API key (`Authorization: Bearer <key>`)",
+    404: "unknown adapter",
+    409: "name taken by other bytes, or the same adapter stored with another name or index",
+    413: "upload larger than its limit, or audio longer than the maximum duration",
+    415: "audio that cannot be decoded",
+    422: "invalid parameter, audio, features or adapter (another base, bad shapes, rank above the maximum)",
+    499: "the client disconnected (nobody receives this)",
+    500: "unexpected failure of this request (the message carries the request id)",
+    503: "queue full, models not ready or shutting down (`Retry-After` says when to retry)",
+    504: "deadline passed before the result was ready",
+    507: "the adapter store could not write the upload",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, all with the error envelope."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        if status == 503:
+            entry["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+        out[status] = entry
+    return out

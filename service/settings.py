@@ -1,0 +1,64 @@
+"""Service configuration: environment variables prefixed `RVC_LORA_` (or keyword arguments in tests).
+
+There is no module-level instance: `create_app(settings)` receives one, so each test builds its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator sets. Sizes are bytes, durations seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="RVC_LORA_", frozen=True, extra="forbid")
+
+    # models (loaded on the device thread at start; `/readyz` is 503 until they are loaded and warm)
+    model: Path | None = Field(default=None, description="base RVC checkpoint (.pth) that every adapter was made for")
+    hubert: Path | None = Field(default=None, description="content encoder: hubert_base.pt or a HF folder")
+    rmvpe: Path | None = Field(default=None, description="rmvpe.pt; without it f0_method=rmvpe is refused")
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    max_rank: int = Field(default=32, ge=1, le=512, description="LoRA slot rank; larger is refused")
+    warmup: bool = Field(default=True, description="run one conversion before reporting ready")
+
+    # network (`rvc-lora serve --host/--port` win over these)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # adapter store
+    adapter_dir: Path = Path("adapters")
+    seed_adapters: dict[str, Path] = Field(default_factory=dict,
+                                           description="name -> adapter file added to the store at start")
+    seed_indexes: dict[str, Path] = Field(default_factory=dict, description="name -> .index of that seed adapter")
+    device_cache_size: int = Field(default=8, ge=1, description="adapters kept on the device (LRU)")
+    host_cache_size: int = Field(default=64, ge=1, description="adapters kept in host memory (LRU)")
+
+    # limits
+    max_audio_bytes: int = Field(default=50 * MiB, gt=0, description="largest audio upload")
+    max_audio_s: float = Field(default=120.0, gt=0, description="longest audio accepted (checked before decoding)")
+    max_features_bytes: int = Field(default=64 * MiB, gt=0, description="largest /infer .npz upload")
+    max_adapter_bytes: int = Field(default=64 * MiB, gt=0, description="largest adapter file")
+    max_index_bytes: int = Field(default=1024 * MiB, gt=0, description="largest retrieval .index file")
+    max_queued_audio_s: float = Field(default=300.0, gt=0, description="queue bound, in seconds of audio waiting")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="deadline from arrival to result (504 after it)")
+    max_bypass: int = Field(default=4, ge=0, description="times a job may be overtaken by same-adapter jobs")
+
+    # operation
+    api_key: SecretStr | None = Field(default=None, description="when set, every route but health and metrics needs it")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; empty: CORS off")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_grace_s: float = Field(default=30.0, gt=0, description="SIGTERM: time to finish running work, then exit")
+    work_dir: Path | None = Field(default=None, description="temporary upload files; default: the system temp dir")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.max_audio_s > self.max_queued_audio_s:
+            raise ValueError(f"max_audio_s ({self.max_audio_s}) must not exceed max_queued_audio_s "
+                             f"({self.max_queued_audio_s}): the longest request could never be queued")
+        return self

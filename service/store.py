@@ -1,0 +1,287 @@
+"""Adapter store: the disk tier. Content-addressed, atomic, and no client string ever becomes a path.
+
+Layout under `root`:
+    objects/<id>.safetensors          the adapter file; id = first 16 hex of its sha256
+    objects/<id>-<sha16>.index        its retrieval index, if any (named by its own hash)
+    meta/<id>.json                    the commit record: name, hashes, sizes, what the adapter is for
+
+An upload is copied to a temp file in `objects/` (size cap enforced while copying), fsynced, renamed
+into place, and committed by renaming its sidecar last: after a crash the store holds the whole
+adapter or nothing. Temp files and objects without a sidecar are swept at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from rvc_lora.errors import AdapterNotFoundError
+from service.engine import AdapterMeta
+from service.errors import InvalidRequest, NameConflict, PayloadTooLarge, StorageError
+
+log = logging.getLogger(__name__)
+
+ID_RE = re.compile(r"[0-9a-f]{16}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the same rule, for the OpenAPI schema
+CHUNK = 1 << 20
+PART_SUFFIX = ".part"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name) or ID_RE.fullmatch(name):
+        raise InvalidRequest("name: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit, and "
+                             "not 16 hex digits (that is an id)")
+    return name
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An upload copied to a temp file beside its final place, not yet committed."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    id: str
+    name: str | None
+    sha256: str
+    size_bytes: int
+    index_sha256: str | None
+    index_bytes: int | None
+    created_at: str
+    meta: AdapterMeta
+
+    @property
+    def cache_key(self) -> str:
+        """Changes when the content does (the same id can come back with another index after a delete)."""
+        return f"{self.id}:{(self.index_sha256 or '')[:16]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoredAdapter:
+        meta = dict(data["meta"])
+        meta["target_modules"] = tuple(meta["target_modules"])
+        return cls(**{**data, "meta": AdapterMeta(**meta)})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    """Thread-safe: handlers list/resolve on the event loop, uploads commit from worker threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects, self.meta_dir = root / "objects", root / "meta"
+        self._lock = threading.Lock()
+        self._by_id: dict[str, StoredAdapter] = {}
+        self._by_name: dict[str, str] = {}
+        self._leases: Counter[Path] = Counter()
+        self._doomed: set[Path] = set()  # deleted while a job still reads them: unlinked on last release
+        try:
+            self.objects.mkdir(parents=True, exist_ok=True)
+            self.meta_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"adapter store {root}: cannot create its folders: {exc.strerror}") from exc
+        self._recover()
+
+    # paths: built from validated hex ids and hashes only
+    def adapter_path(self, rec: StoredAdapter) -> Path:
+        return self.objects / f"{rec.id}.safetensors"
+
+    def index_path(self, rec: StoredAdapter) -> Path | None:
+        return None if rec.index_sha256 is None else self.objects / f"{rec.id}-{rec.index_sha256[:16]}.index"
+
+    def _paths(self, rec: StoredAdapter) -> list[Path]:
+        index = self.index_path(rec)
+        return [self.adapter_path(rec)] + ([index] if index is not None else [])
+
+    def _recover(self) -> None:
+        for folder in (self.objects, self.meta_dir):
+            for part in folder.glob(f"*{PART_SUFFIX}"):
+                part.unlink(missing_ok=True)
+                log.warning("swept an unfinished upload", extra={"file": part.name})
+        for sidecar in sorted(self.meta_dir.glob("*.json")):
+            try:
+                rec = StoredAdapter.from_json(json.loads(sidecar.read_text()))
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.error("unreadable adapter record, ignored", extra={"file": sidecar.name, "error": str(exc)})
+                continue
+            if not ID_RE.fullmatch(rec.id) or sidecar.stem != rec.id or not self.adapter_path(rec).is_file():
+                log.error("adapter record without its file, ignored", extra={"file": sidecar.name})
+                continue
+            self._by_id[rec.id] = rec
+            if rec.name is not None:
+                self._by_name[rec.name] = rec.id
+        live = {p for rec in self._by_id.values() for p in self._paths(rec)}
+        for obj in self.objects.iterdir():
+            if obj not in live and not obj.name.endswith(PART_SUFFIX):
+                obj.unlink(missing_ok=True)  # renamed into place but never committed: a crash mid-upload
+                log.warning("swept an uncommitted adapter file", extra={"file": obj.name})
+
+    # reading
+    def all(self) -> list[StoredAdapter]:
+        with self._lock:
+            return sorted(self._by_id.values(), key=lambda r: (r.created_at, r.id))
+
+    def resolve(self, ref: str) -> StoredAdapter:
+        """An id (16 hex) or a name -> the stored adapter; AdapterNotFoundError otherwise."""
+        with self._lock:
+            adapter_id = ref if ID_RE.fullmatch(ref) else self._by_name.get(ref)
+            rec = None if adapter_id is None else self._by_id.get(adapter_id)
+        if rec is None:
+            raise AdapterNotFoundError(f"no adapter with id or name {ref[:64]!r}")
+        return rec
+
+    # writing
+    def stage(self, src: BinaryIO, limit: int, what: str) -> Staged:
+        """Copy `src` to a temp file in `objects/`, hashing as it goes; over `limit` bytes -> 413."""
+        digest, size = hashlib.sha256(), 0
+        try:
+            fd, name = tempfile.mkstemp(dir=self.objects, prefix=".upload-", suffix=PART_SUFFIX)
+        except OSError as exc:
+            raise StorageError(f"cannot store the {what}: {exc.strerror}") from exc
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:  # disk full, I/O error: nothing is kept
+            path.unlink(missing_ok=True)
+            raise StorageError(f"cannot store the {what}: {exc.strerror}") from exc
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return Staged(path, digest.hexdigest(), size)
+
+    @staticmethod
+    def discard(*staged: Staged | None) -> None:
+        for s in staged:
+            if s is not None:
+                s.path.unlink(missing_ok=True)
+
+    def commit(self, adapter: Staged, index: Staged | None, name: str | None,
+               meta: AdapterMeta) -> tuple[StoredAdapter, bool]:
+        """Make a staged upload permanent -> (record, created). Same bytes again -> the same record;
+        a name held by other bytes, or the same adapter with another name or index -> 409."""
+        if name is not None:
+            check_name(name)
+        adapter_id = adapter.sha256[:16]
+        with self._lock:
+            existing = self._by_id.get(adapter_id)
+            if existing is not None:
+                self._check_same(existing, adapter, index, name)
+                return existing, False
+            if name is not None and name in self._by_name:
+                raise NameConflict(f"name {name!r} is taken by adapter {self._by_name[name]}")
+            rec = StoredAdapter(id=adapter_id, name=name, sha256=adapter.sha256, size_bytes=adapter.size,
+                                index_sha256=None if index is None else index.sha256,
+                                index_bytes=None if index is None else index.size,
+                                created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), meta=meta)
+            try:
+                self._write(rec, adapter, index)
+            except OSError as exc:
+                for path in self._paths(rec):
+                    path.unlink(missing_ok=True)
+                raise StorageError(f"cannot store adapter {adapter_id}: {exc.strerror}") from exc
+            self._doomed.difference_update(self._paths(rec))
+            self._by_id[rec.id] = rec
+            if name is not None:
+                self._by_name[name] = rec.id
+        log.info("adapter stored", extra={"adapter": rec.id, "size": rec.size_bytes})
+        return rec, True
+
+    def _check_same(self, existing: StoredAdapter, adapter: Staged, index: Staged | None, name: str | None) -> None:
+        if existing.sha256 != adapter.sha256:
+            raise NameConflict(f"id {existing.id} is taken by other bytes (sha256 prefix collision)")
+        if name is not None and name != existing.name:
+            held = "no name" if existing.name is None else f"the name {existing.name!r}"
+            raise NameConflict(f"this adapter is already stored as {existing.id} with {held}; delete it first to "
+                               "rename it")
+        if index is not None and index.sha256 != existing.index_sha256:
+            raise NameConflict(f"this adapter is already stored as {existing.id} with another index; delete it "
+                               "first to replace the index")
+
+    def _write(self, rec: StoredAdapter, adapter: Staged, index: Staged | None) -> None:
+        os.replace(adapter.path, self.adapter_path(rec))
+        index_path = self.index_path(rec)
+        if index is not None and index_path is not None:
+            os.replace(index.path, index_path)
+        _fsync_dir(self.objects)
+        fd, name = tempfile.mkstemp(dir=self.meta_dir, prefix=f".{rec.id}-", suffix=PART_SUFFIX)
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(rec.to_json(), out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(name, self.meta_dir / f"{rec.id}.json")  # the commit point
+        finally:
+            Path(name).unlink(missing_ok=True)
+        _fsync_dir(self.meta_dir)
+
+    def delete(self, adapter_id: str) -> StoredAdapter:
+        """Forget an adapter now; jobs already holding it keep its files until they finish."""
+        with self._lock:
+            rec = self._by_id.pop(adapter_id, None)
+            if rec is None:
+                raise AdapterNotFoundError(f"no adapter with id {adapter_id[:64]!r}")
+            if rec.name is not None:
+                self._by_name.pop(rec.name, None)
+            (self.meta_dir / f"{rec.id}.json").unlink(missing_ok=True)
+            for path in self._paths(rec):
+                if self._leases[path]:
+                    self._doomed.add(path)
+                else:
+                    path.unlink(missing_ok=True)
+        log.info("adapter deleted", extra={"adapter": rec.id})
+        return rec
+
+    @contextlib.contextmanager
+    def lease(self, rec: StoredAdapter | None) -> Iterator[None]:
+        """Hold `rec`'s files for the duration of a job (a delete meanwhile defers their removal)."""
+        if rec is None:
+            yield
+            return
+        paths = self._paths(rec)
+        with self._lock:
+            self._leases.update(paths)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._leases.subtract(paths)
+                for path in paths:
+                    if self._leases[path] <= 0:
+                        del self._leases[path]
+                        if path in self._doomed:
+                            self._doomed.discard(path)
+                            path.unlink(missing_ok=True)

@@ -1,0 +1,450 @@
+"""The device worker: one thread owns every model object; an asyncio task feeds it from a scheduler.
+
+Admission is bounded in seconds of queued audio (`QueueFull` with a Retry-After from the measured
+throughput). The scheduler takes the oldest job first, except that jobs for the adapter already in
+the model's LoRA slots may overtake it, at most `max_bypass` times. A job whose client left (or whose
+deadline passed) leaves the queue at once and never reaches the device. An exception inside one job
+fails that job only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from rvc_lora.errors import RVCLoraError
+from service.cache import VoiceCache
+from service.engine import ConvertOptions, Engine, Features, Rendered
+from service.errors import ClientGone, DeadlineExceeded, JobFailed, NotReady, QueueFull, ServiceStopping
+from service.logs import REQUEST_ID
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import AdapterStore, StoredAdapter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+State = Literal["loading", "ready", "draining", "stopped", "failed"]
+MAX_RETRY_AFTER_S = 600.0
+
+
+class DeviceThread:
+    """A daemon thread running submitted callables one at a time, in order. Daemon: a conversion stuck
+    past the shutdown grace period cannot keep the process alive."""
+
+    def __init__(self, name: str = "rvc-device") -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((fut, fn))
+        return fut
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting coroutine, never lost
+                fut.set_exception(exc)
+
+    def stop(self, timeout: float) -> None:
+        self._queue.put(None)
+        self._thread.join(max(timeout, 0.0))
+
+
+@dataclass(frozen=True)
+class ConvertWork:
+    audio16k: NDArray[np.float32]
+    options: ConvertOptions
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's device work. `audio_s` is what it counts against the queue bound."""
+
+    request_id: str
+    work: ConvertWork | Features
+    audio_s: float
+    adapter: StoredAdapter | None
+    deadline: float  # event-loop time
+    future: asyncio.Future[JobResult] = field(init=False, repr=False)
+    enqueued_at: float = field(default=0.0, init=False)
+    bypassed: int = field(default=0, init=False)
+
+    @property
+    def key(self) -> str:
+        """What must be in the LoRA slots: "" is the base voice (empty slots)."""
+        return "" if self.adapter is None else self.adapter.cache_key
+
+    @property
+    def kind(self) -> str:
+        return "convert" if isinstance(self.work, ConvertWork) else "infer"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    audio: NDArray[np.float32]
+    sr: int
+    timings: dict[str, float]  # seconds per stage, "queue" included
+    cache: Literal["hit", "miss"] | None  # None for the base voice
+
+
+class Scheduler:
+    """Waiting jobs, oldest first, with bounded same-adapter overtaking. Event-loop side only."""
+
+    def __init__(self, max_bypass: int) -> None:
+        self.max_bypass = max_bypass
+        self._jobs: list[Job] = []
+        self._audio_s = 0.0
+        self._nonempty = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def queued_audio_s(self) -> float:
+        return max(self._audio_s, 0.0)
+
+    def push(self, job: Job) -> None:
+        self._jobs.append(job)
+        self._audio_s += job.audio_s
+        self._nonempty.set()
+
+    def remove(self, job: Job) -> bool:
+        if job not in self._jobs:
+            return False
+        self._jobs.remove(job)
+        self._audio_s -= job.audio_s
+        if not self._jobs:
+            self._audio_s = 0.0  # no float drift across millions of jobs
+        return True
+
+    def pop(self, resident: str) -> Job:
+        """The next job given the adapter in the slots: the oldest, unless a later job for `resident` may
+        overtake it (the oldest has been overtaken fewer than `max_bypass` times)."""
+        oldest = self._jobs[0]
+        chosen = oldest
+        if oldest.key != resident and oldest.bypassed < self.max_bypass:
+            same = next((j for j in self._jobs if j.key == resident), None)
+            if same is not None:
+                chosen = same
+                for job in self._jobs[: self._jobs.index(same)]:
+                    job.bypassed += 1
+        self.remove(chosen)
+        return chosen
+
+    async def wait(self) -> None:
+        while not self._jobs:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+
+    def take_all(self) -> list[Job]:
+        jobs, self._jobs, self._audio_s = self._jobs, [], 0.0
+        return jobs
+
+
+class Throughput:
+    """Audio seconds converted per device second, as an exponential moving average."""
+
+    def __init__(self, prior: float = 1.0, alpha: float = 0.2) -> None:
+        self.rate = prior
+        self._alpha = alpha
+        self._measured = False
+
+    def observe(self, audio_s: float, device_s: float) -> None:
+        if audio_s <= 0 or device_s <= 0:
+            return
+        rate = audio_s / device_s
+        self.rate = rate if not self._measured else self._alpha * rate + (1 - self._alpha) * self.rate
+        self._measured = True
+
+    def seconds_for(self, audio_s: float) -> float:
+        return audio_s / self.rate
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    result: tuple[Rendered, str | None] | None  # (audio, tier the adapter came from)
+    error: RVCLoraError | None
+    device_s: float
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: AdapterStore, metrics: Metrics,
+                 engine_factory: Callable[[Settings], Engine]) -> None:
+        self.settings = settings
+        self.state: State = "loading"
+        self._store = store
+        self._metrics = metrics
+        self._factory = engine_factory
+        self._sched = Scheduler(settings.max_bypass)
+        self._rate = Throughput()
+        self._engine: Engine | None = None
+        self._cache: VoiceCache[object, object] | None = None
+        self._settled = asyncio.Event()
+        self._resident = ""
+        self._running: asyncio.Future[_Outcome] | None = None
+        self._device = DeviceThread()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_deadline: float | None = None
+
+    # lifecycle
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="rvc-worker")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The scheduling loop ends only by cancellation at stop; anything else is a bug: fail loudly, and
+        fail the waiting jobs now rather than at their deadlines."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("the worker loop died", exc_info=task.exception())
+        self.state = "failed"
+        self._metrics.ready.set(0)
+        for job in self._sched.take_all():
+            if not job.future.done():
+                job.future.set_exception(JobFailed(f"internal error while processing request {job.request_id}"))
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new jobs (503), keep running queued ones; those still waiting when the grace
+        period is nearly over are failed with 503 so that their clients get an answer."""
+        if self.state in ("draining", "stopped"):
+            return
+        self.state = "draining"
+        self._metrics.ready.set(0)
+        loop = asyncio.get_running_loop()
+        grace = self.settings.shutdown_grace_s
+        self._drain_deadline = loop.time() + grace
+        self._drain_timer = loop.call_later(max(grace - min(1.0, grace / 4), 0.0), self._fail_queued)
+        log.info("draining", extra={"queued_jobs": len(self._sched), "grace_s": grace})
+
+    async def stop(self) -> None:
+        """Close intake, fail waiting jobs, let the running one finish within what is left of the grace."""
+        loop = asyncio.get_running_loop()
+        deadline = self._drain_deadline or loop.time() + self.settings.shutdown_grace_s
+        self.state = "stopped"
+        self._metrics.ready.set(0)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._fail_queued()
+        if self._running is not None:
+            await asyncio.wait({self._running}, timeout=max(deadline - loop.time(), 0.0))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(self._device.stop, max(deadline - loop.time(), 0.0))
+
+    def _fail_queued(self) -> None:
+        for job in self._sched.take_all():
+            if not job.future.done():
+                job.future.set_exception(ServiceStopping("the server is shutting down; retry on another replica",
+                                                         retry_after=5))
+        self._update_queue_gauges()
+
+    # model access for handlers
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def engine(self, timeout: float | None = None) -> Engine:
+        """The loaded, warm engine (waits while loading, up to `timeout` or the request timeout)."""
+        if not self._settled.is_set():
+            wait = self.settings.request_timeout_s if timeout is None else timeout
+            try:
+                await asyncio.wait_for(self._settled.wait(), wait)
+            except asyncio.TimeoutError as exc:
+                raise NotReady("the models are still loading", retry_after=5) from exc
+        if self.state == "failed" or self._engine is None:
+            raise NotReady("the models failed to load; see the server log")
+        return self._engine
+
+    async def wait_loaded(self) -> Engine | None:
+        """The engine once loading and warm-up have finished, however long that takes; None if they failed."""
+        await self._settled.wait()
+        return None if self.state == "failed" else self._engine
+
+    def request_drain(self) -> None:
+        """`begin_drain` from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.begin_drain)
+
+    @property
+    def queued_audio_s(self) -> float:
+        return self._sched.queued_audio_s
+
+    def forget(self, rec: StoredAdapter) -> None:
+        """Drop a deleted adapter's cached tensors, on the device thread after the running job (not awaited:
+        a delete does not wait for a conversion)."""
+        cache = self._cache
+        if cache is not None:
+            self._device.submit(lambda: cache.discard(rec.cache_key))
+
+    # jobs
+    async def submit(self, job: Job, disconnected: Callable[[], Awaitable[object]] | None = None) -> JobResult:
+        """Queue `job` and wait for its result. Raises QueueFull / ServiceStopping / NotReady at admission,
+        DeadlineExceeded past the deadline, ClientGone if `disconnected()` completes first."""
+        loop = asyncio.get_running_loop()
+        self._admit(job)
+        job.future = loop.create_future()
+        job.enqueued_at = loop.time()
+        job.future.add_done_callback(lambda _: self._left(job))
+        self._sched.push(job)
+        self._update_queue_gauges()
+        watcher = None if disconnected is None else asyncio.ensure_future(disconnected())
+        try:
+            waits: set[asyncio.Future[Any]] = {job.future} if watcher is None else {job.future, watcher}
+            done, _ = await asyncio.wait(waits, timeout=max(job.deadline - loop.time(), 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if job.future in done:
+                return job.future.result()
+            if watcher is not None and watcher in done:
+                raise ClientGone("the client disconnected before the result was ready")
+            raise DeadlineExceeded(f"no result within the deadline of {self.settings.request_timeout_s:g} s")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            job.future.cancel()  # no-op when done; otherwise the job leaves the queue now
+
+    def _admit(self, job: Job) -> None:
+        if self.state in ("draining", "stopped"):
+            self._metrics.rejected.labels(reason="stopping").inc()
+            raise ServiceStopping("the server is shutting down; retry on another replica", retry_after=5)
+        if self.state == "failed":
+            self._metrics.rejected.labels(reason="not_ready").inc()
+            raise NotReady("the models failed to load; see the server log")
+        queued, bound = self._sched.queued_audio_s, self.settings.max_queued_audio_s
+        if len(self._sched) and queued + job.audio_s > bound:
+            self._metrics.rejected.labels(reason="queue_full").inc()
+            wait = min(max(self._rate.seconds_for(queued + job.audio_s - bound), 1.0), MAX_RETRY_AFTER_S)
+            raise QueueFull(f"{queued:.1f} s of audio are queued (limit {bound:g} s); retry in {math.ceil(wait)} s",
+                            retry_after=wait)
+
+    def _left(self, job: Job) -> None:
+        """Done callback: a job cancelled or failed while still queued leaves the queue (nothing leaks)."""
+        if self._sched.remove(job):
+            self._metrics.jobs.labels(outcome="dropped").inc()
+            self._update_queue_gauges()
+
+    async def _run(self) -> None:
+        if not await self._load():
+            return
+        while True:
+            await self._sched.wait()
+            job = self._sched.pop(self._resident)
+            self._update_queue_gauges()
+            if not job.future.done():
+                await self._run_job(job)
+
+    async def _load(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await asyncio.wrap_future(self._device.submit(lambda: self._factory(self.settings)))
+            self._cache = VoiceCache(self.settings.device_cache_size, self.settings.host_cache_size, engine.to_device)
+            if self.settings.warmup:
+                start = loop.time()
+                audio_s = await asyncio.wrap_future(self._device.submit(engine.warmup))
+                self._rate.observe(audio_s, loop.time() - start)
+                self._metrics.throughput.set(self._rate.rate)
+        except Exception:
+            log.exception("model loading failed")
+            self.state = "failed"
+            self._settled.set()
+            for job in self._sched.take_all():
+                if not job.future.done():
+                    job.future.set_exception(NotReady("the models failed to load; see the server log"))
+            return False
+        self._engine = engine
+        if self.state == "loading":
+            self.state = "ready"
+            self._metrics.ready.set(1)
+        self._settled.set()
+        log.info("models ready", extra={"fingerprint": engine.info.fingerprint[:16], "device": engine.info.device})
+        return True
+
+    async def _run_job(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        queue_s = started - job.enqueued_at
+        self._metrics.queue_wait.observe(queue_s)
+        if job.key != self._resident:
+            self._metrics.swaps.inc()
+            self._resident = job.key
+        self._running = asyncio.wrap_future(self._device.submit(lambda: self._execute(job)))
+        try:
+            outcome = await asyncio.shield(self._running)
+        finally:
+            self._running = None
+        self._metrics.compute.labels(kind=job.kind).observe(outcome.device_s)
+        if outcome.result is not None:  # a quick failure says nothing about throughput
+            self._rate.observe(job.audio_s, outcome.device_s)
+            self._metrics.throughput.set(self._rate.rate)
+            self._metrics.rtf.observe(outcome.device_s / max(job.audio_s, 1e-6))
+        self._update_cache_gauges()
+        if job.future.done():  # the client left or the deadline passed while it ran
+            self._metrics.jobs.labels(outcome="abandoned").inc()
+        elif outcome.result is not None:
+            rendered, tier = outcome.result
+            self._metrics.jobs.labels(outcome="ok").inc()
+            if tier is not None:
+                self._metrics.cache.labels(result="hit" if tier == "device" else "miss", tier=tier).inc()
+            job.future.set_result(JobResult(rendered.audio, rendered.sr, {"queue": queue_s, **rendered.timings},
+                                            None if tier is None else ("hit" if tier == "device" else "miss")))
+        else:
+            assert outcome.error is not None
+            self._metrics.jobs.labels(outcome="failed" if isinstance(outcome.error, JobFailed) else "error").inc()
+            job.future.set_exception(outcome.error)
+
+    def _execute(self, job: Job) -> _Outcome:
+        """On the device thread. Never raises: an exception becomes this job's error, the worker goes on."""
+        token = REQUEST_ID.set(job.request_id)
+        start = time.perf_counter()
+        try:
+            assert self._engine is not None and self._cache is not None
+            engine, voice, tier = self._engine, None, None
+            if job.adapter is not None:
+                store, rec = self._store, job.adapter
+                voice, tier = self._cache.get(rec.cache_key,
+                                              lambda: engine.load_voice(store.adapter_path(rec), store.index_path(rec)))
+            if isinstance(job.work, ConvertWork):
+                rendered = engine.convert(job.work.audio16k, job.work.options, voice)
+            else:
+                rendered = engine.infer(job.work, voice)
+            return _Outcome((rendered, tier), None, time.perf_counter() - start)
+        except RVCLoraError as exc:
+            return _Outcome(None, exc, time.perf_counter() - start)
+        except Exception:
+            log.exception("job failed", extra={"kind": job.kind})
+            error = JobFailed(f"internal error while processing request {job.request_id}; the server log has "
+                              "the details under this id")
+            return _Outcome(None, error, time.perf_counter() - start)
+        finally:
+            REQUEST_ID.reset(token)
+
+    def _update_queue_gauges(self) -> None:
+        self._metrics.queued_audio.set(self._sched.queued_audio_s)
+        self._metrics.queued_jobs.set(len(self._sched))
+
+    def _update_cache_gauges(self) -> None:
+        if self._cache is not None:
+            on_device, on_host = self._cache.sizes()
+            self._metrics.resident.labels(tier="device").set(on_device)
+            self._metrics.resident.labels(tier="host").set(on_host)
