@@ -1,4 +1,11 @@
-"""rvc_lora: RVC-compatible synthesizers with hot-swappable LoRA adapters (pure PyTorch)."""
+"""rvc_lora: RVC-compatible synthesizers with hot-swappable LoRA adapters (pure PyTorch).
+
+The audio pipeline (`VoiceConverter`, `ConvertParams`) and adapter extraction (`extract_adapter`) are
+imported on first use: they pull in transformers and faiss, which a model-only user does not need.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from rvc_lora.adapters import Adapter, AdapterInfo, load_adapter, save_adapter
 from rvc_lora.checkpoint import (
@@ -51,7 +58,24 @@ from rvc_lora.models.synthesizer_lora import (
     load_synthesizer_with_lora,
 )
 
+_LAZY = {"VoiceConverter": "rvc_lora.pipeline.converter", "ConversionResult": "rvc_lora.pipeline.converter",
+         "ConvertParams": "rvc_lora.pipeline.params", "extract_adapter": "rvc_lora.extract",
+         "ExtractionResult": "rvc_lora.extract", "ExtractionReport": "rvc_lora.extract"}
+
+if TYPE_CHECKING:
+    from rvc_lora.extract import ExtractionReport, ExtractionResult, extract_adapter
+    from rvc_lora.pipeline.converter import ConversionResult, VoiceConverter
+    from rvc_lora.pipeline.params import ConvertParams
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rvc_lora' has no attribute {name!r}")
+
+
 __all__ = [
+    "ConversionResult", "ConvertParams", "ExtractionReport", "ExtractionResult", "VoiceConverter", "extract_adapter",
     "Adapter", "AdapterError", "AdapterInfo", "AdapterMismatchError", "AdapterNotFoundError", "AudioError",
     "CheckpointError", "ConfigError", "Generator", "GeneratorLoRA", "GeneratorNSF", "IndexFileError", "LoRAConfig",
     "LoRAConv1d", "LoRAConvTranspose1d", "LoRAEmbedding", "LoRALinear", "ModelUnavailableError", "ParameterError",
