@@ -115,8 +115,17 @@ class FullDeltaSlots(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    """Every LoRA wrapper in `model` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    """Every LoRA wrapper in `model` by qualified name (the module walk is cached: a swap runs it often)."""
+    cached: tuple[int, dict[str, LoRALayer]] | None = model.__dict__.get(_LAYERS_CACHE)
+    stamp = _STRUCTURE_VERSION[0]
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)})
+        model.__dict__[_LAYERS_CACHE] = cached
+    return cached[1]
+
+
+_LAYERS_CACHE = "_rvc_lora_layers"
+_STRUCTURE_VERSION = [0]  # bumped by inject_lora: any injection invalidates every cached walk
 
 
 def full_delta_slots(model: nn.Module) -> FullDeltaSlots | None:
@@ -203,6 +212,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, max_rank: int | None = Non
         paths[n] = (path, model.get_parameter(path))
     if paths:
         model.add_module(FULL_DELTA_ATTR, FullDeltaSlots(paths))
+    _STRUCTURE_VERSION[0] += 1
     return wrapped
 
 
@@ -232,12 +242,20 @@ def lora_state_dict(model: nn.Module, rank: int | None = None) -> dict[str, Tens
 
 
 def _finite(tensors: Mapping[str, Tensor]) -> dict[str, bool]:
-    """isfinite(t).all() per key with one host sync per device, not one per tensor."""
+    """isfinite(t).all() per key with one host sync per device, not one per tensor.
+
+    The common case (everything finite) costs one fused norm per device: a norm is NaN or inf iff some
+    value is (or the values are astronomically large, which is then reported per tensor below)."""
     by_device: dict[torch.device, list[str]] = {}
     for key, t in tensors.items():
         by_device.setdefault(t.device, []).append(key)
     flags: dict[str, bool] = {}
     for keys in by_device.values():
+        norms = torch._foreach_norm([tensors[k].float() if tensors[k].dtype != torch.float32 else tensors[k]
+                                     for k in keys])
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            flags.update(dict.fromkeys(keys, True))
+            continue
         ok = torch.stack([torch.isfinite(tensors[k]).all() for k in keys]).tolist()
         flags.update(zip(keys, ok, strict=True))
     return flags
