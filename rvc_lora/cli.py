@@ -169,7 +169,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rvc_lora.train import run_prepare
 
-    summary = run_prepare(args.data_dir, args.work_dir, base=args.base, hubert=args.hubert, f0_method=args.f0_method)
+    summary = run_prepare(args.data_dir, args.work_dir, base=args.base, hubert=args.hubert, f0_method=args.f0_method,
+                          rmvpe_path=args.rmvpe, device=args.device or "cpu", skip_bad=args.skip_bad)
     _out(str(summary))
     return 0
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--hubert", required=True)
     p.add_argument("--f0-method", default="pm", choices=["pm", "harvest", "rmvpe", "fcpe"])
+    p.add_argument("--rmvpe", default=None, help="path to rmvpe.pt (for --f0-method rmvpe)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed) instead of stopping")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a voice as a LoRA adapter over a frozen base")

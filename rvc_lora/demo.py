@@ -26,11 +26,12 @@ from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1  # bump when the assets change: a stale folder is then regenerated
+DEMO_VERSION = 2  # bump when the assets change: a stale folder is then regenerated
 V2_40K_CONFIG = [1025, 32, 192, 192, 768, 2, 6, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3, [10, 10, 2, 2], 512,
                  [16, 16, 4, 4], 109, 256, 40000]  # RVC's real v2 40k f0 configuration (spec §1.1)
 DEMO_LORA = LoRAConfig(r=8, lora_alpha=8, target_modules=["ups", "resblocks"])
 FILES = {"model": "demo-base-v2-40k.pth", "pretrained": "demo-pretrained-f0G40k.pth",
+         "discriminator": "demo-pretrained-f0D40k.pth",
          "hubert": "demo-hubert_base.pt", "voice_model": "demo-voice-full.pth", "input": "demo-input.wav",
          "index": "demo-voice-a.index"}
 ADAPTERS = {"demo-voice-a": ("demo-voice-a.safetensors", 101), "demo-voice-b": ("demo-voice-b.safetensors", 102)}
@@ -87,6 +88,16 @@ def demo_base_model(seed: int = 1) -> RVCSynthesizer:
     return model.eval()
 
 
+def demo_discriminator(seed: int = 6) -> nn.Module:
+    """RVC's v2 multi-period discriminator (full size) with deterministic random weights, as a starting
+    point for `rvc-lora train --discriminator` (RVC ships pretrained ones as `f0D40k.pth`)."""
+    from rvc_lora.train.discriminators import MultiPeriodDiscriminator
+
+    disc = MultiPeriodDiscriminator("v2")
+    _fill_(disc, seed)
+    return disc
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -105,6 +116,7 @@ def write_demo_assets(folder: str | os.PathLike[str]) -> dict[str, Any]:
     base = demo_base_model()
     save_rvc_checkpoint(out / FILES["model"], base, info="rvc-lora demo base (random weights, not a real voice)")
     _atomic_torch_save({"model": rvc_state_dict(base, with_posterior=True)}, out / FILES["pretrained"])
+    _atomic_torch_save({"model": rvc_state_dict(demo_discriminator())}, out / FILES["discriminator"])
     hubert = build_random_hubert(None, seed=2).to(torch.float16)
     save_fairseq_hubert(hubert, out / FILES["hubert"])
 

@@ -82,8 +82,16 @@ def test_errors_exit_2_with_the_reason(files: dict[str, Path], tmp_path: Path,
 
 def test_demo_assets_are_deterministic_and_complete(demo_assets: Path, tmp_path: Path) -> None:
     manifest = ensure_demo_assets(demo_assets)  # already there: not rewritten
-    for key in ("model", "pretrained", "hubert", "voice_model", "input"):
+    for key in ("model", "pretrained", "discriminator", "hubert", "voice_model", "input"):
         assert (demo_assets / manifest[key]).is_file()
+    from rvc_lora.checkpoint import read_rvc_checkpoint
+    from rvc_lora.train.discriminators import load_discriminator
+    from rvc_lora.train.pretrained import load_pretrained_base
+
+    assert load_discriminator(demo_assets / manifest["discriminator"]).version == "v2"
+    pretrained = load_pretrained_base(demo_assets / manifest["pretrained"])  # enc_q included, config from shapes
+    served = read_rvc_checkpoint(demo_assets / manifest["model"])
+    assert pretrained.fingerprint == served.fingerprint  # an adapter trained on one fits the other
     assert set(manifest["adapters"]) == {"demo-voice-a", "demo-voice-b"}
     again = write_demo_assets(tmp_path)  # a second copy: byte-identical
     for rel in [again[k] for k in ("model", "hubert", "input")] + list(again["adapters"].values()):
