@@ -161,8 +161,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from rvc_lora.extract import run_extract
 
-    run_extract(args.base, args.voice, rank=None if args.energy else args.rank, out=args.out, targets=args.targets,
-                energy=args.energy)
+    report = run_extract(args.base, args.voice, rank=args.rank, out=args.out, targets=args.targets,
+                         energy=args.energy)  # with --energy, --rank caps the per-layer rank
+    _out(report.format())
+    _out(f"wrote {args.out}")
     return 0
 
 
@@ -227,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="turn a full RVC voice .pth into a LoRA adapter over its base")
     p.add_argument("--base", required=True)
     p.add_argument("--voice", required=True)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--energy", type=float, default=None, help="keep this share of each delta's energy instead")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (the cap per layer with --energy)")
+    p.add_argument("--energy", type=float, default=None, help="smallest rank per layer keeping this share of the "
+                   "delta's energy (e.g. 0.95)")
     p.add_argument("--targets", choices=["dec", "all"], default="dec")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_extract)

@@ -114,3 +114,20 @@ def test_demo_command_converts_with_base_and_adapters(demo_assets: Path, capsys:
         assert sf.info(demo_assets / f"converted-{name}.wav").samplerate == 40000
     a, b = (sf.read(demo_assets / f"converted-demo-voice-{v}.wav")[0] for v in "ab")
     assert not np.allclose(a, b)
+
+
+def test_extract_writes_an_adapter_and_prints_the_report(files: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from rvc_lora.checkpoint import load_rvc_checkpoint
+    from rvc_lora.extract import make_synthetic_voice
+
+    voice = make_synthetic_voice(load_rvc_checkpoint(files["model"]).model, rank=2, seed=1)
+    voice_path = save_rvc_checkpoint(tmp_path / "voice.pth", voice)
+    out = tmp_path / "voice.safetensors"
+    assert main(["extract", "--base", str(files["model"]), "--voice", str(voice_path), "--rank", "4",
+                 "--targets", "all", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SNR" in text and out.is_file()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "adapter" and info["full_deltas"] > 0
