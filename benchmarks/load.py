@@ -3,7 +3,7 @@ run the baseline existing RVC servers implement (reload the full checkpoint when
 
     rvc-lora serve --demo &                      # or any server holding >= K adapters
     python benchmarks/load.py --url http://127.0.0.1:8000 --clients 8 --adapters 8 --requests 200 \
-        --baseline-model BASE.pth --hubert HUBERT.pt
+        --baseline-model BASE.pth --hubert HUBERT.pt [--fill]
 
 Phases: K=1 (one voice), K=K (round-robin over K voices: a swap almost every request), and the baseline
 (in this process, sequential as RVC's global-voice servers are: on each voice change the full `.pth` is
@@ -140,6 +140,28 @@ def run_baseline(base: Path, hubert: Path, voices: int, requests: int, seconds: 
                        swaps)
 
 
+async def fill_adapters(client: httpx.AsyncClient, base: Path, n: int) -> None:
+    """Upload `n` random rank-8 `ups`/`resblocks` adapters for `base` (as the demo's voices are made)."""
+    import torch
+
+    from rvc_lora.adapters import save_adapter
+    from rvc_lora.lora import LoRAConfig
+    from rvc_lora.models.synthesizer_lora import load_synthesizer_with_lora
+
+    synth = load_synthesizer_with_lora(base, LoRAConfig(r=8, lora_alpha=8, target_modules=["ups", "resblocks"]))
+    folder = Path(tempfile.mkdtemp(prefix="rvc-load-"))
+    try:
+        for i in range(n):
+            gen = torch.Generator().manual_seed(1000 + i)
+            synth.load_lora_weights({k: 0.05 * torch.randn(v.shape, generator=gen)
+                                     for k, v in synth.get_lora_state_dict().items()})
+            path = save_adapter(folder / f"load-{i}.safetensors", synth, name=f"load-{i}", dtype=torch.float16)
+            r = await client.post("/adapters", files={"file": (path.name, path.read_bytes())})
+            r.raise_for_status()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -152,12 +174,17 @@ async def main() -> None:
     p.add_argument("--baseline-model", type=Path, help="the server's base .pth (enables the baseline phase)")
     p.add_argument("--hubert", type=Path, help="the server's content encoder (for the baseline)")
     p.add_argument("--device", default="cpu", help="baseline device (the server's)")
+    p.add_argument("--fill", action="store_true",
+                   help="with --baseline-model: upload random adapters for it until the server holds K")
     args = p.parse_args()
 
     audio = test_audio(args.audio_s)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=600) as client:
         stored = (await client.get("/adapters")).json()["adapters"]
+        if len(stored) < args.adapters and args.fill and args.baseline_model is not None:
+            await fill_adapters(client, args.baseline_model, args.adapters - len(stored))
+            stored = (await client.get("/adapters")).json()["adapters"]
         if len(stored) < args.adapters:
             raise SystemExit(f"the server holds {len(stored)} adapters; --adapters {args.adapters} needs that many")
         ids = [a["id"] for a in stored[: args.adapters]]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,13 +30,15 @@ from rvc_lora.errors import RVCLoraError
 from service import handlers
 from service.auth import BearerAuth
 from service.engine import Engine, load_engine
+from service.extraction import Extractor
 from service.ingest import ingest_adapter
 from service.logs import configure_logging
+from service.media import SPOOL_PREFIX
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
 from service.routes import api_router
 from service.settings import Settings
-from service.store import AdapterStore
+from service.store import AdapterStore, sweep_temp_files
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ When `RVC_LORA_API_KEY` is set, every route except `/healthz`, `/readyz` and `/m
 
 def body_limits(settings: Settings) -> Callable[[str, str], int]:
     uploads = {"/convert": settings.max_audio_bytes, "/infer": settings.max_features_bytes,
-               "/adapters": settings.max_adapter_bytes + settings.max_index_bytes}
+               "/adapters": max(settings.max_adapter_bytes, settings.max_voice_bytes) + settings.max_index_bytes}
 
     def limit_for(method: str, path: str) -> int:
         return FORM_SLACK + (uploads.get(path, 0) if method == "POST" else 0)
@@ -90,15 +93,20 @@ def create_app(settings: Settings | None = None, *,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.work_dir is not None:
             settings.work_dir.mkdir(parents=True, exist_ok=True)
-        store = AdapterStore(settings.adapter_dir)  # sweeps what a crash left behind
+        sweep_temp_files(settings.work_dir or Path(tempfile.gettempdir()), f"{SPOOL_PREFIX}*.part",
+                         settings.stale_upload_s)
+        store = AdapterStore(settings.adapter_dir, settings.stale_upload_s)  # sweeps what a crash left behind
         worker = Worker(settings, store, metrics, engine_factory)
+        extractor = Extractor(settings.max_waiting_extractions)
         app.state.store, app.state.worker, app.state.seeded = store, worker, asyncio.Event()
+        app.state.extractor = extractor
         worker.start()
         seeding = asyncio.create_task(_seed_adapters(app, settings, store, worker))
         try:
             yield
         finally:
             seeding.cancel()
+            extractor.stop()
             await worker.stop()
 
     app = FastAPI(title="rvc-lora", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

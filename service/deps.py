@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.extraction import Extractor
 from service.settings import Settings
 from service.store import AdapterStore
 from service.worker import Worker
@@ -21,6 +22,11 @@ def _store(request: Request) -> AdapterStore:
     return store
 
 
+def _extractor(request: Request) -> Extractor:
+    extractor: Extractor = request.app.state.extractor
+    return extractor
+
+
 def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -29,6 +35,7 @@ def _settings(request: Request) -> Settings:
 WorkerDep = Annotated[Worker, Depends(_worker)]
 StoreDep = Annotated[AdapterStore, Depends(_store)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+ExtractorDep = Annotated[Extractor, Depends(_extractor)]
 
 
 def request_id(request: Request) -> str:

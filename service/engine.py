@@ -2,12 +2,14 @@
 
 Everything behind this boundary runs on the worker's device thread except `describe_adapter` and
 `check_index`, which read files and the base model's fixed metadata only (no model state) and are
-called from upload handlers. Tests substitute fakes; the real engine wraps `VoiceConverter` and is
+called from upload handlers, and `extract_voice`, which works on a CPU copy of the base weights on the
+extraction thread. Tests substitute fakes; the real engine wraps `VoiceConverter` and is
 imported lazily so that importing the service does not load torch models.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rvc_lora.errors import ModelUnavailableError
-from service.errors import DeviceOutOfMemory
+from service.errors import DeviceOutOfMemory, relabel
 
 if TYPE_CHECKING:
+    from rvc_lora.pipeline.steps import PadConfig
     from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SR_16K = 16000
@@ -93,6 +98,15 @@ class Rendered:
     timings: Mapping[str, float]
 
 
+@dataclass(frozen=True)
+class Extracted:
+    """An adapter extracted from a full voice model: the adapter file's bytes and the extraction report
+    (`ExtractionReport.to_dict()` without the server-side paths)."""
+
+    adapter_bytes: bytes
+    report: Mapping[str, Any]
+
+
 class Engine(Protocol):
     """What the worker needs from the models. Voices are opaque: `load_voice` returns a host-memory
     voice (adapter tensors + optional index), `to_device` the device copy that `convert`/`infer` take."""
@@ -106,6 +120,12 @@ class Engine(Protocol):
 
     def check_index(self, path: Path) -> None:
         """Raise IndexFileError unless `path` is a usable retrieval index for the base's feature width."""
+        ...
+
+    def extract_voice(self, voice: Path, *, rank: int, name: str, evaluate: bool) -> Extracted:
+        """A full RVC voice `.pth` -> an adapter over the resident base, from CPU copies only (never the device
+        model: it runs on a thread of its own). AdapterMismatchError when the voice is not of the base's
+        architecture, CheckpointError when it is not a readable voice model."""
         ...
 
     def load_voice(self, adapter: Path, index: Path | None) -> object: ...
@@ -133,22 +153,35 @@ class _Voice:
 
 
 class RVCEngine:
-    """`VoiceConverter` behind the `Engine` protocol."""
+    """`VoiceConverter` behind the `Engine` protocol.
+
+    The resident model has the serving slot layout (`serving_lora_config`): LoRA slots on every layer that
+    extraction produces (enc_p, flow, dec) and full-delta slots for the small tensors, all at `max_rank`. So
+    adapters extracted from full voice models load, and so do adapters trained on the usual `ups`/`resblocks`
+    layout (a subset of it). The base `.pth` is read once; its `RawCheckpoint` (CPU, as stored) stays in memory
+    for extraction, which never touches the device model."""
 
     def __init__(self, settings: Settings) -> None:
+        from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
+        from rvc_lora.extract import serving_lora_config
+        from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
+        from rvc_lora.pipeline.content import ContentEncoder
         from rvc_lora.pipeline.converter import VoiceConverter
 
         if settings.model is None or settings.hubert is None:
             raise ModelUnavailableError("RVC_LORA_MODEL and RVC_LORA_HUBERT must name the base checkpoint and the "
                                         "content encoder")
-        device = None if settings.device == "auto" else settings.device
-        self._vc = VoiceConverter.from_files(model=settings.model, hubert=settings.hubert, device=device,
-                                             rmvpe=settings.rmvpe, max_rank=settings.max_rank)
+        self._base_raw = read_rvc_checkpoint(settings.model)
+        cfg = self._base_raw.config
+        lora_config = serving_lora_config(cfg, settings.max_rank)
+        synth = SynthesizerLoRA(build_from_raw(self._base_raw), lora_config, max_rank=settings.max_rank,
+                                fingerprint=self._base_raw.fingerprint).eval()
+        self._vc = VoiceConverter(synth, ContentEncoder.from_path(settings.hubert),
+                                  device=_resolve_device(settings.device), rmvpe_path=settings.rmvpe)
         model = self._vc.model
-        cfg = model.cfg
         self._info = ModelInfo(fingerprint=model.fingerprint, version=cfg.version, f0=cfg.f0, sr=cfg.sr,
                                n_speakers=int(model.base.emb_g.num_embeddings), content_dim=cfg.content_dim,
-                               max_rank=settings.max_rank, target_modules=tuple(sorted(model.slot_ranks())),
+                               max_rank=settings.max_rank, target_modules=tuple(lora_config.target_modules),
                                f0_methods=_f0_methods(settings), device=str(self._vc.device))
 
     @property
@@ -191,6 +224,18 @@ class RVCEngine:
 
         RetrievalIndex.from_path(path, dim=self._info.content_dim)
 
+    def extract_voice(self, voice: Path, *, rank: int, name: str, evaluate: bool) -> Extracted:
+        from rvc_lora.errors import RVCLoraError
+        from rvc_lora.extract import extract_adapter
+
+        try:  # threads=1 (the default) is set for this thread only: the device thread keeps its own
+            result = extract_adapter(self._base_raw, voice, rank=rank, targets="all", name=name, evaluate=evaluate,
+                                     progress=False)
+        except RVCLoraError as exc:
+            raise relabel(exc, self._base_raw.path, "(the resident one)") from exc  # the caller names the voice
+        report = {k: v for k, v in result.report.to_dict().items() if k not in ("base", "voice")}  # server paths
+        return Extracted(result.to_bytes(), report)
+
     def load_voice(self, adapter: Path, index: Path | None) -> object:
         from rvc_lora.adapters import load_adapter
         from rvc_lora.pipeline.index import RetrievalIndex
@@ -220,7 +265,8 @@ class RVCEngine:
                                rms_mix_rate=options.rms_mix_rate, protect=options.protect,
                                resample_sr=options.resample_sr, seed=options.seed)
         adapter, index = (None, None) if voice is None else (_as_voice(voice).adapter, _as_voice(voice).index)
-        result = self._guard_oom(lambda: self._vc.convert(audio16k, SR_16K, params, adapter=adapter, index=index))
+        result = self._in_shorter_chunks_on_oom(
+            lambda: self._vc.convert(audio16k, SR_16K, params, adapter=adapter, index=index))
         timings = {k: v for k, v in result.timings.items() if k != "decode"}  # decoding is the handler's
         return Rendered(result.audio, result.sr, timings)
 
@@ -234,6 +280,27 @@ class RVCEngine:
         result = self._guard_oom(lambda: self._vc.infer_features(phone, pitch, nsff0, sid=features.sid,
                                                                  seed=features.seed, adapter=adapter))
         return Rendered(result.audio, result.sr, dict(result.timings))
+
+    def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
+        """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio
+        cut points closer together: `shorter_chunks`), down to `MIN_CHUNK_S`; then 503. The worker lives on.
+        A retried request's output can differ slightly from an unconstrained run's (other cut points)."""
+        import torch
+
+        pad = self._vc.pad
+        try:
+            for smaller in (None, *shorter_chunks(pad)):
+                if smaller is not None:
+                    log.warning("device out of memory: converting again in chunks of %d s", smaller.x_center)
+                    self._vc.pad = smaller
+                try:
+                    return run()
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+        finally:
+            self._vc.pad = pad
+        raise DeviceOutOfMemory("the device ran out of memory for this request, also in shorter chunks; retry later "
+                                "or send shorter audio", retry_after=5)
 
     def _guard_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and try once more, else 503 (the worker lives on)."""
@@ -249,6 +316,32 @@ class RVCEngine:
             torch.cuda.empty_cache()
             raise DeviceOutOfMemory("the device ran out of memory for this request; retry later or send shorter "
                                     "audio", retry_after=5) from exc
+
+
+MIN_CHUNK_S = 4
+
+
+def shorter_chunks(pad: PadConfig) -> list[PadConfig]:
+    """Padding configs with ever shorter chunks, for out-of-memory retries: the distance between long-audio cut
+    points (`x_center`) halved at each step down to `MIN_CHUNK_S`, the quiet-place search window and the
+    one-chunk limit shrunk with it, the context padding (`x_pad`) kept."""
+    from rvc_lora.pipeline.steps import PadConfig
+
+    out = []
+    center = pad.x_center
+    while center > MIN_CHUNK_S:
+        center = max(center // 2, MIN_CHUNK_S)
+        out.append(PadConfig(x_pad=pad.x_pad, x_query=max(1, min(pad.x_query, center // 4)), x_center=center,
+                             x_max=center + max(pad.x_max - pad.x_center, 1)))
+    return out
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _f0_methods(settings: Settings) -> tuple[str, ...]:

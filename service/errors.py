@@ -15,6 +15,7 @@ from rvc_lora.errors import (
     AdapterNotFoundError,
     AudioError,
     AudioTooLongError,
+    CheckpointError,
     ConfigError,
     IndexFileError,
     ModelUnavailableError,
@@ -29,6 +30,7 @@ E = TypeVar("E", bound=RVCLoraError)
 def relabel(exc: E, path: Path, label: str) -> E:
     """The same error with a server-side temp path replaced by what the client sent: no paths leak."""
     renamed = type(exc)(str(exc).replace(repr(str(path)), label).replace(str(path), label))
+    renamed.__dict__.update(exc.__dict__)  # e.g. a ServiceError's retry_after
     renamed.__cause__ = exc
     return renamed
 
@@ -109,6 +111,7 @@ LIBRARY_STATUS: tuple[tuple[type[RVCLoraError], int], ...] = (  # most specific 
     (ConfigError, 422),
     (IndexFileError, 422),
     (ModelUnavailableError, 422),  # e.g. f0_method=rmvpe without rmvpe.pt: retrying will not help
+    (CheckpointError, 422),  # an uploaded voice model (.pth) that is not a readable RVC voice
 )
 
 

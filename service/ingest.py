@@ -1,30 +1,72 @@
 """Adding an adapter: stage the bytes beside the store, validate them against the resident base, commit.
 
-Runs in a worker thread (file copies, hashing, safetensors parsing); used by `POST /adapters` and by
-the seed adapters added at start. Nothing reaches the store unless every check passed.
+Runs in worker threads (file copies, hashing, safetensors parsing); used by `POST /adapters` and by the
+seed adapters added at start. What an upload is gets decided by its first bytes, never by the client's
+file name: a zip or a pickle is a PyTorch `.pth` (a full RVC voice model, turned into an adapter first by
+`service.extraction`), anything else is read as a safetensors adapter. Nothing reaches the store unless
+every check passed.
 """
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import Literal
 
 from rvc_lora.errors import AdapterError, RVCLoraError
 from service.engine import Engine
 from service.errors import relabel
 from service.settings import Settings
-from service.store import AdapterStore, Staged, StoredAdapter, check_name
+from service.store import AdapterStore, Readable, Staged, StoredAdapter, check_name
+
+Kind = Literal["adapter", "voice"]
+HEAD_BYTES = 8
+ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip container; a bare pickle (protocol >= 2)
 
 
-def ingest_adapter(store: AdapterStore, engine: Engine, settings: Settings, adapter: BinaryIO,
-                   index: BinaryIO | None, name: str | None) -> tuple[StoredAdapter, bool]:
-    """-> (record, created). 413 past a size limit, 422 for an adapter or index that does not fit the base,
-    409 for a name conflict, 507 when the disk refuses the write."""
+def kind_of(head: bytes) -> Kind:
+    """An upload's kind from its first bytes. A safetensors file starts with its header's length (8 bytes,
+    little endian, then `{`), which no zip or pickle does."""
+    return "voice" if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO) else "adapter"
+
+
+class _Rejoined:
+    """`head` followed by the rest of `src`: the bytes read to sniff the kind are not lost."""
+
+    def __init__(self, head: bytes, src: Readable) -> None:
+        self._head, self._src = head, src
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._head:
+            out = self._head if size < 0 or size >= len(self._head) else self._head[:size]
+            self._head = self._head[len(out):]
+            return out
+        return self._src.read(size)
+
+
+def stage_upload(store: AdapterStore, settings: Settings, src: Readable) -> tuple[Staged, Kind]:
+    """Copy an upload beside the store under the size limit of its kind (413 past it) -> (staged, kind)."""
+    head = src.read(HEAD_BYTES)
+    kind = kind_of(head)
+    limit, what = ((settings.max_voice_bytes, "voice model") if kind == "voice" else
+                   (settings.max_adapter_bytes, "adapter file"))
+    return store.stage(_Rejoined(head, src), limit, what), kind
+
+
+def ingest_adapter(store: AdapterStore, engine: Engine, settings: Settings, adapter: Readable,
+                   index: Readable | None, name: str | None) -> tuple[StoredAdapter, bool]:
+    """Stage an adapter file (and its index) and add it: see `ingest_staged`."""
     if name is not None:
         check_name(name)
-    staged: Staged | None = None
+    return ingest_staged(store, engine, settings, store.stage(adapter, settings.max_adapter_bytes, "adapter file"),
+                         index, name)
+
+
+def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, staged: Staged, index: Readable | None,
+                  name: str | None) -> tuple[StoredAdapter, bool]:
+    """Validate a staged adapter file against the base, stage and check its index, commit -> (record, created).
+    413 past a size limit, 422 for an adapter or index that does not fit the base, 409 for a name conflict,
+    507 when the disk refuses the write. The staged files are gone afterwards unless committed."""
     staged_index: Staged | None = None
     try:
-        staged = store.stage(adapter, settings.max_adapter_bytes, "adapter file")
         try:
             meta = engine.describe_adapter(staged.path)
         except RVCLoraError as exc:

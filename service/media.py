@@ -19,15 +19,21 @@ from numpy.typing import NDArray
 from rvc_lora.errors import AudioTooLongError, RVCLoraError
 from rvc_lora.pipeline.audio import SR_16K, encode_audio, load_audio_16k, probe_duration
 from service.engine import FRAMES_PER_S, Features, ModelInfo
-from service.errors import BadFeatures, PayloadTooLarge, relabel
+from service.errors import BadFeatures, PayloadTooLarge, StorageError, relabel
+from service.store import process_tag
 
 CHUNK = 1 << 20
+SPOOL_PREFIX = "rvc-upload-"  # + process tag: swept at start when stale or left by this host and pid
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
 
 
 def spool(src: BinaryIO, limit: int, work_dir: Path | None, what: str) -> Path:
-    """Copy an upload to a new temp file, refusing it (413) as soon as it passes `limit` bytes."""
-    fd, name = tempfile.mkstemp(dir=work_dir, prefix="rvc-upload-", suffix=".part")
+    """Copy an upload to a new temp file, refusing it (413) as soon as it passes `limit` bytes; 507 when the
+    disk refuses the write (nothing is left behind either way)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=work_dir, prefix=f"{SPOOL_PREFIX}{process_tag()}-", suffix=".part")
+    except OSError as exc:
+        raise StorageError(f"cannot buffer the {what}: {exc.strerror}", retry_after=5) from exc
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -36,6 +42,9 @@ def spool(src: BinaryIO, limit: int, work_dir: Path | None, what: str) -> Path:
                 if size > limit:
                     raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
                 out.write(chunk)
+    except OSError as exc:  # disk full, I/O error
+        Path(name).unlink(missing_ok=True)
+        raise StorageError(f"cannot buffer the {what}: {exc.strerror}", retry_after=5) from exc
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise

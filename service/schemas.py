@@ -4,6 +4,7 @@ separate file parameter would be rejected as an extra field."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from fastapi import UploadFile
@@ -71,9 +72,13 @@ class InferForm(BaseModel):
 
 class AdapterForm(BaseModel):
     model_config = FORM
-    file: UploadFile = Field(description="the adapter (.safetensors)")
+    file: UploadFile = Field(description="an adapter (.safetensors), or a full RVC voice model (.pth) made from the "
+                                         "resident base, from which an adapter is extracted; told apart by content")
     index: UploadFile | None = Field(default=None, description="optional retrieval index (.index)")
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="unique name; 1-64 of A-Z a-z 0-9 . _ -")
+    rank: int | None = Field(default=None, ge=1, le=512,
+                             description="voice models only: the extraction rank (default 32, or the server's "
+                                         "max_rank if lower; more than max_rank is refused)")
 
 
 class AdapterOut(BaseModel):
@@ -101,6 +106,53 @@ class AdapterOut(BaseModel):
                    has_index=rec.index_sha256 is not None, index_bytes=rec.index_bytes, created_at=rec.created_at,
                    label=m.label, rank=m.rank, lora_alpha=m.lora_alpha, target_modules=list(m.target_modules),
                    base_fingerprint=m.base_fingerprint, sr=m.sr, version=m.version, f0=m.f0)
+
+
+class LayerFit(BaseModel):
+    model_config = BODY
+    name: str
+    kind: str = Field(description="Conv1d, ConvTranspose1d or Linear")
+    shape: list[int]
+    rank: int
+    rel_error: float = Field(description="||dW - BA|| / ||dW|| as stored")
+    energy_kept: float = Field(description="share of ||dW||^2 in the kept singular values")
+    delta_share: float = Field(description="||dW|| / ||W_base||")
+
+
+class Extraction(BaseModel):
+    """How an adapter extracted from a full voice model approximates it (`rvc_lora.extract.ExtractionReport`)."""
+
+    model_config = BODY
+    base_fingerprint: str
+    targets: str
+    rank: int = Field(description="the adapter's rank (the largest layer rank)")
+    requested_rank: int | None
+    energy: float | None
+    dtype: str
+    layers: list[LayerFit]
+    full_delta: list[str] = Field(description="small tensors stored whole")
+    full_delta_values: int
+    skipped: list[str]
+    adapter_bytes: int
+    voice_bytes: int
+    size_ratio: float = Field(description="voice model bytes per adapter byte")
+    max_rel_error: float
+    seconds: float
+    snr_db: float | None = Field(description="waveform SNR of base + adapter against the voice model, fixed input")
+    base_snr_db: float | None = Field(description="the same for the plain base")
+    eval_frames: int
+    eval_seed: int
+    eval_seconds: float
+    notes: list[str]
+
+
+class AdapterUpload(AdapterOut):
+    extraction: Extraction | None = Field(default=None, description="present when a voice model was uploaded")
+
+    @classmethod
+    def of_upload(cls, rec: StoredAdapter, extraction: Mapping[str, Any] | None) -> AdapterUpload:
+        return cls(**AdapterOut.of(rec).model_dump(),
+                   extraction=None if extraction is None else Extraction.model_validate(dict(extraction)))
 
 
 class AdapterList(BaseModel):
@@ -147,17 +199,20 @@ class Readiness(BaseModel):
 
 
 _DESCRIPTIONS = {
+    400: "malformed request body (e.g. broken multipart framing)",
     401: "missing or wrong API key (`Authorization: Bearer <key>`)",
     404: "unknown adapter",
     409: "name taken by other bytes, or the same adapter stored with another name or index",
     413: "upload larger than its limit, or audio longer than the maximum duration",
     415: "audio that cannot be decoded",
-    422: "invalid parameter, audio, features or adapter (another base, bad shapes, rank above the maximum)",
+    422: "invalid parameter, audio, features, adapter or voice model (another base or architecture, bad shapes, "
+         "rank above the maximum)",
     499: "the client disconnected (nobody receives this)",
     500: "unexpected failure of this request (the message carries the request id)",
-    503: "queue full, models not ready or shutting down (`Retry-After` says when to retry)",
+    503: "queue full (conversions, or voice model extractions), models not ready or shutting down "
+         "(`Retry-After` says when to retry)",
     504: "deadline passed before the result was ready",
-    507: "the adapter store could not write the upload",
+    507: "the server could not write the upload to disk (adapter store full, or no room to buffer audio)",
 }
 
 

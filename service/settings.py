@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     seed_indexes: dict[str, Path] = Field(default_factory=dict, description="name -> .index of that seed adapter")
     device_cache_size: int = Field(default=8, ge=1, description="adapters kept on the device (LRU)")
     host_cache_size: int = Field(default=64, ge=1, description="adapters kept in host memory (LRU)")
+    stale_upload_s: float = Field(default=3600.0, gt=0, description="temp files of other processes older than this "
+                                  "are swept at start (the adapter folder may be shared by replicas)")
+
+    # extraction of adapters from full voice models (POST /adapters with a .pth)
+    extract_evaluate: bool = Field(default=True, description="report base+adapter vs voice SNR (two CPU inferences)")
+    max_waiting_extractions: int = Field(default=2, ge=0,
+                                         description="extractions waiting behind the running one; more: 503")
 
     # limits
     max_audio_bytes: int = Field(default=50 * MiB, gt=0, description="largest audio upload")
@@ -45,6 +52,8 @@ class Settings(BaseSettings):
     max_features_bytes: int = Field(default=64 * MiB, gt=0, description="largest /infer .npz upload")
     max_adapter_bytes: int = Field(default=64 * MiB, gt=0, description="largest adapter file")
     max_index_bytes: int = Field(default=1024 * MiB, gt=0, description="largest retrieval .index file")
+    max_voice_bytes: int = Field(default=256 * MiB, gt=0,
+                                 description="largest full RVC voice model (.pth) accepted for extraction")
     max_queued_audio_s: float = Field(default=300.0, gt=0, description="queue bound, in seconds of audio waiting")
     request_timeout_s: float = Field(default=120.0, gt=0, description="deadline from arrival to result (504 after it)")
     max_bypass: int = Field(default=4, ge=0, description="times a job may be overtaken by same-adapter jobs")

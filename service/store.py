@@ -7,7 +7,13 @@ Layout under `root`:
 
 An upload is copied to a temp file in `objects/` (size cap enforced while copying), fsynced, renamed
 into place, and committed by renaming its sidecar last: after a crash the store holds the whole
-adapter or nothing. Temp files and objects without a sidecar are swept at start.
+adapter or nothing.
+
+The folder may be shared by several server processes (Kubernetes replicas on one volume). So: a lookup
+that misses re-reads the commit records from disk before answering 404 (`refresh`), as do listings and
+commits; and the sweep at start removes only what no live process can still be writing: temp files whose
+name carries this host and process id (a previous run of this process: a restarted container keeps its
+host name and pid), and temp files and uncommitted objects older than `stale_after_s`.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from rvc_lora.errors import AdapterNotFoundError
 from service.engine import AdapterMeta
@@ -38,6 +46,39 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the same rule, for the OpenAPI schema
 CHUNK = 1 << 20
 PART_SUFFIX = ".part"
+STALE_AFTER_S = 3600.0
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def process_tag() -> str:
+    """`<host>.<pid>`, carried by this process's temp file names: no other live process can have written one."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+    return f"{host}.{os.getpid()}"
+
+
+def sweepable(path: Path, tag: str, stale_after_s: float, now: float) -> bool:
+    """A leftover temp file that no live process can be writing: this process's tag (an earlier process with
+    this host and pid is dead), or untouched for `stale_after_s`."""
+    if f"-{tag}-" in path.name:
+        return True
+    try:
+        return now - path.stat().st_mtime > stale_after_s
+    except FileNotFoundError:
+        return False
+
+
+def sweep_temp_files(folder: Path, pattern: str, stale_after_s: float = STALE_AFTER_S) -> int:
+    """Remove the `pattern` files of `folder` that `sweepable` allows; returns how many."""
+    tag, now, removed = process_tag(), time.time(), 0
+    for path in folder.glob(pattern):
+        if sweepable(path, tag, stale_after_s, now):
+            path.unlink(missing_ok=True)
+            removed += 1
+            log.warning("swept an unfinished upload", extra={"file": path.name})
+    return removed
 
 
 def check_name(name: str) -> str:
@@ -93,9 +134,11 @@ def _fsync_dir(path: Path) -> None:
 class AdapterStore:
     """Thread-safe: handlers list/resolve on the event loop, uploads commit from worker threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, stale_after_s: float = STALE_AFTER_S) -> None:
         self.root = root
         self.objects, self.meta_dir = root / "objects", root / "meta"
+        self.stale_after_s = stale_after_s
+        self._tag = process_tag()
         self._lock = threading.Lock()
         self._by_id: dict[str, StoredAdapter] = {}
         self._by_name: dict[str, str] = {}
@@ -119,49 +162,102 @@ class AdapterStore:
         index = self.index_path(rec)
         return [self.adapter_path(rec)] + ([index] if index is not None else [])
 
+    def _read_record(self, sidecar: Path) -> StoredAdapter | None:
+        """A commit record, if it is readable and its adapter file is there; None (logged) otherwise."""
+        try:
+            rec = StoredAdapter.from_json(json.loads(sidecar.read_text()))
+        except FileNotFoundError:  # deleted meanwhile (by us or another process)
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.error("unreadable adapter record, ignored", extra={"file": sidecar.name, "error": str(exc)})
+            return None
+        if not ID_RE.fullmatch(rec.id) or sidecar.stem != rec.id or not self.adapter_path(rec).is_file():
+            log.error("adapter record without its file, ignored", extra={"file": sidecar.name})
+            return None
+        return rec
+
     def _recover(self) -> None:
         for folder in (self.objects, self.meta_dir):
-            for part in folder.glob(f"*{PART_SUFFIX}"):
-                part.unlink(missing_ok=True)
-                log.warning("swept an unfinished upload", extra={"file": part.name})
+            sweep_temp_files(folder, f"*{PART_SUFFIX}", self.stale_after_s)
         for sidecar in sorted(self.meta_dir.glob("*.json")):
-            try:
-                rec = StoredAdapter.from_json(json.loads(sidecar.read_text()))
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                log.error("unreadable adapter record, ignored", extra={"file": sidecar.name, "error": str(exc)})
-                continue
-            if not ID_RE.fullmatch(rec.id) or sidecar.stem != rec.id or not self.adapter_path(rec).is_file():
-                log.error("adapter record without its file, ignored", extra={"file": sidecar.name})
-                continue
-            self._by_id[rec.id] = rec
-            if rec.name is not None:
-                self._by_name[rec.name] = rec.id
+            rec = self._read_record(sidecar)
+            if rec is not None:
+                self._add(rec)
         live = {p for rec in self._by_id.values() for p in self._paths(rec)}
+        now = time.time()
         for obj in self.objects.iterdir():
-            if obj not in live and not obj.name.endswith(PART_SUFFIX):
-                obj.unlink(missing_ok=True)  # renamed into place but never committed: a crash mid-upload
+            # renamed into place but never committed: a crash mid-upload, or another process committing now
+            if obj not in live and not obj.name.endswith(PART_SUFFIX) and sweepable(obj, "", self.stale_after_s, now):
+                obj.unlink(missing_ok=True)
                 log.warning("swept an uncommitted adapter file", extra={"file": obj.name})
+
+    def _add(self, rec: StoredAdapter) -> None:
+        """Index a record (caller holds the lock, or is the constructor). A name already held by another id
+        (two processes committed it at once) stays with the first; the newcomer is reachable by id."""
+        self._by_id[rec.id] = rec
+        if rec.name is not None:
+            holder = self._by_name.setdefault(rec.name, rec.id)
+            if holder != rec.id:
+                log.warning("adapter name held twice on disk; kept the first",
+                            extra={"adapter_name": rec.name, "adapter": rec.id, "holder": holder})
+
+    def refresh(self) -> None:
+        """Re-read the commit records from disk: adapters committed or deleted by other processes sharing this
+        folder appear or disappear here. A directory listing, plus one read per record not yet known."""
+        try:
+            on_disk = {e.name[: -len(".json")] for e in os.scandir(self.meta_dir) if e.name.endswith(".json")}
+        except OSError as exc:
+            log.error("cannot list the adapter records", extra={"error": str(exc)})
+            return
+        on_disk = {i for i in on_disk if ID_RE.fullmatch(i)}
+        with self._lock:
+            known = set(self._by_id)
+        for adapter_id in sorted(on_disk - known):
+            sidecar = self.meta_dir / f"{adapter_id}.json"
+            rec = self._read_record(sidecar)
+            with self._lock:
+                if rec is not None and rec.id not in self._by_id and sidecar.exists():
+                    self._add(rec)
+        with self._lock:
+            for adapter_id in known - on_disk:
+                if adapter_id in self._by_id and not (self.meta_dir / f"{adapter_id}.json").exists():
+                    self._forget(adapter_id)  # deleted by another process (committed here meanwhile: kept)
+
+    def _forget(self, adapter_id: str) -> StoredAdapter | None:
+        rec = self._by_id.pop(adapter_id, None)
+        if rec is not None and rec.name is not None and self._by_name.get(rec.name) == rec.id:
+            del self._by_name[rec.name]
+        return rec
 
     # reading
     def all(self) -> list[StoredAdapter]:
+        self.refresh()
         with self._lock:
             return sorted(self._by_id.values(), key=lambda r: (r.created_at, r.id))
 
     def resolve(self, ref: str) -> StoredAdapter:
-        """An id (16 hex) or a name -> the stored adapter; AdapterNotFoundError otherwise."""
-        with self._lock:
-            adapter_id = ref if ID_RE.fullmatch(ref) else self._by_name.get(ref)
-            rec = None if adapter_id is None else self._by_id.get(adapter_id)
+        """An id (16 hex) or a name -> the stored adapter; AdapterNotFoundError otherwise. The disk has the last
+        word: a miss re-reads the records (another process sharing the folder may have added it), and a hit
+        checks that its record is still there (or deleted it)."""
+        rec = self._lookup(ref)
+        if rec is None or not (self.meta_dir / f"{rec.id}.json").exists():  # a stat: deleted by another process?
+            self.refresh()
+            rec = self._lookup(ref)
         if rec is None:
             raise AdapterNotFoundError(f"no adapter with id or name {ref[:64]!r}")
         return rec
 
+    def _lookup(self, ref: str) -> StoredAdapter | None:
+        with self._lock:
+            adapter_id = ref if ID_RE.fullmatch(ref) else self._by_name.get(ref)
+            return None if adapter_id is None else self._by_id.get(adapter_id)
+
     # writing
-    def stage(self, src: BinaryIO, limit: int, what: str) -> Staged:
+    def stage(self, src: Readable, limit: int, what: str) -> Staged:
         """Copy `src` to a temp file in `objects/`, hashing as it goes; over `limit` bytes -> 413."""
         digest, size = hashlib.sha256(), 0
         try:
-            fd, name = tempfile.mkstemp(dir=self.objects, prefix=".upload-", suffix=PART_SUFFIX)
+            fd, name = tempfile.mkstemp(dir=self.objects, prefix=f".upload-{self._tag}-", suffix=PART_SUFFIX)
         except OSError as exc:
             raise StorageError(f"cannot store the {what}: {exc.strerror}") from exc
         path = Path(name)
@@ -196,6 +292,7 @@ class AdapterStore:
         if name is not None:
             check_name(name)
         adapter_id = adapter.sha256[:16]
+        self.refresh()  # the same adapter or the name may have been committed by another process
         with self._lock:
             existing = self._by_id.get(adapter_id)
             if existing is not None:
@@ -214,9 +311,7 @@ class AdapterStore:
                     path.unlink(missing_ok=True)
                 raise StorageError(f"cannot store adapter {adapter_id}: {exc.strerror}") from exc
             self._doomed.difference_update(self._paths(rec))
-            self._by_id[rec.id] = rec
-            if name is not None:
-                self._by_name[name] = rec.id
+            self._add(rec)
         log.info("adapter stored", extra={"adapter": rec.id, "size": rec.size_bytes})
         return rec, True
 
@@ -237,7 +332,7 @@ class AdapterStore:
         if index is not None and index_path is not None:
             os.replace(index.path, index_path)
         _fsync_dir(self.objects)
-        fd, name = tempfile.mkstemp(dir=self.meta_dir, prefix=f".{rec.id}-", suffix=PART_SUFFIX)
+        fd, name = tempfile.mkstemp(dir=self.meta_dir, prefix=f".{rec.id}-{self._tag}-", suffix=PART_SUFFIX)
         try:
             with os.fdopen(fd, "w") as out:
                 json.dump(rec.to_json(), out)
@@ -251,11 +346,9 @@ class AdapterStore:
     def delete(self, adapter_id: str) -> StoredAdapter:
         """Forget an adapter now; jobs already holding it keep its files until they finish."""
         with self._lock:
-            rec = self._by_id.pop(adapter_id, None)
+            rec = self._forget(adapter_id)
             if rec is None:
                 raise AdapterNotFoundError(f"no adapter with id {adapter_id[:64]!r}")
-            if rec.name is not None:
-                self._by_name.pop(rec.name, None)
             (self.meta_dir / f"{rec.id}.json").unlink(missing_ok=True)
             for path in self._paths(rec):
                 if self._leases[path]:

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from rvc_lora.errors import RVCLoraError
+from rvc_lora.errors import AdapterNotFoundError, RVCLoraError
 from service.cache import VoiceCache
 from service.engine import ConvertOptions, Engine, Features, Rendered
 from service.errors import ClientGone, DeadlineExceeded, JobFailed, NotReady, QueueFull, ServiceStopping
@@ -324,7 +324,12 @@ class Worker:
                 watcher.cancel()
             job.future.cancel()  # no-op when done; otherwise the job leaves the queue now
 
-    def _admit(self, job: Job) -> None:
+    def check_room(self) -> None:
+        """What `submit` would refuse whatever the job's length (stopping, failed, queue already full), checked
+        before the request's upload is decoded."""
+        self._admit(None)
+
+    def _admit(self, job: Job | None) -> None:
         if self.state in ("draining", "stopped"):
             self._metrics.rejected.labels(reason="stopping").inc()
             raise ServiceStopping("the server is shutting down; retry on another replica", retry_after=5)
@@ -332,9 +337,10 @@ class Worker:
             self._metrics.rejected.labels(reason="not_ready").inc()
             raise NotReady("the models failed to load; see the server log")
         queued, bound = self._sched.queued_audio_s, self.settings.max_queued_audio_s
-        if len(self._sched) and queued + job.audio_s > bound:
+        needed = 0.0 if job is None else job.audio_s
+        if len(self._sched) and (queued + needed > bound or (job is None and queued >= bound)):
             self._metrics.rejected.labels(reason="queue_full").inc()
-            wait = min(max(self._rate.seconds_for(queued + job.audio_s - bound), 1.0), MAX_RETRY_AFTER_S)
+            wait = min(max(self._rate.seconds_for(queued + needed - bound), 1.0), MAX_RETRY_AFTER_S)
             raise QueueFull(f"{queued:.1f} s of audio are queued (limit {bound:g} s); retry in {math.ceil(wait)} s",
                             retry_after=wait)
 
@@ -422,8 +428,13 @@ class Worker:
             engine, voice, tier = self._engine, None, None
             if job.adapter is not None:
                 store, rec = self._store, job.adapter
-                voice, tier = self._cache.get(rec.cache_key,
-                                              lambda: engine.load_voice(store.adapter_path(rec), store.index_path(rec)))
+
+                def load() -> object:
+                    if not store.adapter_path(rec).is_file():  # deleted by another process sharing the store
+                        raise AdapterNotFoundError(f"adapter {rec.id} was deleted")
+                    return engine.load_voice(store.adapter_path(rec), store.index_path(rec))
+
+                voice, tier = self._cache.get(rec.cache_key, load)
             if isinstance(job.work, ConvertWork):
                 rendered = engine.convert(job.work.audio16k, job.work.options, voice)
             else:

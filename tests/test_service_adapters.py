@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from rvc_lora.adapters import AdapterInfo
+from rvc_lora.errors import AdapterNotFoundError
 from service.engine import AdapterMeta
+from service.errors import NameConflict
 from service.store import AdapterStore
 from tests.test_service_engine import (
     FAKE_LAYER,
@@ -53,6 +56,7 @@ def test_upload_list_get_delete(client: TestClient, tmp_path: Path) -> None:
     r = upload(client, data, name="alice")
     assert r.status_code == 201, r.text
     info = r.json()
+    assert info.pop("extraction") is None  # an adapter upload: nothing was extracted
     assert info["id"] == __import__("hashlib").sha256(data).hexdigest()[:16]
     assert (info["name"], info["rank"], info["label"], info["has_index"]) == ("alice", 4, "voice", False)
     assert client.get("/adapters").json()["adapters"] == [info]
@@ -119,7 +123,9 @@ def _bad_adapters(tmp_path: Path) -> dict[str, bytes]:
 def test_bad_adapters_are_422_and_leave_nothing(client: TestClient, tmp_path: Path, case: str) -> None:
     r = upload(client, _bad_adapters(tmp_path)[case])
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] in ("bad_adapter", "adapter_mismatch")
+    # a pickle is told apart by content: read (weights only) as a voice model, and refused as one
+    expected = ("bad_checkpoint",) if case == "pickle" else ("bad_adapter", "adapter_mismatch")
+    assert r.json()["error"]["code"] in expected
     assert str(tmp_path) not in r.json()["error"]["message"]  # no server paths in messages
     assert stored_files(tmp_path) == [] and client.get("/adapters").json() == {"adapters": []}
 
@@ -189,10 +195,12 @@ def test_store_sweeps_crash_leftovers_and_keeps_committed(tmp_path: Path) -> Non
     store = AdapterStore(tmp_path)
     rec, created = store.commit(_stage_bytes(store, b"adapter-one"), None, "one", META)  # type: ignore[arg-type]
     assert created
-    # a crash mid-upload (temp file), and one after the rename but before the commit record
-    (tmp_path / "objects" / ".upload-abc.part").write_bytes(b"half")
-    (tmp_path / "objects" / "0123456789abcdef.safetensors").write_bytes(b"uncommitted")
-    (tmp_path / "meta" / ".0123456789abcdef-x.part").write_text("{")
+    # a crash mid-upload (temp file), and one after the rename but before the commit record, 2 hours ago
+    leftovers = [tmp_path / "objects" / ".upload-abc.part", tmp_path / "objects" / "0123456789abcdef.safetensors",
+                 tmp_path / "meta" / ".0123456789abcdef-x.part"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
     reopened = AdapterStore(tmp_path)
     assert [r.id for r in reopened.all()] == [rec.id]
     assert reopened.resolve("one") == rec
@@ -240,3 +248,91 @@ def test_client_disconnect_mid_upload_leaves_nothing(client: TestClient, tmp_pat
     client.portal.call(client.app, scope, receive, send)  # type: ignore[arg-type]
     assert stored_files(tmp_path) == [] and not list(tmp_path.glob("rvc-upload-*"))
     assert client.get("/adapters").json() == {"adapters": []}  # and the server carries on
+
+
+# a store shared by replicas (one volume, several processes): see each other's commits, sweep only stale leftovers
+
+def test_replicas_see_each_others_adapters(tmp_path: Path) -> None:
+    one, two = AdapterStore(tmp_path), AdapterStore(tmp_path)  # two processes on one volume
+    rec, _ = one.commit(_stage_bytes(one, b"adapter-shared"), None, "shared", META)  # type: ignore[arg-type]
+    assert two.resolve("shared") == rec and two.resolve(rec.id) == rec  # a miss re-reads the disk
+    assert [r.id for r in two.all()] == [rec.id]
+    with pytest.raises(NameConflict):  # the name is taken on disk, though `two` never looked it up
+        fresh = AdapterStore(tmp_path)
+        one.delete(rec.id)
+        other, _ = one.commit(_stage_bytes(one, b"adapter-other"), None, "taken", META)  # type: ignore[arg-type]
+        fresh.commit(_stage_bytes(fresh, b"adapter-third"), None, "taken", META)  # type: ignore[arg-type]
+    assert two.all() == [other] and fresh.resolve("taken") == other  # the delete is seen too
+    with pytest.raises(AdapterNotFoundError):
+        two.resolve("shared")
+
+
+def test_replicas_over_http(tmp_path: Path) -> None:
+    shared = {"adapter_dir": tmp_path / "volume"}
+    with running_app(tmp_path / "a", **shared) as a, running_app(tmp_path / "b", **shared) as b:
+        adapter_id = upload(a, adapter_bytes(tmp_path, 1), name="alice").json()["id"]
+        r = b.post("/convert", data={"adapter": "alice"}, files={"audio": ("a.wav", sine_wav())})
+        assert r.status_code == 200 and r.headers["X-Adapter"] == adapter_id
+        assert b.get(f"/adapters/{adapter_id}").json()["name"] == "alice"
+        assert b.delete("/adapters/alice").status_code == 204
+        assert error_of(a.get("/adapters/alice")) == (404, "adapter_not_found")
+        assert a.get("/adapters").json() == {"adapters": []}
+
+
+def _aged(path: Path, seconds: float, data: bytes = b"x") -> Path:
+    path.write_bytes(data)
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+    return path
+
+
+def test_start_sweeps_only_what_no_live_process_can_be_writing(tmp_path: Path) -> None:
+    from service.store import process_tag
+
+    objects, meta = tmp_path / "objects", tmp_path / "meta"
+    objects.mkdir()
+    meta.mkdir()
+    other = "otherpod.7"  # another replica's uploads in flight: young temp files, an object not yet committed
+    kept = [_aged(objects / f".upload-{other}-a1.part", 60), _aged(meta / f".0123456789abcdef-{other}-b2.part", 60),
+            _aged(objects / "0123456789abcdef.safetensors", 60)]
+    swept = [_aged(objects / f".upload-{other}-c3.part", 7200),  # stale: its writer is long gone
+             _aged(meta / f".fedcba9876543210-{other}-d4.part", 7200),
+             _aged(objects / "fedcba9876543210.safetensors", 7200),
+             _aged(objects / f".upload-{process_tag()}-e5.part", 1)]  # this host and pid: an earlier run of ours
+    AdapterStore(tmp_path, stale_after_s=3600)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in swept)
+
+
+def test_start_sweeps_stale_audio_spool_files(tmp_path: Path) -> None:
+    from service.store import process_tag
+
+    young = _aged(tmp_path / "rvc-upload-otherpod.7-x.part", 10)
+    stale = _aged(tmp_path / "rvc-upload-otherpod.7-y.part", 7200)
+    mine = _aged(tmp_path / f"rvc-upload-{process_tag()}-z.part", 1)
+    with running_app(tmp_path) as c:
+        assert c.get("/healthz").status_code == 200
+    assert young.exists() and not stale.exists() and not mine.exists()
+
+
+def test_deleted_by_another_replica_while_queued_is_404(tmp_path: Path) -> None:
+    engine = BlockingEngine()
+    with running_app(tmp_path, engine) as c:
+        adapter_id = upload(c, adapter_bytes(tmp_path, 1)).json()["id"]
+        results: list[object] = []
+        blocker = threading.Thread(target=lambda: c.post("/convert", files={"audio": ("a.wav", sine_wav())}))
+        blocker.start()
+        assert engine.started.wait(10)
+        queued = threading.Thread(target=lambda: results.append(
+            c.post("/convert", data={"adapter": adapter_id}, files={"audio": ("a.wav", sine_wav())})))
+        queued.start()
+        worker = c.app.state.worker  # type: ignore[attr-defined]
+        for _ in range(200):
+            if worker.queued_audio_s > 0:
+                break
+            threading.Event().wait(0.01)
+        AdapterStore(tmp_path / "store").delete(adapter_id)  # another process: no lease of ours holds the files
+        engine.gate.set()
+        blocker.join(20)
+        queued.join(20)
+        assert error_of(results[0]) == (404, "adapter_not_found")
+        assert str(tmp_path) not in results[0].json()["error"]["message"]  # type: ignore[attr-defined]
+        assert c.post("/convert", files={"audio": ("a.wav", sine_wav())}).status_code == 200

@@ -18,9 +18,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from rvc_lora.adapters import AdapterInfo, check_adapter_fits, load_adapter, save_adapter_tensors
-from rvc_lora.errors import IndexFileError
+from rvc_lora.errors import AdapterMismatchError, CheckpointError, IndexFileError
 from service.app import create_app
-from service.engine import AdapterMeta, ConvertOptions, Engine, Features, ModelInfo, Rendered
+from service.engine import AdapterMeta, ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered
 from service.errors import DeviceOutOfMemory
 from service.settings import Settings
 
@@ -89,6 +89,28 @@ class FakeEngine:
     def check_index(self, path: Path) -> None:
         if not path.read_bytes().startswith(GOOD_INDEX):
             raise IndexFileError(f"{path}: index vectors are 256-d, the model's features are 768-d")
+
+    def extract_voice(self, voice: Path, *, rank: int, name: str, evaluate: bool) -> Extracted:
+        """A fake voice model is a `.pth` holding {"fake_voice_seed": int, "fingerprint": str}."""
+        try:
+            data = torch.load(voice, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{voice}: not a readable PyTorch checkpoint") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("fake_voice_seed"), int):
+            raise CheckpointError(f"{voice}: missing key 'weight' (the state dict of an RVC voice model)")
+        if data.get("fingerprint") != FAKE_FINGERPRINT:
+            raise AdapterMismatchError(f"{voice}: config.sr differs from the base's")
+        path = make_adapter(voice.with_name(voice.name + ".safetensors"), data["fake_voice_seed"], rank=min(rank, 8),
+                            name=name)
+        report = {"base_fingerprint": FAKE_FINGERPRINT, "targets": "all", "rank": min(rank, 8), "requested_rank": rank,
+                  "energy": None, "dtype": "float16", "layers": [], "full_delta": [], "full_delta_values": 0,
+                  "skipped": [], "adapter_bytes": path.stat().st_size, "voice_bytes": voice.stat().st_size,
+                  "size_ratio": 1.0, "max_rel_error": 0.0, "seconds": 0.0, "snr_db": None, "base_snr_db": None,
+                  "eval_frames": 0, "eval_seed": 0, "eval_seconds": 0.0, "notes": []}
+        try:
+            return Extracted(path.read_bytes(), report)
+        finally:
+            path.unlink()
 
     def load_voice(self, adapter: Path, index: Path | None) -> object:
         self.loads += 1

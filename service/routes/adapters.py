@@ -2,32 +2,74 @@
 
 from __future__ import annotations
 
+import io
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Form, Path, Response, Security
 
+from rvc_lora.errors import RVCLoraError
 from service.auth import bearer_scheme
-from service.deps import SettingsDep, StoreDep, WorkerDep
-from service.ingest import ingest_adapter
-from service.schemas import AdapterForm, AdapterList, AdapterOut, error_responses
+from service.deps import ExtractorDep, SettingsDep, StoreDep, WorkerDep
+from service.errors import InvalidRequest, relabel
+from service.extraction import DEFAULT_RANK
+from service.ingest import ingest_staged, stage_upload
+from service.schemas import AdapterForm, AdapterList, AdapterOut, AdapterUpload, error_responses
+from service.store import check_name
 
 router = APIRouter(tags=["adapters"], dependencies=[Security(bearer_scheme)])
 Ref = Annotated[str, Path(min_length=1, max_length=128, description="adapter id or name")]
 
 
-@router.post("/adapters", status_code=201, response_model=AdapterOut,
-             responses={200: {"model": AdapterOut, "description": "already stored (same bytes): the same id"},
-                        **error_responses(401, 409, 413, 422, 503, 507)})
+# OpenAPI links: what a client (or a stateful API fuzzer) can do next with the id it got back
+_BY_ID = {"parameters": {"ref": "$response.body#/id"}}
+LINKS = {"GetAdapter": {"operationId": "get_adapter_adapters__ref__get", **_BY_ID},
+         "DeleteAdapter": {"operationId": "delete_adapter_adapters__ref__delete", **_BY_ID},
+         "ConvertWithAdapter": {"operationId": "convert_convert_post",
+                                "requestBody": {"adapter": "$response.body#/id"}}}
+
+
+@router.post("/adapters", status_code=201, response_model=AdapterUpload,
+             responses={201: {"description": "stored", "links": LINKS},
+                        200: {"model": AdapterUpload, "description": "already stored (same bytes): the same id",
+                              "links": LINKS},
+                        **error_responses(400, 401, 409, 413, 422, 503, 507)})
 async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart/form-data")], response: Response,
-                         worker: WorkerDep, store: StoreDep, settings: SettingsDep) -> AdapterOut:
-    """Store an adapter made for the resident base. 201 when new; 200 with the same id for the same bytes."""
+                         worker: WorkerDep, store: StoreDep, settings: SettingsDep,
+                         extractor: ExtractorDep) -> AdapterUpload:
+    """Store an adapter made for the resident base. 201 when new; 200 with the same id for the same bytes.
+
+    A full RVC voice model (`.pth`, fine-tuned from the resident base) is turned into an adapter first
+    (truncated SVD of each layer's difference to the base, at `rank`; small tensors kept whole) and the
+    response carries the extraction report. 422 when it is not of the base's architecture."""
     engine = await worker.engine()
-    index = None if form.index is None else form.index.file
-    rec, created = await anyio.to_thread.run_sync(ingest_adapter, store, engine, settings, form.file.file, index,
-                                                  form.name)
+    if form.name is not None:
+        check_name(form.name)
+    staged, kind = await anyio.to_thread.run_sync(stage_upload, store, settings, form.file.file)
+    extraction = None
+    try:
+        if kind == "voice":
+            rank = DEFAULT_RANK if form.rank is None else form.rank
+            if form.rank is None:
+                rank = min(rank, settings.max_rank)
+            elif rank > settings.max_rank:
+                raise InvalidRequest(f"rank: {rank} exceeds this server's maximum rank {settings.max_rank}")
+            voice = staged
+            try:
+                extracted = await extractor.run(lambda: engine.extract_voice(
+                    voice.path, rank=rank, name=form.name or "extracted", evaluate=settings.extract_evaluate))
+            except RVCLoraError as exc:
+                raise relabel(exc, voice.path, "voice model") from exc
+            store.discard(staged)
+            staged = await anyio.to_thread.run_sync(store.stage, io.BytesIO(extracted.adapter_bytes),
+                                                    settings.max_adapter_bytes, "extracted adapter")
+            extraction = extracted.report
+        index = None if form.index is None else form.index.file
+        rec, created = await anyio.to_thread.run_sync(ingest_staged, store, engine, settings, staged, index, form.name)
+    finally:
+        store.discard(staged)
     response.status_code = 201 if created else 200
-    return AdapterOut.of(rec)
+    return AdapterUpload.of_upload(rec, extraction)
 
 
 @router.get("/adapters", response_model=AdapterList, responses=error_responses(401))

@@ -45,7 +45,7 @@ def check_speaker(info: ModelInfo, sid: int) -> None:
     response_class=Response,
     responses={200: {"content": {t: {} for t in media.MEDIA_TYPES.values()}, "description": "the converted audio",
                      "headers": AUDIO_HEADERS},
-               **error_responses(401, 404, 413, 415, 422, 500, 503, 504)},
+               **error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504, 507)},
 )
 async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type="multipart/form-data")],
                   worker: WorkerDep, store: StoreDep, settings: SettingsDep) -> Response:
@@ -55,6 +55,7 @@ async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type
     if form.f0_method not in info.f0_methods:
         raise InvalidRequest(f"f0_method: {form.f0_method!r} is not available here (available: {info.f0_methods})")
     adapter = store.resolve(form.adapter) if form.adapter is not None else None
+    worker.check_room()  # a full queue refuses before the upload is decoded: overload costs no decoding
     start = time.perf_counter()
     audio16k = await anyio.to_thread.run_sync(lambda: media.read_audio(
         form.audio.file, limit=settings.max_audio_bytes, max_s=settings.max_audio_s, work_dir=settings.work_dir))

@@ -23,7 +23,7 @@ router = APIRouter(tags=["convert"], dependencies=[Security(bearer_scheme)])
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}}, "description": "the synthesized audio (WAV)",
                      "headers": AUDIO_HEADERS},
-               **error_responses(401, 404, 413, 422, 500, 503, 504)},
+               **error_responses(400, 401, 404, 413, 422, 500, 503, 504)},
 )
 async def infer(request: Request, form: Annotated[InferForm, Form(media_type="multipart/form-data")],
                 worker: WorkerDep, store: StoreDep, settings: SettingsDep) -> Response:
@@ -31,6 +31,7 @@ async def infer(request: Request, form: Annotated[InferForm, Form(media_type="mu
     info = (await worker.engine()).info
     check_speaker(info, form.sid)
     adapter = store.resolve(form.adapter) if form.adapter is not None else None
+    worker.check_room()
     features = await anyio.to_thread.run_sync(lambda: media.read_features(
         form.features.file, info=info, max_s=settings.max_audio_s, sid=form.sid, seed=form.seed))
     job = Job(request_id(request), features, len(features.phone) / FRAMES_PER_S, adapter, deadline(request, settings))
