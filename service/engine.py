@@ -19,11 +19,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rvc_lora.errors import ModelUnavailableError
+from rvc_lora.pipeline.params import ConvertParams
 from service.errors import DeviceOutOfMemory, relabel
 
 if TYPE_CHECKING:
     from rvc_lora.pipeline.steps import PadConfig
     from service.settings import Settings
+
+ConvertOptions = ConvertParams  # the library's conversion parameters, validated on construction
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +63,6 @@ class AdapterMeta:
     sr: int
     version: str
     f0: bool
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """RVC's conversion parameters (same names and defaults as `ConvertParams`)."""
-
-    sid: int = 0
-    f0_up_key: int = 0
-    f0_method: str = "pm"
-    index_rate: float = 0.75
-    filter_radius: int = 3
-    rms_mix_rate: float = 0.25
-    protect: float = 0.33
-    resample_sr: int = 0
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -258,15 +246,9 @@ class RVCEngine:
         return seconds
 
     def convert(self, audio16k: NDArray[np.float32], options: ConvertOptions, voice: object | None) -> Rendered:
-        from rvc_lora.pipeline.params import ConvertParams
-
-        params = ConvertParams(sid=options.sid, f0_up_key=options.f0_up_key, f0_method=options.f0_method,
-                               index_rate=options.index_rate, filter_radius=options.filter_radius,
-                               rms_mix_rate=options.rms_mix_rate, protect=options.protect,
-                               resample_sr=options.resample_sr, seed=options.seed)
         adapter, index = (None, None) if voice is None else (_as_voice(voice).adapter, _as_voice(voice).index)
         result = self._in_shorter_chunks_on_oom(
-            lambda: self._vc.convert(audio16k, SR_16K, params, adapter=adapter, index=index))
+            lambda: self._vc.convert(audio16k, SR_16K, options, adapter=adapter, index=index))
         timings = {k: v for k, v in result.timings.items() if k != "decode"}  # decoding is the handler's
         return Rendered(result.audio, result.sr, timings)
 
