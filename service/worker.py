@@ -322,7 +322,8 @@ class Worker:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            job.future.cancel()  # no-op when done; otherwise the job leaves the queue now
+            job.future.cancel()  # no-op when done
+            self._left(job)  # now, not from the done callback a loop turn later: room frees at once
 
     def check_room(self) -> None:
         """What `submit` would refuse whatever the job's length (stopping, failed, queue already full), checked
