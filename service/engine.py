@@ -208,9 +208,9 @@ class RVCEngine:
                                            f"expected {tuple(want)}")
 
     def check_index(self, path: Path) -> None:
-        from rvc_lora.pipeline.index import RetrievalIndex
+        from rvc_lora.pipeline.index import probe_index_file
 
-        RetrievalIndex.from_path(path, dim=self._info.content_dim)
+        probe_index_file(path, dim=self._info.content_dim)  # in a child process: the file is untrusted
 
     def extract_voice(self, voice: Path, *, rank: int, name: str, evaluate: bool) -> Extracted:
         from rvc_lora.errors import RVCLoraError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 
 from rvc_lora.errors import IndexFileError, ModelUnavailableError, ParameterError
 from rvc_lora.pipeline import index as index_module
-from rvc_lora.pipeline.index import RetrievalIndex, build_index, n_ivf_for
+from rvc_lora.pipeline.index import RetrievalIndex, build_index, n_ivf_for, probe_index_file
 
 faiss = pytest.importorskip("faiss", reason="faiss is optional: pip install 'rvc-lora[index]'")
 
@@ -140,6 +142,47 @@ def test_unreadable_files(tmp_path: Path, content: bytes | str | None) -> None:
         path.write_bytes(content)
     with pytest.raises(IndexFileError, match=str(path)):
         RetrievalIndex.from_path(path)
+
+
+def crafted(path: Path, at: bytes, skip: int, value: int) -> Path:
+    """`path` with the int64 `skip` bytes after the first `at` (a faiss section tag) replaced by `value`."""
+    data = bytearray(path.read_bytes())
+    pos = data.index(at) + skip
+    data[pos : pos + 8] = struct.pack("<q", value)
+    out = path.with_name("crafted.index")
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_header_claiming_more_vectors_than_the_file_holds(tmp_path: Path) -> None:
+    good = build_index(blobs(100, 8, 6), tmp_path / "voice.index")
+    bad = crafted(good, b"IwFl", 8, 1 << 38)  # ntotal: 2^38 vectors would be 8 TiB of floats
+    with pytest.raises(IndexFileError, match=r"crafted\.index claims 274877906944 vectors of 32 bytes"):
+        RetrievalIndex.from_path(bad)
+    with pytest.raises(IndexFileError, match="claims 274877906944 vectors"):
+        probe_index_file(bad)
+
+
+def test_probe_reads_untrusted_files_in_a_child(tmp_path: Path) -> None:
+    good = build_index(blobs(100, 768, 6), tmp_path / "voice.index")
+    assert probe_index_file(good, 768) == (100, 768)
+    with pytest.raises(IndexFileError, match="768-d features but the model uses 256-d"):
+        probe_index_file(good, 256)
+    # an inverted list claiming 2^34 entries: faiss would try to allocate 2^34 * 3 KiB while reading it
+    bad = crafted(good, b"full", 12, 1 << 34)
+    with pytest.raises(IndexFileError, match=r"crafted\.index (is not a readable|would need more)"):
+        probe_index_file(bad)
+
+
+@pytest.mark.parametrize(("returncode", "message"), [(-11, "signal 11"), (1, "exit status 1"),
+                                                     (index_module.PROBE_OUT_OF_MEMORY, "MiB of memory")])
+def test_probe_reports_a_failed_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returncode: int,
+                                      message: str) -> None:
+    good = build_index(blobs(100, 8, 6), tmp_path / "voice.index")
+    failed = subprocess.CompletedProcess([], returncode, stdout="", stderr="")
+    monkeypatch.setattr(index_module.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(IndexFileError, match=message):
+        probe_index_file(good)
 
 
 def test_without_faiss(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -269,6 +269,26 @@ def test_real_engine_refuses_adapters_that_do_not_fit(real_client: TestClient,
     assert real_client.get("/adapters").json() == {"adapters": []}
 
 
+def test_real_engine_checks_uploaded_indexes_in_a_child(real_client: TestClient,
+                                                         tiny_service_assets: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("faiss", reason="faiss is optional: pip install 'rvc-lora[index]'")
+    from rvc_lora.pipeline.index import build_index
+
+    good = build_index(np.random.default_rng(0).standard_normal((80, 256)).astype(np.float32), tmp_path / "v.index")
+    crafted = bytearray(good.read_bytes())
+    crafted[8:16] = (1 << 40).to_bytes(8, "little")  # the header's vector count: 2^40 x 1 KiB of floats
+    voice = tiny_service_assets["adapters"][0].read_bytes()
+    r = upload(real_client, voice, index=bytes(crafted))
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_index")
+    assert "claims 1099511627776 vectors" in r.json()["error"]["message"]
+    assert real_client.get("/adapters").json() == {"adapters": []}
+    r = upload(real_client, voice, index=good.read_bytes())
+    assert r.status_code == 201 and r.json()["has_index"]
+    converted = real_client.post("/convert", data={"seed": "1", "adapter": r.json()["id"], "index_rate": "0.5"},
+                                 files={"audio": ("a.wav", sine_wav(0.3, freq=140.0))})
+    assert converted.status_code == 200
+
+
 def test_real_engine_infer(real_client: TestClient, tiny_service_assets: dict[str, Any]) -> None:
     adapter_id = upload(real_client, tiny_service_assets["adapters"][2].read_bytes()).json()["id"]
     rng = np.random.default_rng(0)

@@ -5,9 +5,12 @@ faiss is optional (`pip install rvc-lora[index]`); it is imported only when an i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,12 +21,15 @@ from torch import Tensor
 
 from rvc_lora.errors import IndexFileError, ModelUnavailableError, ParameterError
 
-__all__ = ["RetrievalIndex", "build_index", "n_ivf_for"]
+__all__ = ["RetrievalIndex", "build_index", "n_ivf_for", "probe_index_file"]
 
 K = 8  # neighbours per frame (RVC)
 KMEANS_ABOVE = 200_000  # RVC replaces larger feature sets by k-means centres before training
 KMEANS_CENTRES = 10_000
 ADD_BATCH = 8192
+PROBE_HEADROOM = 512 << 20  # address space the probe may take beyond 4x the file, on top of what it has mapped
+PROBE_TIMEOUT_S = 120.0
+PROBE_REFUSED, PROBE_OUT_OF_MEMORY = 3, 4  # exit statuses of rvc_lora.pipeline.index_probe
 
 
 def _faiss() -> ModuleType:
@@ -64,6 +70,7 @@ class RetrievalIndex:
             raise IndexFileError(f"{path} is not a readable faiss index ({_reason(e)})") from e
         if index.ntotal == 0:
             raise IndexFileError(f"{path} holds no vectors")
+        _check_claimed_size(index, path)
         try:
             big = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
         except Exception as e:
@@ -127,6 +134,49 @@ class RetrievalIndex:
         query = feats[0].detach().to(device="cpu", dtype=torch.float32).numpy()
         retrieved = torch.from_numpy(self.retrieve(query)).to(dtype=feats.dtype).unsqueeze(0).to(feats.device)
         return retrieved * index_rate + (1 - index_rate) * feats
+
+
+def _check_claimed_size(index: Any, path: Path) -> None:
+    """Refuse a header that claims more vectors than the file can hold, before `reconstruct_n` allocates
+    `[ntotal, d]` floats for them (a few bytes of a crafted header could otherwise ask for terabytes)."""
+    per_vector = max(int(getattr(index, "code_size", 0) or 0), 1)  # Flat / IVF-Flat store d*4 bytes a vector
+    size = path.stat().st_size
+    if index.ntotal * per_vector > size:
+        raise IndexFileError(f"{path} claims {index.ntotal} vectors of {per_vector} bytes, more than its {size} bytes "
+                             "can hold (a damaged or crafted file)")
+
+
+def probe_index_file(path: str | Path, dim: int | None = None, *,
+                     timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int, int]:
+    """Read an untrusted `.index` in a child process -> `(ntotal, dim)`; IndexFileError if it is unreadable.
+
+    faiss's reader trusts the sizes in the file: a crafted header makes it allocate what the header says, and a
+    damaged one can crash it. The child runs under an address-space limit (4x the file + 512 MiB beyond what
+    it has mapped once loaded, ample for a real index) and a timeout, so a hostile upload costs a failed
+    child, never the server's memory or life.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IndexFileError(f"index file {path} does not exist")
+    _faiss()  # a missing faiss is the caller's configuration error, not the file's
+    budget = PROBE_HEADROOM + 4 * path.stat().st_size
+    cmd = [sys.executable, "-m", "rvc_lora.pipeline.index_probe", str(path), str(dim or 0), str(budget)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise IndexFileError(f"{path} took longer than {timeout_s:g} s to read") from e
+    if done.returncode == 0:
+        info = json.loads(done.stdout)
+        return int(info["ntotal"]), int(info["dim"])
+    message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    if done.returncode == PROBE_REFUSED and message:
+        raise IndexFileError(message)
+    if done.returncode == PROBE_OUT_OF_MEMORY:
+        raise IndexFileError(f"{path} would need more than {budget >> 20} MiB of memory to read (its header "
+                             "claims far more data than the file holds)")
+    cause = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+    raise IndexFileError(f"{path} is not a readable faiss index (the reader failed: {cause})")
 
 
 def n_ivf_for(n: int) -> int:
