@@ -249,6 +249,7 @@ def test_upsample_features_x2_is_rvc_nearest_interpolate() -> None:
     rvc = F.interpolate(feats.permute(0, 2, 1), scale_factor=2).permute(0, 2, 1)
     assert up.shape == (1, 14, 5)
     assert torch.equal(up, rvc)
+    assert up.stride() == rvc.stride() == (70, 1, 14)  # RVC's permuted view: its layout decides the synth's rounding
     assert torch.equal(up[:, 0::2], feats) and torch.equal(up[:, 1::2], feats)
 
 

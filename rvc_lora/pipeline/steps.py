@@ -239,8 +239,9 @@ def pitch_tensors(f0: NDArray[np.floating], p_len: int) -> tuple[Tensor, Tensor]
 def upsample_features_x2(feats: Tensor) -> Tensor:
     """Content features `[B, F, C]` (20 ms frames) -> `[B, 2F, C]` (10 ms): every frame repeated twice.
 
-    Equal to RVC's `F.interpolate(..., scale_factor=2)` (mode "nearest") on the time axis."""
-    return torch.repeat_interleave(feats, 2, dim=1)
+    RVC's `F.interpolate(feats.permute(0, 2, 1), scale_factor=2).permute(0, 2, 1)` (mode "nearest"),
+    kept as that non-contiguous view: the synthesizer's first layers round differently on another layout."""
+    return F.interpolate(feats.permute(0, 2, 1), scale_factor=2).permute(0, 2, 1)
 
 
 def align_pitch(feats: Tensor, pitch: Tensor, pitchf: Tensor, chunk_len: int) -> tuple[Tensor, Tensor, Tensor]:
