@@ -29,6 +29,9 @@ AudioSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 
 SR_16K = 16000  # the rate of RVC's whole front-end (f0, content features, cut points)
 MIN_DURATION_S = 0.1  # shorter input is rejected with a clear error rather than converted to near nothing
+# The conversion itself (`prepare_16k`) follows RVC: 400 samples at 16 kHz is the content encoder's first
+# frame; below that, RVC's trimmed output is empty and its rms/int16 steps fail on it.
+MIN_SAMPLES_16K = 400
 PEAK_TARGET = 0.95  # RVC's vc_single: peaks above 0.95 are scaled down to exactly 0.95
 INT16_PEAK = 0.99  # RVC's final int16 rule: peaks above 0.99 are scaled down to 0.99
 MIN_SAMPLE_RATE = 1000  # header sanity bounds: outside them the header is broken or hostile
@@ -143,7 +146,7 @@ def resample(audio: NDArray[np.floating], sr_in: int, sr_out: int) -> NDArray[np
         raise ParameterError(f"sample rates must be positive, got {sr_in} -> {sr_out}")
     if sr_in == sr_out:
         return audio
-    n_out = math.ceil(len(audio) * sr_out / sr_in)
+    n_out = math.ceil(len(audio) * (float(sr_out) / sr_in))  # librosa's float ratio: 32000 -> 16001 Hz can ceil up
     out = np.asarray(soxr.resample(audio, sr_in, sr_out, quality="HQ"), dtype=audio.dtype)
     if len(out) >= n_out:  # soxr rounds the length, librosa ceils it and pads with zeros
         return out[:n_out]
@@ -162,13 +165,23 @@ def normalize_peak(audio: NDArray[np.float32]) -> NDArray[np.float32]:
 
 def prepare_16k(audio: ArrayLike, sr: int) -> NDArray[np.float32]:
     """Mono samples at `sr` Hz -> what RVC's pipeline starts from: float32 `[ceil(N * 16000 / sr)]` at
-    16 kHz, peak-normalised (`normalize_peak`). Validates with `check_audio` first."""
+    16 kHz, peak-normalised (`normalize_peak`).
+
+    Accepts what RVC converts, silence included (RVC leaves it unscaled and converts it); raises
+    `AudioError` for non-float, not 1-D, non-finite input, a rate <= 0, or fewer than 400 samples at 16 kHz.
+    File intake (`decode_audio`) applies the stricter `check_audio` policy on top."""
     x = np.asarray(audio)
     if not np.issubdtype(x.dtype, np.floating):
         raise AudioError(f"audio samples must be float, got {x.dtype}")
-    check_audio(x, sr)
+    if x.ndim != 1 or sr <= 0:
+        raise AudioError(f"audio must be mono 1-D samples at a positive rate, got shape {x.shape} at {sr} Hz")
+    if not np.isfinite(x).all():
+        raise AudioError(f"audio contains {int(np.count_nonzero(~np.isfinite(x)))} NaN or infinite samples")
     x16 = resample(x.astype(np.float32, copy=False), sr, SR_16K)
     return normalize_peak(np.asarray(x16, dtype=np.float32))
+    if len(x16) < MIN_SAMPLES_16K:
+        raise AudioError(f"audio is too short: {len(x16)} samples at 16 kHz, at least {MIN_SAMPLES_16K} needed "
+                         "(RVC's output would be empty)")
 
 
 def load_audio_16k(source: AudioSource, *, max_duration_s: float | None = None) -> NDArray[np.float32]:
