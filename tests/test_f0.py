@@ -21,10 +21,10 @@ import torch
 from rvc_lora.errors import CheckpointError, ModelUnavailableError, ParameterError
 from rvc_lora.pipeline.f0 import (
     F0_METHODS,
-    GivenF0,
     clear_f0_cache,
     f0_curve_from_table,
     get_f0_extractor,
+    overlay_f0,
     read_f0_file,
 )
 from rvc_lora.pipeline.f0 import fcpe as fcpe_mod
@@ -398,32 +398,45 @@ def test_fcpe_rejects_another_model_config(tmp_path: Path) -> None:
         fcpe_mod.FCPEPitch.from_file(path)
 
 
-# --- caller-given curves ---------------------------------------------------------------------------------
+# --- RVC's f0 file (§3.4) ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("offset", "p_len", "expected"),
-    [(0, 3, [100.0, 0.0, 110.0]), (2, 6, [0, 0, 100, 0, 110, 0]), (2, 3, [0, 0, 100])],
+    ("offset", "expected"),
+    [(0, [100.0, 0.0, 110.0, 4, 5, 6]), (2, [1, 2, 100, 0, 110, 6]), (4, [1, 2, 3, 4, 100, 0])],
 )
-def test_given_curve_lands_on_the_padded_grid(offset: int, p_len: int, expected: list[float]) -> None:
-    f0 = GivenF0([100.0, 0.0, 110.0], offset_frames=offset)(np.zeros(160 * p_len), p_len)
-    np.testing.assert_array_equal(f0, expected)
+def test_f0_file_curve_overwrites_from_the_offset(offset: int, expected: list[float]) -> None:
+    # frames before the offset and after the curve keep the extracted f0; the curve is cut at the end
+    f0 = np.arange(1.0, 7.0)
+    np.testing.assert_array_equal(overlay_f0(f0, [100.0, 0.0, 110.0], offset), expected)
+    np.testing.assert_array_equal(f0, np.arange(1.0, 7.0))  # a copy: the extracted curve is left alone
+    assert overlay_f0(f0.astype(np.float32), [100.1], 0).dtype == np.float32  # written into f0's dtype
 
 
 @pytest.mark.parametrize("curve", [[[100.0]], [100.0, -1.0], [np.inf]])
-def test_given_curve_rejects_bad_values(curve: list[float]) -> None:
+def test_f0_file_curve_rejects_bad_values(curve: list[float]) -> None:
     with pytest.raises(ParameterError, match="f0 curve"):
-        GivenF0(curve)
+        overlay_f0(np.zeros(4), curve, 0)
 
 
-def test_f0_table_is_interpolated_on_10ms_frames(tmp_path: Path) -> None:
+def test_f0_file_is_interpolated_from_frame_0_over_its_time_span(tmp_path: Path) -> None:
+    # RVC: delta_t = round((t_max - t_min) * 100 + 1) frames 0, 1, ..., np.interp at times * 100, so a table
+    # starting at 0.02 s is held at its first value up to frame 2 and stops at frame 3 (not at 0.05 s)
     path = tmp_path / "f0.txt"
     path.write_text("0.02,200\n0.04,300\n\n0.05,0\n")
-    np.testing.assert_allclose(read_f0_file(path), [200, 200, 200, 250, 300, 0])
-    np.testing.assert_allclose(f0_curve_from_table([[0.0, 100.0], [0.01, 200.0]]), [100, 200])
+    np.testing.assert_allclose(read_f0_file(path), [200, 200, 200, 250], rtol=1e-6)
+    np.testing.assert_allclose(f0_curve_from_table([[0.0, 100.0], [0.01, 200.0]]), [100, 200], rtol=1e-6)
+    np.testing.assert_array_equal(f0_curve_from_table([[0.5, 150.0], [1.0, 300.0]]), [150.0] * 51)
 
 
-@pytest.mark.parametrize("text", ["0.1;200\n", "0.1,200,3\n", "0.2,200\n0.1,100\n", "abc\n"])
+def test_f0_file_is_parsed_to_float32() -> None:
+    # 220.1 is held as float32 (220.1000061...); 0.135 s * 100 + 1 is 14.500001 in float32 -> 15 frames
+    # (14.5 in float64 would round to 14)
+    curve = f0_curve_from_table([[0.0, 220.1], [0.135, 220.1]])
+    assert len(curve) == 15 and curve[0] == float(np.float32(220.1)) != 220.1
+
+
+@pytest.mark.parametrize("text", ["0.1;200\n", "0.1,200,3\n", "0.2,200\n0.1,100\n", "abc\n", "\n"])
 def test_bad_f0_file_is_a_parameter_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "f0.txt"
     path.write_text(text)

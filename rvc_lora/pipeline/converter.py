@@ -28,7 +28,7 @@ from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, SynthesizerLoR
 from rvc_lora.pipeline import steps
 from rvc_lora.pipeline.audio import SR_16K, AudioSource, decode_audio, prepare_16k, resample, to_int16
 from rvc_lora.pipeline.content import ContentEncoder
-from rvc_lora.pipeline.f0 import GivenF0, get_f0_extractor
+from rvc_lora.pipeline.f0 import get_f0_extractor, overlay_f0, read_f0_file
 from rvc_lora.pipeline.index import RetrievalIndex
 from rvc_lora.pipeline.params import ConvertParams
 
@@ -156,13 +156,17 @@ class VoiceConverter:
 
     def convert(self, audio: ArrayLike, sr: int, params: ConvertParams | None = None, *, adapter: AdapterArg = None,
                 index: IndexArg = None, f0_curve: ArrayLike | None = None,
+                f0_file: str | os.PathLike[str] | None = None,
                 progress: Progress | None = None) -> ConversionResult:
         """Mono audio `[N]` at `sr` -> converted audio at the model rate (or `params.resample_sr`).
 
         adapter: an `Adapter`, an adapter file, or None for the base voice. index: a retrieval index
-        (object or `.index` path), used when `params.index_rate > 0`. f0_curve: Hz per 10 ms frame of
-        the input, replacing extraction (still transposed by `f0_up_key`).
+        (object or `.index` path), used when `params.index_rate > 0`. f0_file: RVC's `time_s,f0_hz`
+        file; f0_curve: the same as Hz per 10 ms frame (`read_f0_file`). Either is written over the
+        extracted, transposed f0 from the end of the padding context on, itself untransposed (§3.4).
         """
+        if f0_file is not None:
+            f0_curve = read_f0_file(f0_file)
         params = params or ConvertParams()
         clock = _Stopwatch(self.device)
         with clock.stage("decode"):
@@ -179,13 +183,12 @@ class VoiceConverter:
 
     def _pitch(self, audio_pad: NDArray[np.floating], p_len: int, params: ConvertParams,
                f0_curve: ArrayLike | None) -> tuple[Tensor, Tensor]:
-        if f0_curve is not None:
-            f0 = GivenF0(f0_curve, offset_frames=self.pad.t_pad // steps.WINDOW)(audio_pad, p_len)
-        else:
-            extractor = get_f0_extractor(params.f0_method, device=str(self.device), rmvpe_path=self.rmvpe_path,
-                                         is_half=self.is_half)
-            f0 = extractor(audio_pad, p_len, filter_radius=params.filter_radius)  # type: ignore[assignment]
-        return steps.pitch_tensors(steps.transpose_f0(f0, params.f0_up_key), p_len)
+        extractor = get_f0_extractor(params.f0_method, device=str(self.device), rmvpe_path=self.rmvpe_path,
+                                     is_half=self.is_half)
+        f0 = steps.transpose_f0(extractor(audio_pad, p_len, filter_radius=params.filter_radius), params.f0_up_key)
+        if f0_curve is not None:  # RVC's f0 file: after the transpose, starting at frame x_pad * 100
+            f0 = overlay_f0(f0, f0_curve, self.pad.t_pad // steps.WINDOW)
+        return steps.pitch_tensors(f0, p_len)
 
     def _pipeline(self, audio16k: NDArray[np.float32], params: ConvertParams, retrieval: RetrievalIndex | None,
                   f0_curve: ArrayLike | None, clock: _Stopwatch, progress: Progress | None) -> NDArray[np.float32]:

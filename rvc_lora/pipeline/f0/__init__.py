@@ -10,7 +10,7 @@ from rvc_lora.pipeline.f0.base import (
     clear_f0_cache,
     get_f0_extractor,
 )
-from rvc_lora.pipeline.f0.given import GivenF0, f0_curve_from_table, read_f0_file
+from rvc_lora.pipeline.f0.given import f0_curve_from_table, overlay_f0, read_f0_file
 
 __all__ = [
     "F0_MAX",
@@ -19,9 +19,9 @@ __all__ = [
     "HOP",
     "SR",
     "F0Extractor",
-    "GivenF0",
     "clear_f0_cache",
     "f0_curve_from_table",
     "get_f0_extractor",
+    "overlay_f0",
     "read_f0_file",
 ]
