@@ -165,7 +165,8 @@ class RVCEngine:
         synth = SynthesizerLoRA(build_from_raw(self._base_raw), lora_config, max_rank=settings.max_rank,
                                 fingerprint=self._base_raw.fingerprint).eval()
         self._vc = VoiceConverter(synth, ContentEncoder.from_path(settings.hubert),
-                                  device=_resolve_device(settings.device), rmvpe_path=settings.rmvpe)
+                                  device=_resolve_device(settings.device), is_half=settings.half,
+                                  rmvpe_path=settings.rmvpe)
         model = self._vc.model
         self._info = ModelInfo(fingerprint=model.fingerprint, version=cfg.version, f0=cfg.f0, sr=cfg.sr,
                                n_speakers=int(model.base.emb_g.num_embeddings), content_dim=cfg.content_dim,
@@ -229,8 +230,9 @@ class RVCEngine:
         from rvc_lora.pipeline.index import RetrievalIndex
 
         loaded = load_adapter(adapter)
-        if self._vc.device.type == "cuda":  # pinned host copies make the host -> device copy asynchronous
-            loaded = type(loaded)(loaded.info, {k: v.pin_memory() for k, v in loaded.tensors.items()})
+        if self._vc.device.type == "cuda":  # pinned host copies make the host -> device copy a plain DMA ...
+            dtype = self._vc.dtype  # ... if already in the model dtype: a blocking .to() casts into unpinned memory
+            loaded = type(loaded)(loaded.info, {k: v.to(dtype).pin_memory() for k, v in loaded.tensors.items()})
         retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim)
         return _Voice(loaded, retrieval)
 
@@ -273,12 +275,14 @@ class RVCEngine:
         try:
             for smaller in (None, *shorter_chunks(pad)):
                 if smaller is not None:
+                    torch.cuda.empty_cache()  # here, not in `except`: its traceback keeps the failed run's tensors
                     log.warning("device out of memory: converting again in chunks of %d s", smaller.x_center)
                     self._vc.pad = smaller
                 try:
                     return run()
                 except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
+                    pass
+            torch.cuda.empty_cache()
         finally:
             self._vc.pad = pad
         raise DeviceOutOfMemory("the device ran out of memory for this request, also in shorter chunks; retry later "
@@ -291,7 +295,8 @@ class RVCEngine:
         try:
             return run()
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            pass
+        torch.cuda.empty_cache()  # out of `except`: its traceback keeps the failed run's tensors alive
         try:
             return run()
         except torch.cuda.OutOfMemoryError as exc:

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     hubert: Path | None = Field(default=None, description="content encoder: hubert_base.pt or a HF folder")
     rmvpe: Path | None = Field(default=None, description="rmvpe.pt; without it f0_method=rmvpe is refused")
     device: str = Field(default="auto", description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    half: bool | None = Field(default=None, description="fp16 inference, RVC's is_half (its padding constants too); "
+                              "unset: fp16 on CUDA only. Set false for GPUs with slow fp16 (GTX 16xx, Pascal)")
     max_rank: int = Field(default=32, ge=1, le=512, description="LoRA slot rank; larger is refused")
     warmup: bool = Field(default=True, description="run one conversion before reporting ready")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rvc_lora.config import SynthConfig
+from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -84,6 +85,14 @@ def require_reference() -> Path:
     return RVC_REFERENCE
 
 
+# --- converter tests: a 12-layer 768-wide HuBERT (v1 and v2 features) and the LoRA slots of a tiny converter ---
+
+TINY_HUBERT = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 2, "intermediate_size": 32,
+               "conv_dim": (16,) * 7, "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4,
+               "classifier_proj_size": 256}
+LORA = LoRAConfig(r=4, lora_alpha=4, target_modules=["ups", "resblocks"])
+
+
 # --- service tests: tiny files for the real engine (base .pth, content encoder, adapters), built once ---
 
 TINY_HUBERT_V1 = {"hidden_size": 64, "num_hidden_layers": 9, "num_attention_heads": 2, "intermediate_size": 32,
@@ -97,7 +106,6 @@ def tiny_service_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     and one adapter made for another base."""
     from rvc_lora.adapters import save_adapter
     from rvc_lora.checkpoint import save_rvc_checkpoint
-    from rvc_lora.lora import LoRAConfig
     from rvc_lora.models.synthesizer_lora import load_synthesizer_with_lora
     from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
 

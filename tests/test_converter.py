@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from rvc_lora import AudioError, LoRAConfig, ParameterError, SynthesizerLoRA, load_synthesizer_with_lora
+from rvc_lora import AudioError, ParameterError, SynthesizerLoRA, load_synthesizer_with_lora
 from rvc_lora.demo import speech_like
 from rvc_lora.pipeline.audio import decode_audio
 from rvc_lora.pipeline.content import ContentEncoder, build_random_hubert
 from rvc_lora.pipeline.converter import ConvertParams, VoiceConverter
 from rvc_lora.pipeline.index import build_index
 from rvc_lora.pipeline.steps import PadConfig
-from tests.conftest import PIPELINE_REFERENCE, tiny_model
-
-TINY_HUBERT = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 2, "intermediate_size": 32,
-               "conv_dim": (16,) * 7, "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4,
-               "classifier_proj_size": 256}
-LORA = LoRAConfig(r=4, lora_alpha=4, target_modules=["ups", "resblocks"])
+from tests.conftest import LORA, PIPELINE_REFERENCE, TINY_HUBERT, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,13 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _gpu_mem_gib(device: torch.device) -> int | None:
+    """RVC's whole-GiB size of a CUDA device (a GPU of <= 4 GiB gets its own padding), None for other devices."""
+    if device.type != "cuda":
+        return None
+    return steps.gpu_mem_gib(torch.cuda.get_device_properties(device).total_memory)
+
+
 class VoiceConverter:
     """Converts `(audio, params, adapter)` to audio with one resident base model.
 
@@ -93,7 +100,7 @@ class VoiceConverter:
         self.model = model.to(self.device, dtype).eval()
         self.content = content.to(self.device, dtype).eval()
         self.rmvpe_path = Path(rmvpe_path) if rmvpe_path else None
-        self.pad = pad or steps.PadConfig.select(is_half=self.is_half)
+        self.pad = pad or steps.PadConfig.select(is_half=self.is_half, gpu_mem_gib=_gpu_mem_gib(self.device))
         self._resident: Adapter | None = None
         self._indexes: dict[Path, RetrievalIndex] = {}
 
@@ -229,7 +236,9 @@ class VoiceConverter:
         """One chunk of padded 16 kHz audio -> synthesized audio at the model rate (untrimmed)."""
         has_f0 = pitch is not None and pitchf is not None
         with clock.stage("features"):
-            feats = self.content.extract(torch.from_numpy(x).to(self.device), self.model.cfg.version)
+            # the float64 chunk goes in on the host: extract casts it to the model dtype before the copy, so a
+            # GPU receives 2 (fp16) or 4 bytes per sample, not 8
+            feats = self.content.extract(torch.from_numpy(x), self.model.cfg.version)
             protect = has_f0 and params.protect < steps.PROTECT_OFF
             feats0 = feats.clone() if protect else None
         if retrieval is not None:
