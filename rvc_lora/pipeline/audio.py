@@ -178,10 +178,10 @@ def prepare_16k(audio: ArrayLike, sr: int) -> NDArray[np.float32]:
     if not np.isfinite(x).all():
         raise AudioError(f"audio contains {int(np.count_nonzero(~np.isfinite(x)))} NaN or infinite samples")
     x16 = resample(x.astype(np.float32, copy=False), sr, SR_16K)
-    return normalize_peak(np.asarray(x16, dtype=np.float32))
     if len(x16) < MIN_SAMPLES_16K:
         raise AudioError(f"audio is too short: {len(x16)} samples at 16 kHz, at least {MIN_SAMPLES_16K} needed "
                          "(RVC's output would be empty)")
+    return normalize_peak(np.asarray(x16, dtype=np.float32))
 
 
 def load_audio_16k(source: AudioSource, *, max_duration_s: float | None = None) -> NDArray[np.float32]:
