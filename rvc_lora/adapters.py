@@ -27,6 +27,10 @@ from rvc_lora.lora.inject import FULL_DELTA_PREFIX
 FORMAT = "rvc-lora-adapter"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a real header is a few hundred KB at most
+MAX_TENSORS = 8192  # a real adapter holds two tensors per adapted layer and one per full delta: hundreds
+MAX_LABEL_CHARS = 256
+MAX_ABS_VALUE = 65504.0  # the largest float16: adapters may be served in fp16, where larger values become inf
+_DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
 REQUIRED = ("format", "format_version", "r", "lora_alpha", "target_modules", "base_fingerprint", "sr", "version",
             "f0")
 
@@ -89,6 +93,28 @@ def _header_problem(path: Path) -> str | None:
     return None
 
 
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"header names {key[:100]!r} more than once")
+        out[key] = value
+    return out
+
+
+def _duplicate_problem(path: Path) -> str | None:
+    """safetensors keeps one of two header entries with the same name and ignores the other: refuse them.
+    Called once safetensors has accepted the header (bounded size and nesting)."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        text = f.read(n)
+    try:
+        json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _parse_info(path: Path, meta: Mapping[str, str]) -> AdapterInfo:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
@@ -104,6 +130,10 @@ def _parse_info(path: Path, meta: Mapping[str, str]) -> AdapterInfo:
         raise AdapterError(f"{path}: malformed metadata: {exc}") from exc
     if version > FORMAT_VERSION:
         raise AdapterError(f"{path}: format_version {version} is newer than this rvc-lora reads ({FORMAT_VERSION})")
+    if version < 1:
+        raise AdapterError(f"{path}: format_version {version} is not a version (1..{FORMAT_VERSION})")
+    if len(name := meta.get("name", path.stem)) > MAX_LABEL_CHARS:
+        raise AdapterError(f"{path}: metadata name has {len(name)} characters, at most {MAX_LABEL_CHARS} allowed")
     if r < 1 or not math.isfinite(alpha) or alpha <= 0 or sr <= 0:
         raise AdapterError(f"{path}: metadata r={meta['r']!r}, lora_alpha={meta['lora_alpha']!r}, sr={meta['sr']!r} "
                            "out of range")
@@ -112,7 +142,7 @@ def _parse_info(path: Path, meta: Mapping[str, str]) -> AdapterInfo:
             raise AdapterError(f"{path}: metadata {label} must be a JSON list of names")
     if meta["version"] not in ("v1", "v2") or meta["f0"] not in ("0", "1"):
         raise AdapterError(f"{path}: metadata version={meta['version']!r}, f0={meta['f0']!r} invalid")
-    return AdapterInfo(name=meta.get("name", path.stem), r=r, lora_alpha=alpha, target_modules=tuple(targets),
+    return AdapterInfo(name=name, r=r, lora_alpha=alpha, target_modules=tuple(targets),
                        base_fingerprint=meta["base_fingerprint"], sr=sr, version=meta["version"],
                        f0=meta["f0"] == "1", full_delta=tuple(full), format_version=version)
 
@@ -121,8 +151,9 @@ def _check_tensors(path: Path, info: AdapterInfo, tensors: Mapping[str, Tensor])
     pairs: dict[str, set[str]] = {}
     fulls = set()
     for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise AdapterError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a float type")
+        if t.dtype not in _DTYPE_NAMES:  # float8/float4 and the like: no finiteness check, no fp16 cast
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected float16, bfloat16, float32 "
+                               "or float64")
         if not bool(torch.isfinite(t).all()):
             raise AdapterError(f"{path}: tensor {key!r} contains NaN or inf")
         if key.startswith(FULL_DELTA_PREFIX):
@@ -147,6 +178,18 @@ def _check_tensors(path: Path, info: AdapterInfo, tensors: Mapping[str, Tensor])
         raise AdapterError(f"{path}: metadata full_delta does not list the full-delta tensors the file holds")
 
 
+def _check_range(path: Path, info: AdapterInfo, tensors: Mapping[str, Tensor]) -> None:
+    """Every value, and every `lora_B` value once `lora_alpha / r` is folded in, within float16's range."""
+    scale = info.lora_alpha / info.r
+    for key, t in tensors.items():
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        effective = peak * scale if key.endswith(".lora_B") and not key.startswith(FULL_DELTA_PREFIX) else peak
+        if effective > MAX_ABS_VALUE:
+            folded = f" once lora_alpha/r = {scale:.3g} is folded in" if effective != peak else ""
+            raise AdapterError(f"{path}: tensor {key!r} reaches magnitude {effective:.3g}{folded}, beyond "
+                               f"{MAX_ABS_VALUE:g} (the float16 range adapters may be served in)")
+
+
 def load_adapter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Adapter:
     """Read and validate an adapter file (format, metadata, keys, ranks, dtypes, finiteness).
 
@@ -159,12 +202,18 @@ def load_adapter(path: str | os.PathLike[str], device: str | torch.device = "cpu
         raise AdapterError(f"{path}: {problem}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
+            if (problem := _duplicate_problem(path)) is not None:
+                raise AdapterError(f"{path}: {problem}")
             meta = f.metadata() or {}
             info = _parse_info(path, meta)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            keys = list(f.keys())
+            if len(keys) > MAX_TENSORS:
+                raise AdapterError(f"{path}: holds {len(keys)} tensors, more than {MAX_TENSORS} (corrupt or hostile)")
+            tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise AdapterError(f"{path}: unreadable safetensors file: {exc}") from exc
     _check_tensors(path, info, tensors)
+    _check_range(path, info, tensors)
     return Adapter(info, tensors).to(device)
 
 
@@ -183,9 +232,6 @@ def save_adapter_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Ten
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-_DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 def adapter_file_bytes(tensors: Mapping[str, Tensor], info: AdapterInfo, dtype: torch.dtype = torch.float32,

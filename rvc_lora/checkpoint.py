@@ -60,9 +60,34 @@ class RVCCheckpoint:
         return self.config.sr
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ZIP_MAGIC = b"PK\x03\x04"
+INFLATE_SLACK = 1 << 20  # records a zip checkpoint may inflate to beyond its own size (torch.save stores them raw)
+
+
+def _inflation_problem(path: Path) -> str | None:
+    """torch.load reads each record of a zip checkpoint into a buffer of the size its zip directory declares.
+    torch.save stores records uncompressed, so together they never exceed the file; a deflated record can
+    declare gigabytes from a few KB (a zip bomb). Checked with torch's own zip reader, before any record is read."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return None  # a bare pickle: its storages are read from the file and must match it
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        declared = sum(reader.get_record_size(name) for name in reader.get_all_records())
+    except Exception:  # not a readable zip: torch.load reports it
+        return None
+    if declared > size + INFLATE_SLACK:
+        return f"its zip records inflate to {declared} bytes from a {size}-byte file (corrupt or hostile)"
+    return None
+
+
 def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if (problem := _inflation_problem(path)) is not None:
+        raise CheckpointError(f"{path}: refused to load: {problem}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle, mmap=False)
     except pickle.UnpicklingError as exc:
@@ -122,8 +147,9 @@ def _check_tensors(path: Path, weights: Mapping[str, Any], expected: Mapping[str
             raise CheckpointError(f"{path}: weight {key!r} is a {type(value).__name__}, not a tensor")
         if key not in expected:
             raise CheckpointError(f"{path}: unexpected key {key!r}: not part of this model's architecture")
-        if not value.is_floating_point():
-            raise CheckpointError(f"{path}: weight {key!r} has dtype {value.dtype}, expected a float tensor")
+        if value.dtype not in WEIGHT_DTYPES:  # float8 and the like: no finiteness check, no exact fp32 upcast
+            raise CheckpointError(f"{path}: weight {key!r} has dtype {value.dtype}, expected float16, bfloat16, "
+                                  "float32 or float64")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{path}: weight {key!r} has shape {tuple(value.shape)}, the config implies "
                                   f"{tuple(expected[key].shape)}")
@@ -171,8 +197,12 @@ def read_rvc_checkpoint(path: str | os.PathLike[str], *, allow_unsafe_pickle: bo
         config = SynthConfig.from_list(config_list, version=version, f0=bool(f0))
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        expected = build_synthesizer(config).state_dict()
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            expected = build_synthesizer(config).state_dict()
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:  # e.g. sizes past int64 in an absurd config
+        raise CheckpointError(f"{path}: its config does not describe a buildable model: "
+                              f"{str(exc).splitlines()[0][:200]}") from exc
     weights = dict(weights)
     _unfuse(weights, expected)
     _check_tensors(path, weights, expected)

@@ -12,6 +12,8 @@ from rvc_lora.errors import ConfigError
 N_LISTED = 18  # spec_channels .. sr: the length of `cpt["config"]`
 SR_NAMES = {"32k": 32000, "40k": 40000, "48k": 48000}
 Version = Literal["v1", "v2"]
+MAX_LAYERS = 64  # RVC's encoder has 6: a bound on the modules a config (e.g. an uploaded file's) makes us build
+MAX_STAGES = 16  # RVC has 3 resblock kernels of 3 dilations and 4-5 upsample stages
 
 
 def parse_sr(value: object, *, field_name: str = "sr") -> int:
@@ -67,6 +69,11 @@ class SynthConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config.{name}: expected a positive int, got {value!r}")
+        if self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"config.n_layers: {self.n_layers} is more than {MAX_LAYERS} (RVC uses 6)")
+        stages = (self.resblock_kernel_sizes, self.upsample_rates, *self.resblock_dilation_sizes)
+        if any(isinstance(x, tuple) and len(x) > MAX_STAGES for x in stages):
+            raise ConfigError(f"config: more than {MAX_STAGES} resblock kernels, dilations or upsample stages")
         if self.hidden_channels % self.n_heads:
             raise ConfigError(f"config.hidden_channels ({self.hidden_channels}) is not divisible by "
                               f"n_heads ({self.n_heads})")

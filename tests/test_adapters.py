@@ -108,6 +108,43 @@ def test_hostile_and_malformed_files(tmp_path: Path, voiced: tuple[Path, Synthes
         assert needle in str(info.value), (label, str(info.value))
 
 
+def _named_twice(src: Path, dst: Path, key: str) -> Path:
+    """`src` with a second header entry for `key` (same offsets): safetensors would keep one silently."""
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header)[:-1] + f", {json.dumps(key)}: {json.dumps(header[key])}}}"
+    text += " " * (-len(text) % 8)
+    dst.write_bytes(struct.pack("<Q", len(text)) + text.encode() + data[8 + n :])
+    return dst
+
+
+def test_files_that_would_fail_later_or_cost_too_much_are_refused(tmp_path: Path,
+                                                                  voiced: tuple[Path, SynthesizerLoRA, Path]) -> None:
+    _, _, good = voiced
+    tensors = dict(load_adapter(good).tensors)
+    first_a = next(k for k in tensors if k.endswith("lora_A"))
+    first_b = first_a.replace("lora_A", "lora_B")
+    empty = {f"layer{i}.lora_{ab}": torch.zeros((4, 0) if ab == "A" else (0, 4)) for i in range(4097) for ab in "AB"}
+    cases = {  # each was: NotImplementedError (500) / stored, then NaN output / stored / seconds and memory
+        "float8": (_rewrite(good, tmp_path / "f8.safetensors",
+                            tensors=tensors | {first_a: tensors[first_a].to(torch.float8_e4m3fn)}), "float8"),
+        "alpha folds past fp16": (_rewrite(good, tmp_path / "alpha.safetensors", meta={"lora_alpha": "1e300"}),
+                                  "once lora_alpha/r"),
+        "value past fp16": (_rewrite(good, tmp_path / "big.safetensors",
+                                     tensors=tensors | {first_b: tensors[first_b] + 1e5}), "float16 range"),
+        "named twice": (_named_twice(good, tmp_path / "twice.safetensors", first_a), "more than once"),
+        "format_version 0": (_rewrite(good, tmp_path / "v0.safetensors", meta={"format_version": "0"}),
+                             "format_version 0"),
+        "long name": (_rewrite(good, tmp_path / "name.safetensors", meta={"name": "x" * 300}), "300 characters"),
+        "8194 tensors": (_rewrite(good, tmp_path / "many.safetensors", tensors=empty), "8194 tensors"),
+    }
+    for label, (path, needle) in cases.items():
+        with pytest.raises(AdapterError) as info:
+            load_adapter(path)
+        assert needle in str(info.value), (label, str(info.value))
+
+
 def test_fp16_adapter_files_are_half_the_size(tmp_path: Path, voiced: tuple[Path, SynthesizerLoRA, Path]) -> None:
     _, model, full = voiced
     half = save_adapter(tmp_path / "half.safetensors", model, dtype=torch.float16)

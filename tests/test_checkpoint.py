@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,39 @@ def test_bad_files_are_typed_errors_naming_file_and_key(tmp_path: Path) -> None:
             load_rvc_checkpoint(path)
         assert path.name in str(info.value), label
         assert needle in str(info.value), (label, str(info.value))
+
+
+def _deflated(path: Path) -> Path:
+    """The same checkpoint with every zip record deflated: torch.load inflates each into a buffer of its
+    declared size, so zeros make a zip bomb."""
+    with zipfile.ZipFile(path) as src:
+        records = [(info.filename, src.read(info.filename)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for name, data in records:
+            out.writestr(name, data)
+    return path
+
+
+def test_hostile_checkpoints_are_refused_before_they_cost_memory_or_time(tmp_path: Path) -> None:
+    good = _rvc_dict(tiny_model(seed=5))
+    weights, config = dict(good["weight"]), list(good["config"])
+    bomb = _deflated(_bad(tmp_path, "bomb.pth", good | {"weight": weights | {"pad": torch.zeros(4 << 20)}}))
+    assert bomb.stat().st_size < 1 << 20  # 16 MB of zeros in well under 1 MB
+    cases = {  # each was: memory as declared / minutes building 10^6 layers / RuntimeError / NotImplementedError
+        "zip bomb": (bomb, "inflate to"),
+        "a million layers": (_bad(tmp_path, "layers.pth", good | {"config": config[:6] + [10**6] + config[7:]}),
+                             "n_layers"),
+        "sizes past int64": (_bad(tmp_path, "ups.pth", good | {
+            "config": config[:12] + [[10**18] * len(config[12])] + config[13:]}), "buildable"),
+        "float8 weights": (_bad(tmp_path, "f8.pth", good | {"weight": weights | {
+            "emb_g.weight": weights["emb_g.weight"].to(torch.float8_e4m3fn)}}), "float8"),
+    }
+    for label, (path, needle) in cases.items():
+        with pytest.raises(CheckpointError) as info:
+            load_rvc_checkpoint(path)
+        assert needle in str(info.value), (label, str(info.value))
+    stored = _bad(tmp_path, "stored.pth", good)  # torch.save stores records raw: the bound never bites
+    assert load_rvc_checkpoint(stored).config.n_layers == config[6]
 
 
 class _Evil:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,39 @@ def test_pickled_code_is_never_run(real_client: TestClient, tmp_path: Path) -> N
         assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_checkpoint")
         assert str(tmp_path) not in r.json()["error"]["message"]
     assert not (tmp_path / "pwned").exists() and stored_files(tmp_path) == []
+
+
+def _voice_bytes(cpt: dict[str, Any], *, deflate: bool = False) -> bytes:
+    buf = io.BytesIO()
+    torch.save(cpt, buf)
+    if not deflate:
+        return buf.getvalue()
+    with zipfile.ZipFile(buf) as src:  # every record deflated: torch.load inflates each to its declared size
+        records = [(info.filename, src.read(info.filename)) for info in src.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for name, data in records:
+            dst.writestr(name, data)
+    return out.getvalue()
+
+
+def test_hostile_voice_models_are_422_at_once(real_client: TestClient, tiny_service_assets: dict[str, Any],
+                                              tmp_path: Path) -> None:
+    cpt = torch.load(tiny_service_assets["model"], weights_only=True)
+    weights, config = cpt["weight"], cpt["config"]
+    cases = {  # before: 64 MB inflated / the extraction thread stuck for minutes growing by GBs / 500 / 500
+        "zip bomb": _voice_bytes(cpt | {"weight": weights | {"pad": torch.zeros(16 << 20)}}, deflate=True),
+        "a million layers": _voice_bytes(cpt | {"config": config[:6] + [10**6] + config[7:]}),
+        "sizes past int64": _voice_bytes(cpt | {"config": config[:12] + [[10**18] * len(config[12])] + config[13:]}),
+        "float8 weights": _voice_bytes(cpt | {"weight": weights | {
+            "emb_g.weight": weights["emb_g.weight"].to(torch.float8_e4m3fn)}}),
+    }
+    assert len(cases["zip bomb"]) < 1 << 20
+    for label, data in cases.items():
+        r = upload_voice(real_client, data)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_checkpoint"), (label, r.text[:300])
+        assert str(tmp_path) not in r.json()["error"]["message"]
+    assert stored_files(tmp_path) == [] and real_client.get("/healthz").status_code == 200
 
 
 def test_rank_and_size_limits(real_client: TestClient, synthetic_voice: Path, tmp_path: Path) -> None:
