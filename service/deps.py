@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.errors import InvalidRequest
 from service.extraction import Extractor
 from service.settings import Settings
 from service.store import AdapterStore
@@ -54,3 +56,16 @@ async def disconnected(request: Request) -> None:
     the raw channel is the disconnect (or the end of the response, when this watcher is cancelled)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def fields_once(request: Request) -> None:
+    """422 when a form field is sent more than once: a second `audio` or `sid` part would otherwise be
+    dropped without a word. The form is the one FastAPI already parsed (Starlette caches it)."""
+    form = await request.form()
+    repeated = [(key, n) for key, n in Counter(key for key, _ in form.multi_items()).items() if n > 1]
+    if repeated:
+        key, n = repeated[0]
+        raise InvalidRequest(f"{key[:64]}: sent {n} times, each field may be sent once")
+
+
+SingleValuedForm = Depends(fields_once)

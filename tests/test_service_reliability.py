@@ -16,6 +16,7 @@ import io
 import os
 import struct
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,9 @@ import soundfile as sf
 import torch
 from fastapi.testclient import TestClient
 
-from tests.test_service_adapters import _bad_adapters
+from tests.test_service_adapters import _bad_adapters, _safetensors_with
 from tests.test_service_app import _flac_claiming, _float_wav, _npz, _silence, _wav_with_sizes
-from tests.test_service_engine import GOOD_INDEX, adapter_bytes, running_app, sine_wav
+from tests.test_service_engine import FAKE_LAYER, GOOD_INDEX, adapter_bytes, running_app, sine_wav
 
 Payload = Callable[[Path], dict[str, Any]]  # tmp dir -> {"data": form fields, "files": uploads}
 LIMITS = {"max_audio_bytes": 1 << 20, "max_audio_s": 5.0, "max_queued_audio_s": 10.0, "max_adapter_bytes": 64 << 10,
@@ -229,7 +230,132 @@ ADAPTER_CASES = [
                         ("of 16 hex digits (an id)", "0123456789abcdef"), ("a space", " "))
 ]
 
-CORPUS = AUDIO_CASES + PARAMETER_CASES + ADAPTER_CASES
+
+
+# found by red-teaming a live server: each was a 500, a silent acceptance or a memory/CPU blow-up before its fix
+
+def _duplicate_entry(tmp: Path) -> bytes:
+    """A valid adapter whose header names its lora_A twice (safetensors would keep one and ignore the other)."""
+    data = adapter_bytes(tmp, 1)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].rstrip(b" ")
+    start = header.index(f'"{FAKE_LAYER}.lora_A":'.encode())
+    entry = header[start : header.index(b"}", start) + 1]
+    text = header[:-1] + b"," + entry + b"}"
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+def _adapter_with(tensors: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], **meta: str) -> Payload:
+    def build(tmp: Path) -> dict[str, Any]:
+        a, b = torch.randn(4, 12, generator=torch.Generator().manual_seed(0)), torch.full((6, 4), 0.1)
+        return {"files": {"file": ("v.safetensors", _safetensors_with(tmp, tensors(a, b), **meta))}}
+
+    return build
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{FAKE_LAYER}.lora_A": a, f"{FAKE_LAYER}.lora_B": b}
+
+
+def _npz_claiming(frames: int) -> bytes:
+    """An .npz whose phone.npy header declares `frames` rows but holds 20 (numpy allocates the declared shape)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((20, 768), dtype=np.float32))
+    raw = buf.getvalue()
+    (length,) = struct.unpack("<H", raw[8:10])
+    header = raw[10 : 10 + length].decode("latin1").replace("(20, 768)", f"({frames}, 768)").rstrip("\n ")
+    raw = raw[:10] + (header + " " * (length - 1 - len(header)) + "\n").encode("latin1") + raw[10 + length :]
+    return _zipped({"phone.npy": raw}, _npz())
+
+
+def _zipped(members: dict[str, bytes], base: bytes | None = None, flags: int = 0) -> bytes:
+    """The members of the .npz `base` with `members` added or replaced; `flags` set in the central directory
+    entries (1: encrypted)."""
+    old = {} if base is None else dict(np.load(io.BytesIO(base)).items())
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, array in old.items():
+            if f"{name}.npy" not in members:
+                npy = io.BytesIO()
+                np.save(npy, array)
+                archive.writestr(f"{name}.npy", npy.getvalue())
+        for name, data in members.items():
+            archive.writestr(name, data)
+        for info in archive.infolist():
+            info.flag_bits |= flags  # written with the central directory when the archive closes
+    return out.getvalue()
+
+
+def _many_members(count: int) -> bytes:
+    return _zipped({f"{i:x}": b"" for i in range(count)})
+
+
+def _wav_at(sr: int, seconds: float = 0.2) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(np.arange(int(sr * seconds)) / 10)).astype(np.float32), sr, format="WAV")
+    return buf.getvalue()
+
+
+def _twice(field: str, upload: Callable[[Path], tuple[str, bytes]], upload_field: str) -> Payload:
+    """`field` sent twice: the upload itself (`field == upload_field`) or a form field beside the upload."""
+    def build(tmp: Path) -> dict[str, Any]:
+        if field == upload_field:
+            return {"files": [(field, upload(tmp)), (field, upload(tmp))]}
+        return {"files": [(upload_field, upload(tmp)), (field, (None, b"0")), (field, (None, b"1"))]}
+
+    return build
+
+
+def _features(tmp: Path) -> tuple[str, bytes]:
+    return ("f.npz", _npz())
+
+
+def _sine(tmp: Path) -> tuple[str, bytes]:
+    return ("a.wav", sine_wav(0.25))
+
+
+def _adapter_upload(tmp: Path) -> tuple[str, bytes]:
+    return ("v.safetensors", adapter_bytes(tmp, 1))
+
+
+HOSTILE_CASES = [
+    Case("hostile", "adapter with float8 tensors (was 500)", "/adapters",
+         _adapter_with(lambda a, b: _pair(a.to(torch.float8_e4m3fn), b)), 422, ("bad_adapter",)),
+    Case("hostile", "adapter whose lora_alpha/r folds B past float16 (was stored, then every conversion failed)",
+         "/adapters", _adapter_with(_pair, lora_alpha="1e300"), 422, ("bad_adapter",)),
+    Case("hostile", "adapter with a value past float16 (was stored)", "/adapters",
+         _adapter_with(lambda a, b: _pair(a, b * 1e6)), 422, ("bad_adapter",)),
+    Case("hostile", "adapter header naming a tensor twice (was stored)", "/adapters",
+         lambda tmp: {"files": {"file": ("v.safetensors", _duplicate_entry(tmp))}}, 422, ("bad_adapter",)),
+    Case("hostile", "adapter with format_version 0 (was stored)", "/adapters",
+         _adapter_with(_pair, format_version="0"), 422, ("bad_adapter",)),
+    Case("hostile", "adapter with a 10,000-character name in its metadata (was stored, echoed in every listing)",
+         "/adapters", _adapter_with(_pair, name="x" * 10_000), 422, ("bad_adapter",)),
+    Case("hostile", "file part sent twice (the first was dropped silently)", "/adapters",
+         _twice("file", _adapter_upload, "file"), 422, ("invalid_request",)),
+    Case("hostile", "audio part sent twice (one was dropped silently)", "/convert",
+         _twice("audio", _sine, "audio"), 422, ("invalid_request",)),
+    Case("hostile", "sid sent twice (one was dropped silently)", "/convert", _twice("sid", _sine, "audio"),
+         422, ("invalid_request",)),
+    Case("hostile", "features part sent twice", "/infer", _twice("features", _features, "features"), 422,
+         ("invalid_request",)),
+    Case("hostile", "WAV at 384 kHz (a few KB of FLAC at such rates decoded to GBs)", "/convert",
+         _audio(lambda: _wav_at(384_000)), 422, ("bad_audio",)),
+    Case("hostile", "features: phone.npy header claiming 10^10 rows (was 500: numpy allocated them)", "/infer",
+         lambda _: {"files": {"features": ("f.npz", _npz_claiming(10**10))}}, 422, ("bad_features",)),
+    Case("hostile", "features: a member that is not .npy (was 500)", "/infer",
+         lambda _: {"files": {"features": ("f.npz", _zipped({"phone": b"raw bytes"}))}}, 422, ("bad_features",)),
+    Case("hostile", "features: members flagged encrypted (was 500)", "/infer",
+         lambda _: {"files": {"features": ("f.npz", _zipped({}, _npz(), flags=1))}}, 422, ("bad_features",)),
+    Case("hostile", "features: 5,000 zip members (zipfile parsed every one, ~700 bytes each)", "/infer",
+         lambda _: {"files": {"features": ("f.npz", _many_members(5000))}}, 422, ("bad_features",)),
+    Case("hostile", "features: phone values of 1e38 (was bad_audio after inference)", "/infer",
+         lambda _: {"files": {"features": ("f.npz", _npz(phone=np.full((20, 768), 1e38, dtype=np.float32)))}}, 422,
+         ("bad_features",)),
+]
+
+CORPUS = AUDIO_CASES + PARAMETER_CASES + ADAPTER_CASES + HOSTILE_CASES
 SERVER_PATH_MARKS = ("rvc-upload-", ".upload-", "/tmp/", "pytest-of")
 
 
@@ -268,6 +394,22 @@ def test_bad_input(corpus_app: tuple[TestClient, Path], case: Case) -> None:
     assert client.get("/healthz").status_code == 200  # the server stays up
     assert on_disk(tmp) == before  # nothing partial: the store and the temp folder are as before
     assert not Path("/tmp/rvc-lora-pwned").exists()
+
+
+def test_npz_with_thousands_of_members_is_refused_before_zipfile_parses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zipfile turns every directory entry into an object (~700 bytes): 64 MB of entries would cost GBs."""
+    from service.errors import BadFeatures
+    from service.media import read_features
+    from tests.test_service_engine import FAKE_INFO
+
+    data = _many_members(5000)
+
+    def no_parsing(*_: object, **__: object) -> None:
+        raise AssertionError("zipfile parsed the whole directory")
+
+    monkeypatch.setattr(zipfile, "ZipFile", no_parsing)
+    with pytest.raises(BadFeatures, match="bytes of members"):
+        read_features(io.BytesIO(data), info=FAKE_INFO, max_s=5.0, sid=0, seed=None)
 
 
 def test_the_corpus_covers_every_form_field() -> None:

@@ -91,7 +91,8 @@ def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) ->
     """Decode a whole file (bytes or path) -> (mono float32 `[N]` in about [-1, 1], sample rate Hz).
 
     Integer PCM maps to `int / 2^(bits-1)` (8-bit unsigned WAV is centred first); float files keep
-    their values. Several channels are averaged to mono (mean in float64, then float32). Raises
+    their values. Several channels are averaged to mono (mean in float64, then float32) block by block,
+    so memory follows the mono length whatever the channel count. Raises
     `AudioTooLongError` as soon as more than `max_duration_s` seconds have been decoded, and
     `AudioError` for empty, silent, too short (< 0.1 s) or non-finite content."""
     with _open(source) as f:
@@ -104,7 +105,9 @@ def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) ->
                 block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
                 if len(block) == 0:
                     break
-                blocks.append(block)
+                # mono files skip the mean so that PCM16 stays bit-exact int16/32768
+                blocks.append(block[:, 0].copy() if channels == 1 else
+                              block.mean(axis=1, dtype=np.float64).astype(np.float32))
                 n += len(block)
                 if cap is not None and n > cap:
                     raise AudioTooLongError(f"audio is longer than the limit of {max_duration_s:g} s")
@@ -112,9 +115,7 @@ def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) ->
                     break
         except sf.LibsndfileError as exc:  # corrupt stream after a valid header
             raise UnsupportedAudioError(f"audio stream is corrupt after {n} frames: {exc}") from exc
-    data = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
-    # mono files skip the mean so that PCM16 stays bit-exact int16/32768
-    mono = data[:, 0].copy() if channels == 1 else data.mean(axis=1, dtype=np.float64).astype(np.float32)
+    mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     check_audio(mono, sr)
     return mono, sr
 

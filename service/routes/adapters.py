@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, Path, Response, Security
 
 from rvc_lora.errors import RVCLoraError
 from service.auth import bearer_scheme
-from service.deps import ExtractorDep, SettingsDep, StoreDep, WorkerDep
+from service.deps import ExtractorDep, SettingsDep, SingleValuedForm, StoreDep, WorkerDep
 from service.errors import InvalidRequest, relabel
 from service.extraction import DEFAULT_RANK
 from service.ingest import ingest_staged, stage_upload
@@ -29,7 +29,7 @@ LINKS = {"GetAdapter": {"operationId": "get_adapter_adapters__ref__get", **_BY_I
                                 "requestBody": {"adapter": "$response.body#/id"}}}
 
 
-@router.post("/adapters", status_code=201, response_model=AdapterUpload,
+@router.post("/adapters", status_code=201, response_model=AdapterUpload, dependencies=[SingleValuedForm],
              responses={201: {"description": "stored", "links": LINKS},
                         200: {"model": AdapterUpload, "description": "already stored (same bytes): the same id",
                               "links": LINKS},

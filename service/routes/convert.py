@@ -12,7 +12,7 @@ from fastapi import APIRouter, Form, Request, Response, Security
 
 from service import media
 from service.auth import bearer_scheme
-from service.deps import SettingsDep, StoreDep, WorkerDep, deadline, disconnected, request_id
+from service.deps import SettingsDep, SingleValuedForm, StoreDep, WorkerDep, deadline, disconnected, request_id
 from service.engine import ModelInfo
 from service.errors import InvalidRequest
 from service.schemas import ConvertForm, error_responses
@@ -42,6 +42,7 @@ def check_speaker(info: ModelInfo, sid: int) -> None:
 
 @router.post(
     "/convert",
+    dependencies=[SingleValuedForm],
     response_class=Response,
     responses={200: {"content": {t: {} for t in media.MEDIA_TYPES.values()}, "description": "the converted audio",
                      "headers": AUDIO_HEADERS},

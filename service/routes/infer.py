@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request, Response, Security
 
 from service import media
 from service.auth import bearer_scheme
-from service.deps import SettingsDep, StoreDep, WorkerDep, deadline, disconnected, request_id
+from service.deps import SettingsDep, SingleValuedForm, StoreDep, WorkerDep, deadline, disconnected, request_id
 from service.engine import FRAMES_PER_S
 from service.routes.convert import AUDIO_HEADERS, check_speaker, server_timing
 from service.schemas import InferForm, error_responses
@@ -20,6 +20,7 @@ router = APIRouter(tags=["convert"], dependencies=[Security(bearer_scheme)])
 
 @router.post(
     "/infer",
+    dependencies=[SingleValuedForm],
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}}, "description": "the synthesized audio (WAV)",
                      "headers": AUDIO_HEADERS},
