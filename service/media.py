@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -22,8 +21,8 @@ from numpy.typing import NDArray
 from rvc_lora.errors import AudioError, AudioTooLongError, RVCLoraError
 from rvc_lora.pipeline.audio import SR_16K, encode_audio, load_audio_16k, probe_duration
 from service.engine import FRAMES_PER_S, Features, ModelInfo
-from service.errors import BadFeatures, PayloadTooLarge, StorageError, relabel
-from service.store import process_tag
+from service.errors import BadFeatures, PayloadTooLarge, relabel
+from service.store import capture_upload, process_tag
 
 CHUNK = 1 << 20
 SPOOL_PREFIX = "rvc-upload-"  # + process tag: swept at start when stale or left by this host and pid
@@ -37,25 +36,8 @@ MAX_SOURCE_RATE = 192_000  # decoding holds max_audio_s of mono samples at the f
 def spool(src: BinaryIO, limit: int, work_dir: Path | None, what: str) -> Path:
     """Copy an upload to a new temp file, refusing it (413) as soon as it passes `limit` bytes; 507 when the
     disk refuses the write (nothing is left behind either way)."""
-    try:
-        fd, name = tempfile.mkstemp(dir=work_dir, prefix=f"{SPOOL_PREFIX}{process_tag()}-", suffix=".part")
-    except OSError as exc:
-        raise StorageError(f"cannot buffer the {what}: {exc.strerror}", retry_after=5) from exc
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
-                out.write(chunk)
-    except OSError as exc:  # disk full, I/O error
-        Path(name).unlink(missing_ok=True)
-        raise StorageError(f"cannot buffer the {what}: {exc.strerror}", retry_after=5) from exc
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
+    return capture_upload(src, work_dir, f"{SPOOL_PREFIX}{process_tag()}-", limit, what, "buffer",
+                          retry_after=5)[0]
 
 
 def read_audio(src: BinaryIO, *, limit: int, max_s: float, work_dir: Path | None) -> NDArray[np.float32]:

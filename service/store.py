@@ -81,6 +81,38 @@ def sweep_temp_files(folder: Path, pattern: str, stale_after_s: float = STALE_AF
     return removed
 
 
+def capture_upload(src: Readable, folder: Path | None, prefix: str, limit: int, what: str, verb: str, *,
+                   digest: Any = None, sync: bool = False, retry_after: float | None = None) -> tuple[Path, int]:
+    """Stream `src` into a new temp file in `folder` -> (path, size). 413 as soon as it passes `limit` bytes,
+    507 when the disk refuses ("cannot {verb} the {what}: ..."); on any failure the file is gone. `digest` (a
+    hashlib object) sees every byte; `sync` fsyncs before returning."""
+    doing = f"{verb} the {what}"
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=PART_SUFFIX)
+    except OSError as exc:
+        raise StorageError(f"cannot {doing}: {exc.strerror}", retry_after=retry_after) from exc
+    path, size = Path(name), 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := src.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+                if digest is not None:
+                    digest.update(chunk)
+                out.write(chunk)
+            if sync:
+                out.flush()
+                os.fsync(out.fileno())
+    except OSError as exc:  # disk full, I/O error: nothing is kept
+        path.unlink(missing_ok=True)
+        raise StorageError(f"cannot {doing}: {exc.strerror}", retry_after=retry_after) from exc
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, size
+
+
 def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name) or ID_RE.fullmatch(name):
         raise InvalidRequest("name: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit, and "
@@ -255,28 +287,9 @@ class AdapterStore:
     # writing
     def stage(self, src: Readable, limit: int, what: str) -> Staged:
         """Copy `src` to a temp file in `objects/`, hashing as it goes; over `limit` bytes -> 413."""
-        digest, size = hashlib.sha256(), 0
-        try:
-            fd, name = tempfile.mkstemp(dir=self.objects, prefix=f".upload-{self._tag}-", suffix=PART_SUFFIX)
-        except OSError as exc:
-            raise StorageError(f"cannot store the {what}: {exc.strerror}") from exc
-        path = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-        except OSError as exc:  # disk full, I/O error: nothing is kept
-            path.unlink(missing_ok=True)
-            raise StorageError(f"cannot store the {what}: {exc.strerror}") from exc
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        digest = hashlib.sha256()
+        path, size = capture_upload(src, self.objects, f".upload-{self._tag}-", limit, what, "store", digest=digest,
+                                    sync=True)
         return Staged(path, digest.hexdigest(), size)
 
     @staticmethod

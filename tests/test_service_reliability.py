@@ -537,9 +537,9 @@ def test_disk_errors_while_buffering_audio_are_507(tmp_path: Path, monkeypatch: 
                                                    where: str) -> None:
     with running_app(tmp_path) as c:
         if where == "temp file":
-            monkeypatch.setattr("service.media.tempfile.mkstemp", _enospc)
+            monkeypatch.setattr("service.store.tempfile.mkstemp", _enospc)
         else:
-            _full_fdopen(monkeypatch, "service.media")
+            _full_fdopen(monkeypatch, "service.store")  # the spool is written by capture_upload
         r = c.post("/convert", files={"audio": ("a.wav", sine_wav())})
         monkeypatch.undo()
         assert (r.status_code, r.json()["error"]["code"]) == (507, "storage_error")
