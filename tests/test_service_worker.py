@@ -15,7 +15,7 @@ from service.errors import ClientGone, QueueFull, ServiceStopping
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AdapterStore, StoredAdapter
-from service.worker import ConvertWork, Job, Scheduler, Throughput, Worker
+from service.worker import ConvertWork, Job, JobResult, Scheduler, Throughput, Worker
 from tests.test_service_engine import BlockingEngine, FakeEngine
 
 META = AdapterMeta(label="v", rank=4, lora_alpha=4.0, target_modules=("dec.ups.0",), base_fingerprint="f" * 64,
@@ -168,10 +168,11 @@ async def test_queue_bound_counts_audio_seconds(worker: tuple[Worker, BlockingEn
     await asyncio.gather(*tasks)
 
 
-@pytest.mark.anyio
-async def test_stop_finishes_running_and_fails_queued(tmp_path: Path) -> None:
+async def _one_running_one_queued(
+        tmp_path: Path, grace_s: float) -> tuple[Worker, BlockingEngine, asyncio.Task[JobResult], asyncio.Task[JobResult]]:
+    """A started worker whose engine holds one job running (until `engine.gate`) with one more queued."""
     engine = BlockingEngine()
-    w = Worker(Settings(adapter_dir=tmp_path, shutdown_grace_s=5.0), AdapterStore(tmp_path), Metrics(),
+    w = Worker(Settings(adapter_dir=tmp_path, shutdown_grace_s=grace_s), AdapterStore(tmp_path), Metrics(),
                lambda _: engine)
     w.start()
     await w.wait_loaded()
@@ -179,6 +180,12 @@ async def test_stop_finishes_running_and_fails_queued(tmp_path: Path) -> None:
     await _until(engine.started.is_set)
     queued = asyncio.create_task(w.submit(_job()))
     await _until(lambda: w.queued_audio_s > 0)
+    return w, engine, running, queued
+
+
+@pytest.mark.anyio
+async def test_stop_finishes_running_and_fails_queued(tmp_path: Path) -> None:
+    w, engine, running, queued = await _one_running_one_queued(tmp_path, 5.0)
     w.begin_drain()
     with pytest.raises(ServiceStopping):
         await w.submit(_job())
@@ -191,15 +198,7 @@ async def test_stop_finishes_running_and_fails_queued(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_drain_fails_waiting_jobs_before_the_grace_ends(tmp_path: Path) -> None:
-    engine = BlockingEngine()
-    w = Worker(Settings(adapter_dir=tmp_path, shutdown_grace_s=0.4), AdapterStore(tmp_path), Metrics(),
-               lambda _: engine)
-    w.start()
-    await w.wait_loaded()
-    running = asyncio.create_task(w.submit(_job()))
-    await _until(engine.started.is_set)
-    queued = asyncio.create_task(w.submit(_job()))
-    await _until(lambda: w.queued_audio_s > 0)
+    w, engine, running, queued = await _one_running_one_queued(tmp_path, 0.4)
     w.begin_drain()
     with pytest.raises(ServiceStopping):
         await queued  # failed at grace - margin (0.3 s), so its client gets a 503 in time
