@@ -168,8 +168,10 @@ async def test_queue_bound_counts_audio_seconds(worker: tuple[Worker, BlockingEn
     await asyncio.gather(*tasks)
 
 
-async def _one_running_one_queued(
-        tmp_path: Path, grace_s: float) -> tuple[Worker, BlockingEngine, asyncio.Task[JobResult], asyncio.Task[JobResult]]:
+Running = asyncio.Task[JobResult]
+
+
+async def _one_running_one_queued(tmp_path: Path, grace_s: float) -> tuple[Worker, BlockingEngine, Running, Running]:
     """A started worker whose engine holds one job running (until `engine.gate`) with one more queued."""
     engine = BlockingEngine()
     w = Worker(Settings(adapter_dir=tmp_path, shutdown_grace_s=grace_s), AdapterStore(tmp_path), Metrics(),
