@@ -117,7 +117,8 @@ def create_app(settings: Settings | None = None, *,
     app.add_exception_handler(HTTPException, handlers.http_error)
     app.add_exception_handler(Exception, handlers.unexpected_error)
     # added innermost first: RequestContext -> CORS -> auth -> body limit -> routes
-    app.add_middleware(BodyLimit, limit_for=body_limits(settings))
+    app.add_middleware(BodyLimit, limit_for=body_limits(settings), idle_timeout_s=settings.upload_idle_timeout_s,
+                       total_timeout_s=settings.upload_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(BearerAuth, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
@@ -143,10 +144,13 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(app: FastAPI, host: str, port: int, grace_s: float) -> None:
-    """Serve `app` with uvicorn in this process until SIGTERM/SIGINT; exits within `grace_s` of it."""
+def run_server(app: FastAPI, host: str, port: int, grace_s: float, max_connections: int | None = None) -> None:
+    """Serve `app` with uvicorn in this process until SIGTERM/SIGINT; exits within `grace_s` of it. Past
+    `max_connections` open connections and requests, uvicorn answers 503 itself (a backstop: the queue bound
+    refuses work long before that in normal overload)."""
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
-                            timeout_graceful_shutdown=max(1, math.floor(grace_s)), server_header=False)
+                            timeout_graceful_shutdown=max(1, math.floor(grace_s)), server_header=False,
+                            limit_concurrency=max_connections)
     _DrainingServer(config, app).run()
 
 
@@ -178,4 +182,4 @@ def serve(host: str | None = None, port: int | None = None, demo: bool = False,
     configure_logging(settings.log_level)
     log.info("starting", extra={"host": settings.host, "port": settings.port, "device": settings.device,
                                 "demo": demo, "auth": settings.api_key is not None})
-    run_server(create_app(settings), settings.host, settings.port, settings.shutdown_grace_s)
+    run_server(create_app(settings), settings.host, settings.port, settings.shutdown_grace_s, settings.max_connections)

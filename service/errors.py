@@ -85,6 +85,12 @@ class DeviceOutOfMemory(ServiceError):
     code, status = "device_out_of_memory", 503
 
 
+class UploadTimeout(ServiceError):
+    """The request body stalled or took too long to arrive (a slow or stuck client holds a connection)."""
+
+    code, status = "request_timeout", 408
+
+
 class DeadlineExceeded(ServiceError):
     code, status = "deadline_exceeded", 504
 

@@ -2,7 +2,9 @@
 
 `RequestContext`: request id (header, log context, `request.state`), arrival time, access log, metrics.
 `BodyLimit`: the per-route upload cap, enforced while the body streams in: past it the client gets 413
-at once and the app sees a disconnect, so no oversized upload is ever fully received.
+at once and the app sees a disconnect, so no oversized upload is ever fully received. Likewise a body that
+stalls (idle timeout) or keeps trickling (total timeout) gets 408: a slow client cannot hold a connection
+and a request slot for ever.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, ServiceError, UploadTimeout
 from service.handlers import error_json
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
@@ -66,9 +68,11 @@ class RequestContext:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int], idle_timeout_s: float = 30.0,
+                 total_timeout_s: float = 600.0) -> None:
         self.app = app
         self.limit_for = limit_for  # (method, path) -> bytes
+        self.idle_timeout_s, self.total_timeout_s = idle_timeout_s, total_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,20 +84,36 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > limit:
             await self._refuse(too_large, scope, receive, send)
             return
-        received, refused, started = 0, False, False
+        received, refused, started, body_done = 0, False, False, False
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.total_timeout_s
+
+        async def refuse(exc: ServiceError) -> Message:
+            nonlocal refused
+            refused = True
+            if not started:
+                await self._refuse(exc, scope, receive, send)
+            return {"type": "http.disconnect"}  # the app stops reading; its reply is dropped
 
         async def limited_receive() -> Message:
-            nonlocal received, refused
+            nonlocal received, body_done
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:  # after the body, receive() waits for a disconnect: no deadline applies
+                return await receive()
+            wait = min(self.idle_timeout_s, give_up_at - loop.time())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except TimeoutError:
+                return await refuse(UploadTimeout(
+                    f"the request body stalled: nothing arrived for {self.idle_timeout_s:g} s"
+                    if wait == self.idle_timeout_s else
+                    f"the request body took longer than {self.total_timeout_s:g} s to arrive"))
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
-                    refused = True
-                    if not started:
-                        await self._refuse(too_large, scope, receive, send)
-                    return {"type": "http.disconnect"}  # the app stops reading; its reply is dropped
+                    return await refuse(too_large)
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -107,6 +127,6 @@ class BodyLimit:
         await self.app(scope, limited_receive, guarded_send)
 
     @staticmethod
-    async def _refuse(exc: PayloadTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_json(exc.status, exc.code, str(exc), {"Connection": "close"})
         await response(scope, receive, send)

@@ -202,6 +202,7 @@ _DESCRIPTIONS = {
     400: "malformed request body (e.g. broken multipart framing)",
     401: "missing or wrong API key (`Authorization: Bearer <key>`)",
     404: "unknown adapter",
+    408: "the upload stalled (no bytes for `upload_idle_timeout_s`) or took longer than `upload_timeout_s`",
     409: "name taken by other bytes, or the same adapter stored with another name or index",
     413: "upload larger than its limit, or audio longer than the maximum duration",
     415: "audio that cannot be decoded",

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
                                  description="largest full RVC voice model (.pth) accepted for extraction")
     max_queued_audio_s: float = Field(default=300.0, gt=0, description="queue bound, in seconds of audio waiting")
     request_timeout_s: float = Field(default=120.0, gt=0, description="deadline from arrival to result (504 after it)")
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0,
+                                         description="an upload that sends nothing for this long is 408")
+    upload_timeout_s: float = Field(default=600.0, gt=0, description="an upload still arriving after this is 408")
+    max_connections: int = Field(default=1000, ge=1, description="open connections and requests in progress; "
+                                 "beyond them new requests get 503 at once (uvicorn's limit_concurrency)")
     max_bypass: int = Field(default=4, ge=0, description="times a job may be overtaken by same-adapter jobs")
 
     # operation

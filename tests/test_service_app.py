@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -451,3 +452,67 @@ def test_client_that_leaves_while_queued_is_dropped(tmp_path: Path) -> None:
         blocker.join(20)
         assert convert(c).status_code == 200  # type: ignore[attr-defined]
         assert engine.calls == ["convert", "convert"]  # the leaver's job never reached the device
+
+
+MULTIPART_HEAD = b"--b\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n\r\n"
+
+
+def post_raw(c: TestClient, receive: Any) -> list[dict[str, Any]]:
+    """Run one multipart POST /convert straight through the ASGI app with a hand-written `receive`."""
+    assert c.portal is not None
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/convert", "raw_path": b"/convert", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")],
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80), "state": {}}
+    c.portal.call(c.app, scope, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+def error_sent(sent: list[dict[str, Any]]) -> tuple[int, str, str]:
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    return sent[0]["status"], body["error"]["code"], body["error"]["message"]
+
+
+def test_stalled_upload_is_408(tmp_path: Path) -> None:
+    anyio = pytest.importorskip("anyio")
+    first = iter([MULTIPART_HEAD + b"RIFF"])
+
+    async def receive() -> dict[str, Any]:
+        chunk = next(first, None)
+        if chunk is None:
+            await anyio.sleep(20)  # the client sends nothing more (bounded, so a broken test cannot hang)
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    with running_app(tmp_path, upload_idle_timeout_s=0.3) as c:
+        status, code, message = error_sent(post_raw(c, receive))
+        assert (status, code) == (408, "request_timeout") and "nothing arrived for 0.3 s" in message
+        assert convert(c).status_code == 200  # type: ignore[attr-defined]
+
+
+def test_trickling_upload_is_408(tmp_path: Path) -> None:
+    anyio = pytest.importorskip("anyio")
+
+    head = iter([MULTIPART_HEAD])
+
+    sent = iter(range(200))
+
+    async def receive() -> dict[str, Any]:  # then a byte of the file every 50 ms, for 10 s: never idle
+        await anyio.sleep(0.05)
+        return {"type": "http.request", "body": next(head, b"\0"), "more_body": next(sent, None) is not None}
+
+    with running_app(tmp_path, upload_idle_timeout_s=0.3, upload_timeout_s=0.8) as c:
+        status, code, message = error_sent(post_raw(c, receive))
+        assert (status, code) == (408, "request_timeout") and "longer than 0.8 s" in message
+
+
+def test_upload_timeouts_do_not_cut_a_long_conversion(tmp_path: Path) -> None:
+    engine = BlockingEngine()
+    with running_app(tmp_path, engine, upload_idle_timeout_s=0.2, upload_timeout_s=0.4) as c:
+        threading.Timer(1.0, engine.gate.set).start()  # the conversion outlasts both upload timeouts
+        assert convert(c).status_code == 200  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ LINKS = {"GetAdapter": {"operationId": "get_adapter_adapters__ref__get", **_BY_I
              responses={201: {"description": "stored", "links": LINKS},
                         200: {"model": AdapterUpload, "description": "already stored (same bytes): the same id",
                               "links": LINKS},
-                        **error_responses(400, 401, 409, 413, 422, 503, 507)})
+                        **error_responses(400, 401, 408, 409, 413, 422, 503, 507)})
 async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart/form-data")], response: Response,
                          worker: WorkerDep, store: StoreDep, settings: SettingsDep,
                          extractor: ExtractorDep) -> AdapterUpload:

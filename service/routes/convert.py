@@ -46,7 +46,7 @@ def check_speaker(info: ModelInfo, sid: int) -> None:
     response_class=Response,
     responses={200: {"content": {t: {} for t in media.MEDIA_TYPES.values()}, "description": "the converted audio",
                      "headers": AUDIO_HEADERS},
-               **error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504, 507)},
+               **error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504, 507)},
 )
 async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type="multipart/form-data")],
                   worker: WorkerDep, store: StoreDep, settings: SettingsDep) -> Response:

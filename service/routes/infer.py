@@ -24,7 +24,7 @@ router = APIRouter(tags=["convert"], dependencies=[Security(bearer_scheme)])
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}}, "description": "the synthesized audio (WAV)",
                      "headers": AUDIO_HEADERS},
-               **error_responses(400, 401, 404, 413, 422, 500, 503, 504)},
+               **error_responses(400, 401, 404, 408, 413, 422, 500, 503, 504)},
 )
 async def infer(request: Request, form: Annotated[InferForm, Form(media_type="multipart/form-data")],
                 worker: WorkerDep, store: StoreDep, settings: SettingsDep) -> Response:
