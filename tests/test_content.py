@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import enum
 import importlib.util
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import HubertConfig, HubertModel
@@ -374,3 +376,257 @@ def test_random_encoder_matches_make_hubert(monkeypatch: pytest.MonkeyPatch) -> 
     assert list(reference) == list(ours)
     for key, value in reference.items():
         assert torch.equal(value, ours[key]), key
+
+
+# --- hubert_base.pt as fairseq pickles it (spec §3.5): every global inert, every config form read --------------------
+
+# fairseq's own spelling of HuBERT base's conv stack, with the tiny widths
+FAIRSEQ_CONV_LAYERS = "[(8,10,5)] + [(8,3,2)] * 4 + [(8,2,2)] * 2"
+
+
+@pytest.fixture
+def omegaconf_like() -> Iterator[dict[str, Any]]:
+    """Classes under the omegaconf/fairseq module names a real hubert_base.pt can name, pickling as the real ones do
+    (omegaconf keeps `_metadata`/`_parent`/`_content` resp. `_val`, drops `_flags_cache`, holds `typing` objects and a
+    `defaultdict` resolver cache; fairseq's ChoiceEnum is a str Enum). Registered only while the file is written."""
+    added: list[str] = []
+
+    def module(name: str, **attrs: Any) -> None:
+        mod = types.ModuleType(name)
+        for attr, value in attrs.items():
+            value.__module__, value.__qualname__ = name, attr
+            setattr(mod, attr, value)
+        sys.modules[name] = mod
+        added.append(name)
+
+    class Metadata:
+        def __init__(self, key: Any, ref_type: Any = Any, object_type: Any = None) -> None:
+            self.ref_type, self.object_type, self.optional, self.key = ref_type, object_type, True, key
+            self.flags: dict[str, bool] = {}
+
+    class ContainerMetadata(Metadata):
+        def __init__(self, key: Any, object_type: Any) -> None:
+            super().__init__(key, Any, object_type)
+            self.key_type, self.element_type = Any, Any
+            self.resolver_cache: collections.defaultdict[str, dict[str, Any]] = collections.defaultdict(dict)
+            self.resolver_cache["oc.env"]["HOME"] = "/root"  # SETITEMS into the defaultdict
+
+    class Node:
+        def __init__(self, value: Any, parent: Any, key: Any) -> None:
+            self._val, self._parent, self._metadata, self._flags_cache = value, parent, Metadata(key), {"x": 1}
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {k: v for k, v in self.__dict__.items() if k != "_flags_cache"}
+
+    class DictConfig:
+        def __init__(self, content: dict[str, Any], parent: Any = None, key: Any = None) -> None:
+            self._parent, self._flags_cache = parent, {}
+            self._metadata = ContainerMetadata(key, dict[str, Any])
+            self._content = {k: wrap(v, self, k) for k, v in content.items()}
+
+        __getstate__ = Node.__getstate__
+
+    class ListConfig(DictConfig):
+        def __init__(self, content: list[Any], parent: Any = None, key: Any = None) -> None:
+            self._parent, self._flags_cache, self._metadata = parent, {}, ContainerMetadata(key, list)
+            self._content = [wrap(v, self, i) for i, v in enumerate(content)]  # type: ignore[assignment]
+
+    class StrEnum(str, enum.Enum):
+        pass
+
+    Choices = StrEnum("Choices", {"default": "default", "layer_norm": "layer_norm"})  # type: ignore[call-overload]
+    nodes = {
+        name: type(name, (Node,), {})
+        for name in ["AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode"]
+    }
+
+    def wrap(value: Any, parent: Any, key: Any) -> Any:
+        if isinstance(value, dict):
+            return DictConfig(value, parent, key)
+        if isinstance(value, list):
+            return ListConfig(value, parent, key)
+        kind = {bool: "BooleanNode", int: "IntegerNode", float: "FloatNode", str: "StringNode", Choices: "EnumNode"}
+        return nodes[kind.get(type(value), "AnyNode")](value, parent, key)
+
+    class Dictionary:  # fairseq.data.dictionary.Dictionary: what made torch 2.6 refuse RVC's hubert_base.pt
+        def __init__(self) -> None:
+            self.bos_word, self.symbols, self.count = "<s>", ["<s>", "<pad>", "</s>", "<unk>", "0"], [1, 1, 1, 1, 9]
+            self.indices, self.nspecial = {s: i for i, s in enumerate(self.symbols)}, 4
+
+    for name in ["omegaconf", "fairseq", "fairseq.data", "fairseq.dataclass"]:
+        module(name)
+    module("omegaconf.base", Metadata=Metadata, ContainerMetadata=ContainerMetadata)
+    module("omegaconf.dictconfig", DictConfig=DictConfig)
+    module("omegaconf.listconfig", ListConfig=ListConfig)
+    module("omegaconf.nodes", **nodes)
+    module("fairseq.dataclass.constants", Choices=Choices)
+    module("fairseq.data.dictionary", Dictionary=Dictionary)
+    try:
+        yield {"DictConfig": DictConfig, "Choices": Choices, "Dictionary": Dictionary}
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+@pytest.mark.parametrize(
+    "form", ["cfg-dict", "cfg-omegaconf", "args-namespace", "args-and-cfg-omegaconf", "args-and-cfg-dict"]
+)
+def test_fairseq_checkpoint_as_fairseq_pickles_it(
+    fairseq_file: Path, encoder: ContentEncoder, omegaconf_like: dict[str, Any], tmp_path: Path, form: str, legacy: bool
+) -> None:
+    ckpt = torch.load(fairseq_file, weights_only=True)
+    model_cfg = dict(
+        ckpt["cfg"]["model"],
+        extractor_mode=omegaconf_like["Choices"]("default"),
+        conv_feature_layers=FAIRSEQ_CONV_LAYERS,
+        layer_norm_first=False,
+        feature_grad_mult=0.1,
+        layerdrop=0.05,
+        encoder_attention_heads=2,  # 48 hidden // 64 would give 0: proves the value is read through the stand-ins
+        label_rate=50.0,
+    )
+    task_cfg = {"_name": "hubert_pretraining", "normalize": False, "sample_rate": 16000, "labels": ["km"]}
+    cfg = {"_name": None, "model": model_cfg, "task": task_cfg, "common": {"fp16": True, "seed": 1337}}
+    if form.startswith("args"):
+        ckpt["args"] = argparse.Namespace(**dict(model_cfg, extractor_mode="default", arch="hubert"))
+    ckpt["cfg"] = {
+        "cfg-dict": cfg,
+        "args-and-cfg-dict": cfg,
+        "cfg-omegaconf": omegaconf_like["DictConfig"](cfg),
+        "args-and-cfg-omegaconf": omegaconf_like["DictConfig"](cfg),
+        "args-namespace": None,
+    }[form]
+    ckpt["model"]["label_embs_concat"] = torch.zeros(504, 8, dtype=torch.float16)
+    ckpt["model"] = collections.OrderedDict((k, v.half()) for k, v in ckpt["model"].items())  # fp16 as distributed
+    ckpt["criterion"] = None
+    ckpt["optimizer_history"] = [{"criterion_name": "HubertCriterion", "num_updates": 400000, "lr_scheduler_state": {}}]
+    ckpt["task_state"] = {"dictionaries": [omegaconf_like["Dictionary"]()]}
+    ckpt["extra_state"] = {
+        "metrics": collections.OrderedDict(train=[("loss", "AverageMeter", {"val": np.float64(1.5), "count": 3})]),
+        "best": np.float32(0.25),
+        "recent": collections.deque([1, 2], maxlen=4),
+        "train_iterator": {"epoch": 12, "iterations_in_epoch": 0, "shuffle": True},
+    }
+    path = tmp_path / "hubert_base.pt"
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    for name in [n for n in sys.modules if n.split(".")[0] in ("omegaconf", "fairseq")]:
+        del sys.modules[name]  # from here on the file names modules that do not exist, as on a machine without them
+
+    with pytest.raises(Exception, match="Unsupported global"):
+        torch.load(path, weights_only=True)
+    loaded = ContentEncoder.from_path(path)
+    assert not [n for n in sys.modules if n.split(".")[0] in ("omegaconf", "fairseq")]  # nothing imported
+    assert loaded.hubert.config.num_attention_heads == 2
+    assert list(loaded.hubert.config.conv_stride) == [5, 2, 2, 2, 2, 2, 2]
+    rounded = rewrite(fairseq_file, lambda c: c.update(model={k: v.half().float() for k, v in c["model"].items()}))
+    expected = ContentEncoder.from_path(rounded)
+    for version in ("v1", "v2"):
+        assert torch.equal(loaded.extract(AUDIO, version), expected.extract(AUDIO, version))
+    assert not torch.equal(expected.extract(AUDIO, "v2"), encoder.extract(AUDIO, "v2"))  # fp16 storage is visible
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "loads"),
+    [
+        ("layer_norm_first", True, False),
+        ("layer_norm_first", "true", False),
+        ("layer_norm_first", None, True),  # unreadable value: the weights decide
+        ("extractor_mode", "layer_norm", False),
+        ("extractor_mode", None, True),
+        ("encoder_attention_heads", None, False),  # falls back to hidden // 64 = 0 heads: refused with a message
+        ("conv_feature_layers", None, True),  # base strides from the kernels
+    ],
+)
+def test_fairseq_config_values_that_cannot_be_read(fairseq_file: Path, setting: str, value: Any, loads: bool) -> None:
+    path = rewrite(fairseq_file, lambda c: c["cfg"]["model"].update({setting: value}))
+    if loads:
+        assert ContentEncoder.from_path(path).extract(AUDIO, "v2").shape == (1, 12, 48)
+    else:
+        with pytest.raises(CheckpointError, match=str(path)):
+            ContentEncoder.from_path(path)
+
+
+# HuBERT base / ContentVec state dict as the spec's key table lists it (fairseq names, shapes)
+HUBERT_BASE_KEYS: dict[str, tuple[int, ...]] = {
+    "feature_extractor.conv_layers.0.0.weight": (512, 1, 10),
+    **{f"feature_extractor.conv_layers.{i}.0.weight": (512, 512, 3) for i in range(1, 5)},
+    **{f"feature_extractor.conv_layers.{i}.0.weight": (512, 512, 2) for i in (5, 6)},
+    "feature_extractor.conv_layers.0.2.weight": (512,),
+    "feature_extractor.conv_layers.0.2.bias": (512,),
+    "layer_norm.weight": (512,),
+    "layer_norm.bias": (512,),
+    "post_extract_proj.weight": (768, 512),
+    "post_extract_proj.bias": (768,),
+    "mask_emb": (768,),
+    "encoder.pos_conv.0.weight_g": (1, 1, 128),
+    "encoder.pos_conv.0.weight_v": (768, 48, 128),
+    "encoder.pos_conv.0.bias": (768,),
+    "encoder.layer_norm.weight": (768,),
+    "encoder.layer_norm.bias": (768,),
+    **{
+        f"encoder.layers.{n}.{name}.{p}": shape if p == "weight" else shape[:1]
+        for n in range(12)
+        for name, shape in [
+            *[(f"self_attn.{x}_proj", (768, 768)) for x in "kvq"],
+            ("self_attn.out_proj", (768, 768)),
+            ("self_attn_layer_norm", (768,)),
+            ("fc1", (3072, 768)),
+            ("fc2", (768, 3072)),
+            ("final_layer_norm", (768,)),
+        ]
+        for p in ("weight", "bias")
+    },
+    "final_proj.weight": (256, 768),
+    "final_proj.bias": (256,),
+    "label_embs_concat": (504, 256),
+}
+
+
+def test_hubert_base_keys_map_onto_hubert_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every key of the real file maps to a HubertModel key of the same shape (or is dropped: label_embs_concat), and
+    the config built from the shapes is the spec's required HF config."""
+    from rvc_lora.pipeline import content
+
+    state = {k: torch.empty(shape, device="meta") for k, shape in HUBERT_BASE_KEYS.items()}
+    assert len(state) == 7 + 2 + 2 + 2 + 1 + 3 + 2 + 12 * 16 + 2 + 1
+    monkeypatch.setattr(content, "_torch_load_weights_only", lambda _: {"args": None, "cfg": None, "model": state})
+    config, weights = content._read_fairseq(tmp_path / "hubert_base.pt")
+    assert "label_embs_concat" not in weights and "masked_spec_embed" in weights
+    required = {
+        "feat_extract_norm": "group",
+        "conv_bias": False,
+        "feat_proj_layer_norm": True,
+        "do_stable_layer_norm": False,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "hidden_act": "gelu",
+        "num_conv_pos_embeddings": 128,
+        "num_conv_pos_embedding_groups": 16,
+        "layer_norm_eps": 1e-5,
+        "classifier_proj_size": 256,
+        "conv_dim": [512] * 7,
+        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    }
+    assert {
+        k: getattr(config, k) if not isinstance(getattr(config, k), tuple) else list(getattr(config, k))
+        for k in required
+    } == required
+    with torch.device("meta"):
+        model = HubertModel(config)
+    expected = {content._canonical_weight_norm(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items() if not k.startswith("final_proj.")}
+    assert got == expected
+
+
+def test_fp16_group_norm_runs_in_fp32_as_fairseq(fairseq_file: Path) -> None:
+    """fairseq's Fp32GroupNorm: the conv-0 norm of a half model computes in fp32 and rounds once."""
+    half = ContentEncoder.from_path(fairseq_file, dtype=torch.bfloat16)
+    norm = half.hubert.feature_extractor.conv_layers[0].layer_norm
+    x = torch.randn(1, 8, 50, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16) * 30
+    expected = torch.nn.functional.group_norm(x.float(), 8, norm.weight.float(), norm.bias.float(), 1e-5)
+    assert torch.equal(norm(x), expected.to(torch.bfloat16))
+    assert half.hubert.state_dict().keys() == ContentEncoder.from_path(fairseq_file).hubert.state_dict().keys()

@@ -7,26 +7,30 @@ formats load: the fairseq checkpoint RVC ships as `hubert_base.pt` (keys mapped 
 
 fairseq checkpoints pickle more than tensors: `task_state` holds `fairseq.data.dictionary.Dictionary`
 objects, `args` may be an `argparse.Namespace`, `cfg` an omegaconf container. `torch.load(weights_only=True)`
-refuses those globals. We allowlist each one under its own name as an inert stand-in (`_Inert`) that only
-records the arguments and state it is given; no class or function from the file is ever imported or called,
-and torch's weights-only unpickler still blocks `os`/`sys`. The config values we need (attention heads, conv
-strides) are then read out of plain data (`_plain`), and the conv stack string that fairseq `eval()`s is parsed
-as literals only (`_literal`).
+refuses those globals. We list the globals the file names (zip or legacy format) and allowlist each one under its own
+name as an inert stand-in (`_Inert`) that only records the arguments and state it is given (a `defaultdict` or
+`deque` becomes a plain dict or list, so the items the pickle adds can go in); no class or function from the file
+is ever imported or called, and torch's weights-only unpickler still blocks `os`/`sys`. The config values we need
+(attention heads, conv strides) are then read out of plain data (`_plain`); one that cannot be read changes nothing
+(the weights decide). The conv stack string that fairseq `eval()`s is parsed as literals only (`_literal`).
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import ast
 import json
 import math
+import pickletools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import IO, Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import HubertConfig, HubertModel
@@ -116,6 +120,7 @@ class ContentEncoder(nn.Module):
         else:
             config, weights = _read_fairseq(path)
             hubert, final_proj = _assemble(config, weights, path, _fairseq_name)
+            _use_fp32_group_norm(hubert)  # classic RVC runs fairseq's model, whose conv-0 norm is Fp32GroupNorm
         return cls(hubert, final_proj, str(path)).to(device=device, dtype=dtype)
 
     @property
@@ -190,6 +195,26 @@ def _rng_untouched(device: torch.device) -> Iterator[None]:
         yield
 
 
+class _Fp32GroupNorm(nn.GroupNorm):
+    """fairseq's `Fp32GroupNorm` (HuBERT's norm after conv 0): input, scale and shift go to fp32, the result is cast
+    back to the input dtype. Same numbers as `nn.GroupNorm` in fp32; differs only when the model runs in fp16."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type_as(x)
+
+
+def _use_fp32_group_norm(hubert: HubertModel) -> None:
+    """Swap the feature extractor's GroupNorm(s) for `_Fp32GroupNorm` in place; parameters (and keys) are kept."""
+    for layer in hubert.feature_extractor.conv_layers:
+        norm = getattr(layer, "layer_norm", None)
+        if type(norm) is nn.GroupNorm:
+            fp32 = _Fp32GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
+            fp32.weight, fp32.bias = norm.weight, norm.bias
+            layer.layer_norm = fp32
+
+
 # --- fairseq checkpoints -----------------------------------------------------------------------------------------
 
 
@@ -213,13 +238,59 @@ class _Inert:
         self.state = state
 
 
-def _torch_load_weights_only(path: Path) -> Any:
+def _dict_stand_in(*args: object) -> dict[object, object]:
+    """`collections.defaultdict(factory)` (omegaconf's resolver cache): a plain dict, so the SETITEMS that follow
+    in the pickle fill it (torch's unpickler sets items on dicts only); the factory is dropped, never called."""
+    return {}
+
+
+def _list_stand_in(*args: object) -> list[object]:
+    """`collections.deque(items, maxlen)`: a plain list, for the same reason (APPENDS work on lists only)."""
+    return list(args[0]) if args and isinstance(args[0], list | tuple) else []
+
+
+# Containers that a pickle fills with SETITEMS/APPENDS after building them: an `_Inert` could not take the items.
+_CONTAINER_STAND_INS: dict[str, Callable[..., Any]] = {
+    "collections.defaultdict": _dict_stand_in,
+    "collections.deque": _list_stand_in,
+}
+
+
+def _pickle_globals(stream: IO[bytes]) -> set[str]:
+    """`module.name` of every GLOBAL in the next pickle of `stream` (read up to its STOP), with Python 2 names mapped
+    as torch's unpickler maps them. Opcodes are only decoded, nothing is built."""
+    names = set()
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name == "GLOBAL" and isinstance(arg, str):
+            module, _, name = arg.partition(" ")
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+            names.add(f"{module}.{name}")
+    return names
+
+
+def _globals_in_checkpoint(path: Path) -> list[str]:
+    """Globals a torch checkpoint names: zip files (torch >= 1.6) via torch; the legacy format (magic number,
+    protocol, sys info, then the object's pickle) by scanning the fourth pickle. [] if neither parses."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not a zip checkpoint: let torch.load report what it is
-        names = []
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a zip checkpoint
+        pass
+    try:
+        with path.open("rb") as f:
+            for _ in range(3):
+                _pickle_globals(f)
+            return sorted(_pickle_globals(f))
+    except Exception:  # neither format: let torch.load report what it is
+        return []
+
+
+def _torch_load_weights_only(path: Path) -> Any:
     stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
-        (type(f"_Inert<{name}>", (_Inert,), {"global_name": name}), name) for name in names
+        (_CONTAINER_STAND_INS.get(name) or type(f"_Inert<{name}>", (_Inert,), {"global_name": name}), name)
+        for name in _globals_in_checkpoint(path)
     ]
     try:
         with torch.serialization.safe_globals(stand_ins):
@@ -301,7 +372,10 @@ def _fairseq_config(ckpt: Mapping[str, Any], weights: Mapping[str, Tensor], path
         model_cfg = cfg["model"]
     elif isinstance(args, Mapping):
         model_cfg = args
-    if model_cfg.get("extractor_mode", "default") != "default" or model_cfg.get("layer_norm_first", False):
+    # A value the stand-ins could not turn into plain data reads as None and changes nothing: the weights decide.
+    # (extractor_mode "layer_norm" also shows in the weights: its per-conv norms have keys that do not map.)
+    mode, pre_norm = model_cfg.get("extractor_mode"), model_cfg.get("layer_norm_first")
+    if isinstance(mode, str) and mode != "default" or pre_norm is True or pre_norm in ("true", "True"):
         raise CheckpointError(f"{path}: only HuBERT base-style models load (extractor_mode default, post-norm layers)")
 
     def shape(key: str) -> tuple[int, ...]:
@@ -312,7 +386,7 @@ def _fairseq_config(ckpt: Mapping[str, Any], weights: Mapping[str, Tensor], path
     n_conv = sum(1 for k in weights if re.fullmatch(r"feature_extractor\.conv_layers\.\d+\.conv\.weight", k))
     convs = [shape(f"feature_extractor.conv_layers.{i}.conv.weight") for i in range(n_conv)]
     kernels = [s[2] for s in convs]
-    if "conv_feature_layers" in model_cfg:
+    if isinstance(model_cfg.get("conv_feature_layers"), str):
         try:
             layers = [
                 (int(dim), int(kernel), int(stride))
@@ -332,7 +406,9 @@ def _fairseq_config(ckpt: Mapping[str, Any], weights: Mapping[str, Tensor], path
     hidden, _ = shape("feature_projection.projection.weight")
     pos_v = shape("encoder.pos_conv_embed.conv.weight_v")
     n_layers = len({k.split(".")[2] for k in weights if k.startswith("encoder.layers.")})
-    heads = int(model_cfg.get("encoder_attention_heads", hidden // 64))  # base and large: head dim 64
+    heads = model_cfg.get("encoder_attention_heads")
+    if not isinstance(heads, int) or isinstance(heads, bool):
+        heads = hidden // 64  # base and large: head dim 64
     if heads < 1 or hidden % heads:
         raise CheckpointError(f"{path}: cannot split {hidden} hidden units into {heads} attention heads")
     return HubertConfig(
