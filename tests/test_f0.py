@@ -8,6 +8,7 @@ network cannot find 220 Hz, so the tone test covers pm, harvest and fcpe.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import sys
 from collections.abc import Iterator
@@ -442,3 +443,53 @@ def test_bad_f0_file_is_a_parameter_error(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ParameterError, match="f0"):
         read_f0_file(path)
+
+
+# --- rmvpe against the spec's numbers (§3.4.1) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bin_", "expected_hz"), [(0, 31.7), (359, 2005.5)])
+def test_rmvpe_decode_range(bin_: int, expected_hz: float) -> None:
+    """cents = 20 k + 1997.3794084376191 (re 10 Hz): bin 0 is 31.7 Hz, bin 359 is 2005.5 Hz."""
+    salience = np.zeros((1, 360), dtype=np.float32)
+    salience[0, bin_] = 0.5
+    assert round(float(decode_salience(salience)[0]), 1) == expected_hz
+    salience[0, bin_] = 0.0300001  # just above the 0.03 threshold: still voiced
+    assert decode_salience(salience)[0] > 0
+
+
+def test_rmvpe_log_mel_is_rvcs_front_end(rmvpe_file: Path) -> None:
+    """Independent numpy STFT: reflect-pad 512 each side, periodic Hann(1024), a frame every 160 samples,
+    |rfft|, HTK mel basis 30-8000 Hz, log(clamp(., 1e-5)); N // 160 + 1 frames."""
+    audio = np.random.default_rng(7).standard_normal(5000) * 0.1
+    x = np.pad(audio.astype(np.float32).astype(np.float64), 512, mode="reflect")
+    n_frames = 5000 // 160 + 1
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(1024) / 1024)
+    frames = np.stack([x[160 * j : 160 * j + 1024] * window for j in range(n_frames)], axis=1)  # [1024, T]
+    magnitude = np.abs(np.fft.rfft(frames, axis=0))  # [513, T]
+    basis = mel_filterbank(sr=SR, n_fft=1024, n_mels=128, fmin=30, fmax=8000, htk=True).astype(np.float64)
+    expected = np.log(np.maximum(basis @ magnitude, 1e-5))
+    mel = get_rmvpe(rmvpe_file).log_mel(audio)
+    assert mel.shape == (1, 128, n_frames) and mel.dtype == torch.float32
+    np.testing.assert_allclose(mel[0].numpy(), expected, atol=2e-4)
+
+
+def test_rmvpe_half_casts_the_mel_before_the_log(rmvpe_file: Path) -> None:
+    """is_half: the mel is cast to fp16 before clamp and log (the STFT and basis stay fp32); the net is fp16."""
+    audio = np.random.default_rng(8).standard_normal(3000) * 0.1
+    full = RMVPEPitch.from_file(rmvpe_file)
+    half = RMVPEPitch.from_file(rmvpe_file, is_half=True)
+    assert next(half.net.parameters()).dtype == torch.float16 and half.mel_basis.dtype == torch.float32
+    mel = half.log_mel(audio)
+    assert mel.dtype == torch.float16
+    linear = torch.exp(full.log_mel(audio).double()).float()  # the fp32 mel, back from its log
+    expected = torch.log(torch.clamp(linear.half(), min=1e-5))
+    torch.testing.assert_close(mel, expected, atol=2e-3, rtol=0)
+
+
+def test_rmvpe_reads_a_legacy_format_ordered_dict(rmvpe_file: Path, tmp_path: Path) -> None:
+    state = collections.OrderedDict(torch.load(rmvpe_file, weights_only=True))
+    path = tmp_path / "rmvpe.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    audio = np.random.default_rng(9).standard_normal(3200) * 0.1
+    np.testing.assert_array_equal(RMVPEPitch.from_file(path)(audio, 20), RMVPEPitch.from_file(rmvpe_file)(audio, 20))
