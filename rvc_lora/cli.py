@@ -43,6 +43,8 @@ def _add_convert_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of PCM16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rmvpe", default=None, help="path to rmvpe.pt (for --f0-method rmvpe)")
+    p.add_argument("--f0-file", default=None,
+                   help="RVC's f0 file (lines 'time_s,f0_hz'), written over the extracted f0 as RVC does")
 
 
 def _params(args: argparse.Namespace) -> Any:
@@ -65,7 +67,8 @@ def _convert_one(vc: Any, src: Path, dst: Path, args: argparse.Namespace, adapte
             bar.total = total
             bar.update(done - bar.n)
 
-        result = vc.convert_file(src, _params(args), adapter=adapter, index=index, progress=progress)
+        result = vc.convert_file(src, _params(args), adapter=adapter, index=index, f0_file=args.f0_file,
+                                 progress=progress)
     start = time.perf_counter()
     data = encode_audio(result.audio, result.sr, fmt, "FLOAT" if args.float else "PCM_16")
     _write_atomic(dst, data)

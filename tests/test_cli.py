@@ -56,6 +56,18 @@ def test_convert_writes_pcm16_wav_with_every_flag(files: dict[str, Path], tmp_pa
     assert sf.info(flac).format == "FLAC"
 
 
+def test_convert_with_an_f0_file(files: dict[str, Path], tmp_path: Path) -> None:
+    base = ["--model", str(files["model"]), "--hubert", str(files["hubert"]), "--seed", "3", "--device", "cpu"]
+    f0_file = tmp_path / "f0.txt"
+    f0_file.write_text("".join(f"{t / 100:.2f},{330.0 if t % 40 < 20 else 0.0}\n" for t in range(200)))
+    plain, guided = tmp_path / "plain.wav", tmp_path / "guided.wav"
+    assert main(["convert", str(files["input"]), str(plain), *base]) == 0
+    assert main(["convert", str(files["input"]), str(guided), *base, "--f0-file", str(f0_file)]) == 0
+    a, b = sf.read(plain)[0], sf.read(guided)[0]
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert main(["convert", str(files["input"]), str(guided), *base, "--f0-file", str(tmp_path / "none.txt")]) == 2
+
+
 def test_inspect_every_kind(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     for key, expected in (("model", "voice model"), ("adapter", "adapter"), ("index", "index")):
         assert main(["inspect", str(files[key]), "--json"]) == 0

@@ -152,12 +152,13 @@ class VoiceConverter:
 
     # --- conversion -------------------------------------------------------------------------------
     def convert_file(self, source: AudioSource, params: ConvertParams | None = None, *, adapter: AdapterArg = None,
-                     index: IndexArg = None, progress: Progress | None = None) -> ConversionResult:
-        """Decode any audio file (path or bytes) and convert it."""
+                     index: IndexArg = None, f0_file: str | os.PathLike[str] | None = None,
+                     progress: Progress | None = None) -> ConversionResult:
+        """Decode any audio file (path or bytes) and convert it (`convert` says what each argument does)."""
         start = time.perf_counter()
         audio, sr = decode_audio(source)
         decode_s = time.perf_counter() - start
-        result = self.convert(audio, sr, params, adapter=adapter, index=index, progress=progress)
+        result = self.convert(audio, sr, params, adapter=adapter, index=index, f0_file=f0_file, progress=progress)
         result.timings["decode"] += decode_s
         return result
 
