@@ -47,7 +47,7 @@ def read_audio(src: BinaryIO, *, limit: int, max_s: float, work_dir: Path | None
     path = spool(src, limit, work_dir, "audio upload")
     try:
         duration, sr, _ = probe_duration(path)
-        if duration > max_s:
+        if duration is not None and duration > max_s:  # unknown length: the decoder stops at max_s
             raise AudioTooLongError(f"audio is {duration:.1f} s long, the limit is {max_s:g} s")
         if sr > MAX_SOURCE_RATE:
             raise AudioError(f"audio is sampled at {sr} Hz, above the {MAX_SOURCE_RATE} Hz accepted here; "

@@ -331,3 +331,22 @@ def test_encode_ogg_decodes_back() -> None:
 def test_encode_rejects(audio: np.ndarray, sr: int, fmt: str, subtype: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         encode_audio(audio, sr, fmt, subtype)  # type: ignore[arg-type]
+
+
+def flac_of_unknown_length(audio: np.ndarray, sr: int) -> bytes:
+    """A FLAC whose STREAMINFO total-samples field is 0 ("unknown"), as streaming encoders write it."""
+    buf = io.BytesIO()
+    sf.write(buf, audio, sr, format="FLAC")
+    data = bytearray(buf.getvalue())
+    # "fLaC", a 4-byte block header, then STREAMINFO: 10 bytes, then 20 bits rate, 3 channels, 5 bps, 36 samples
+    packed = struct.unpack(">Q", bytes(data[18:26]))[0] & ~((1 << 36) - 1)
+    data[18:26] = struct.pack(">Q", packed)
+    return bytes(data)
+
+
+def test_flac_of_unknown_length_gets_a_clear_error() -> None:
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(24000) / 16000)).astype(np.float32)
+    data = flac_of_unknown_length(tone, 16000)
+    assert probe_duration(data) == (None, 16000, 1)  # not refused as an implausible header
+    with pytest.raises(UnsupportedAudioError, match="does not give its length .* re-encode the file"):
+        decode_audio(data)  # libsndfile itself cannot read such a FLAC

@@ -38,6 +38,7 @@ MIN_SAMPLE_RATE = 1000  # header sanity bounds: outside them the header is broke
 MAX_SAMPLE_RATE = 768000
 MAX_CHANNELS = 64
 MAX_DECLARED_S = 24 * 3600.0  # a header claiming more than a day of audio is not trusted (e.g. 2^36 FLAC frames)
+UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count when the header leaves the length open
 _BLOCK_FRAMES = 1 << 16  # decode in blocks: never allocate what a header merely claims
 
 EncodeFormat = Literal["wav", "flac", "ogg"]
@@ -74,17 +75,19 @@ def _check_header(name: str, sr: int, channels: int, frames: int) -> None:
         raise AudioError(f"{name}: header declares {sr} Hz, outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
     if not 1 <= channels <= MAX_CHANNELS:
         raise AudioError(f"{name}: header declares {channels} channels, expected 1..{MAX_CHANNELS}")
-    if frames < 0 or frames / sr > MAX_DECLARED_S:
+    if frames != UNKNOWN_FRAMES and (frames < 0 or frames / sr > MAX_DECLARED_S):
         raise AudioError(f"{name}: header declares {frames} frames ({frames / sr / 3600:.1f} h), not a plausible file")
 
 
-def probe_duration(source: AudioSource) -> tuple[float, int, int]:
+def probe_duration(source: AudioSource) -> tuple[float | None, int, int]:
     """Header-only look at `source` -> (duration seconds, sample rate Hz, channels); decodes nothing.
 
-    For a cheap size/duration check before `decode_audio`. MP3 durations come from libsndfile's
-    frame scan and can be off by a frame or so; raises like `decode_audio` for undecodable headers."""
+    For a cheap size/duration check before `decode_audio`. The duration is None where the header does not
+    say (a FLAC streamed without its total length); MP3 durations come from libsndfile's frame scan and can
+    be off by a frame or so. Raises like `decode_audio` for undecodable headers."""
     with _open(source) as f:
-        return f.frames / f.samplerate, int(f.samplerate), int(f.channels)
+        duration = None if f.frames == UNKNOWN_FRAMES else f.frames / f.samplerate
+        return duration, int(f.samplerate), int(f.channels)
 
 
 def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) -> tuple[NDArray[np.float32], int]:
@@ -97,6 +100,8 @@ def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) ->
     `AudioError` for empty, silent, too short (< 0.1 s) or non-finite content."""
     with _open(source) as f:
         sr, channels = int(f.samplerate), int(f.channels)
+        if max_duration_s is None and f.frames == UNKNOWN_FRAMES:  # nothing else bounds what a small file holds
+            max_duration_s = MAX_DECLARED_S
         cap = None if max_duration_s is None else int(math.floor(max_duration_s * sr))
         blocks: list[NDArray[np.float32]] = []
         n = 0
@@ -114,6 +119,9 @@ def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) ->
                 if len(block) < _BLOCK_FRAMES:
                     break
         except sf.LibsndfileError as exc:  # corrupt stream after a valid header
+            if f.frames == UNKNOWN_FRAMES and n == 0:  # libsndfile cannot read e.g. a FLAC without its length
+                raise UnsupportedAudioError("the audio header does not give its length (a streamed FLAC?), which "
+                                            f"the decoder cannot read ({exc}); re-encode the file") from exc
             raise UnsupportedAudioError(f"audio stream is corrupt after {n} frames: {exc}") from exc
     mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     check_audio(mono, sr)
