@@ -202,3 +202,37 @@ def test_library_never_imports_the_service() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compiled_decoder_follows_swaps_without_recompiling() -> None:
+    """A `torch.compile`d decoder keeps its compiled graph across swaps (no guard fails, no recompilation)
+    and computes with whichever adapter was copied in last. (That the weights' addresses never move, which a
+    captured CUDA graph also needs, is `test_hot_swap_is_in_place_and_exact`.)"""
+    model = SynthesizerLoRA(tiny_model(f0=False, seed=3), CFG, max_rank=8).eval()
+    dec = model.base.dec
+    graphs: list[int] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward  # run the captured graph as traced
+
+    torch._dynamo.reset()
+    compiled = torch.compile(dec, backend=counting_backend, dynamic=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, dec.conv_pre.in_channels, 12, generator=gen)
+    g = torch.randn(1, dec.cond.in_channels, 1, generator=gen)
+    with torch.no_grad():
+        compiled(x, g)  # compile with the base weights
+        compiled_graphs = len(graphs)
+        outputs = []
+        for seed in (1, 2, 1, None):
+            if seed is None:
+                model.load_lora_weights({})
+            else:
+                _perturb_lora(model, seed=seed)
+            got = compiled(x, g)
+            torch.testing.assert_close(got, dec(x, g), atol=0, rtol=0)  # = eager with the adapter now resident
+            outputs.append(got)
+    assert compiled_graphs >= 1 and len(graphs) == compiled_graphs  # four swaps, no recompilation
+    assert not torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    torch._dynamo.reset()
