@@ -157,7 +157,9 @@ class AdapterUpload(AdapterOut):
 
 class AdapterList(BaseModel):
     model_config = BODY
-    adapters: list[AdapterOut]
+    adapters: list[AdapterOut] = Field(description="this page, oldest upload first")
+    total: int = Field(description="adapters in the store")
+    next_offset: int | None = Field(description="`offset` of the next page; null on the last page")
 
 
 class Limits(BaseModel):

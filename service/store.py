@@ -14,6 +14,11 @@ that misses re-reads the commit records from disk before answering 404 (`refresh
 commits; and the sweep at start removes only what no live process can still be writing: temp files whose
 name carries this host and process id (a previous run of this process: a restarted container keeps its
 host name and pid), and temp files and uncommitted objects older than `stale_after_s`.
+
+Thousands of adapters: every record is read once, at start; after that a request costs a few dict lookups
+and at most a `stat` of `meta/`. `refresh` lists `meta/` only when its modification time says that a record
+was added or removed since the last listing (a miss for an unknown name would otherwise list the whole folder
+on every request).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +53,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the same rule, for the Op
 CHUNK = 1 << 20
 PART_SUFFIX = ".part"
 STALE_AFTER_S = 3600.0
+SETTLED_S = 2.0  # a folder mtime this old cannot be shared by a later change (coarse file system clocks)
 
 
 class Readable(Protocol):
@@ -174,6 +181,8 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._by_id: dict[str, StoredAdapter] = {}
         self._by_name: dict[str, str] = {}
+        self._listed: tuple[int, int] | None = None  # (inode, mtime_ns) of meta/ at its last complete listing
+        self._order: list[StoredAdapter] | None = None  # listing order, rebuilt after a change
         self._leases: Counter[Path] = Counter()
         self._doomed: set[Path] = set()  # deleted while a job still reads them: unlinked on last release
         try:
@@ -227,6 +236,7 @@ class AdapterStore:
         """Index a record (caller holds the lock, or is the constructor). A name already held by another id
         (two processes committed it at once) stays with the first; the newcomer is reachable by id."""
         self._by_id[rec.id] = rec
+        self._order = None
         if rec.name is not None:
             holder = self._by_name.setdefault(rec.name, rec.id)
             if holder != rec.id:
@@ -235,12 +245,23 @@ class AdapterStore:
 
     def refresh(self) -> None:
         """Re-read the commit records from disk: adapters committed or deleted by other processes sharing this
-        folder appear or disappear here. A directory listing, plus one read per record not yet known."""
+        folder appear or disappear here. A `stat` of `meta/`; when it changed, a directory listing plus one read per
+        record not yet known.
+
+        Records are added and removed by renames and unlinks in `meta/`, each of which moves its mtime. An mtime
+        seen at a listing is trusted afterwards only once it is `SETTLED_S` old: a change in the same clock tick
+        as the listing would leave it as it was."""
+        now = time.time_ns()  # before the stat: a change after it has a later mtime unless this one is fresh
         try:
+            st = os.stat(self.meta_dir)
+            seen = (st.st_ino, st.st_mtime_ns)
+            if seen == self._listed:
+                return
             on_disk = {e.name[: -len(".json")] for e in os.scandir(self.meta_dir) if e.name.endswith(".json")}
         except OSError as exc:
             log.error("cannot list the adapter records", extra={"error": str(exc)})
             return
+        settled = now - st.st_mtime_ns > SETTLED_S * 1e9
         on_disk = {i for i in on_disk if ID_RE.fullmatch(i)}
         with self._lock:
             known = set(self._by_id)
@@ -254,18 +275,26 @@ class AdapterStore:
             for adapter_id in known - on_disk:
                 if adapter_id in self._by_id and not (self.meta_dir / f"{adapter_id}.json").exists():
                     self._forget(adapter_id)  # deleted by another process (committed here meanwhile: kept)
+        self._listed = seen if settled else None
 
     def _forget(self, adapter_id: str) -> StoredAdapter | None:
         rec = self._by_id.pop(adapter_id, None)
+        self._order = None
         if rec is not None and rec.name is not None and self._by_name.get(rec.name) == rec.id:
             del self._by_name[rec.name]
         return rec
 
     # reading
     def all(self) -> list[StoredAdapter]:
+        return self.page(0, sys.maxsize)[0]
+
+    def page(self, offset: int, limit: int) -> tuple[list[StoredAdapter], int]:
+        """Records `offset` to `offset + limit` in upload order (oldest first), and how many there are."""
         self.refresh()
         with self._lock:
-            return sorted(self._by_id.values(), key=lambda r: (r.created_at, r.id))
+            if self._order is None:  # sorted once per change, not once per listing
+                self._order = sorted(self._by_id.values(), key=lambda r: (r.created_at, r.id))
+            return self._order[offset:offset + limit], len(self._order)
 
     def resolve(self, ref: str) -> StoredAdapter:
         """An id (16 hex) or a name -> the stored adapter; AdapterNotFoundError otherwise. The disk has the last

@@ -266,7 +266,7 @@ def test_real_engine_refuses_adapters_that_do_not_fit(real_client: TestClient,
     bad = save_adapter_tensors(tmp_path / "misshaped.safetensors", tensors, adapter.info)
     r = upload(real_client, bad.read_bytes())
     assert (r.status_code, r.json()["error"]["code"]) == (422, "adapter_mismatch")
-    assert real_client.get("/adapters").json() == {"adapters": []}
+    assert real_client.get("/adapters").json()["adapters"] == []
 
 
 def test_real_engine_checks_uploaded_indexes_in_a_child(real_client: TestClient,
@@ -281,7 +281,7 @@ def test_real_engine_checks_uploaded_indexes_in_a_child(real_client: TestClient,
     r = upload(real_client, voice, index=bytes(crafted))
     assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_index")
     assert "claims 1099511627776 vectors" in r.json()["error"]["message"]
-    assert real_client.get("/adapters").json() == {"adapters": []}
+    assert real_client.get("/adapters").json()["adapters"] == []
     r = upload(real_client, voice, index=good.read_bytes())
     assert r.status_code == 201 and r.json()["has_index"]
     converted = real_client.post("/convert", data={"seed": "1", "adapter": r.json()["id"], "index_rate": "0.5"},

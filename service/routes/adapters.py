@@ -6,7 +6,7 @@ import io
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Form, Path, Response, Security
+from fastapi import APIRouter, Form, Path, Query, Response, Security
 
 from rvc_lora.errors import RVCLoraError
 from service.auth import bearer_scheme
@@ -19,6 +19,7 @@ from service.store import check_name
 
 router = APIRouter(tags=["adapters"], dependencies=[Security(bearer_scheme)])
 Ref = Annotated[str, Path(min_length=1, max_length=128, description="adapter id or name")]
+PAGE, MAX_PAGE = 100, 1000  # a page of 1000 is about 420 KB of JSON
 
 
 # OpenAPI links: what a client (or a stateful API fuzzer) can do next with the id it got back
@@ -72,9 +73,16 @@ async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart
     return AdapterUpload.of_upload(rec, extraction)
 
 
-@router.get("/adapters", response_model=AdapterList, responses=error_responses(401))
-async def list_adapters(store: StoreDep) -> AdapterList:
-    return AdapterList(adapters=[AdapterOut.of(rec) for rec in store.all()])
+@router.get("/adapters", response_model=AdapterList, responses=error_responses(401, 422))
+async def list_adapters(store: StoreDep,
+                        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = PAGE,
+                        offset: Annotated[int, Query(ge=0, description="adapters to skip")] = 0) -> AdapterList:
+    """Stored adapters, a page at a time (a store holds thousands): follow `next_offset` until it is null.
+    An adapter deleted between two pages shifts the later ones by one."""
+    page, total = store.page(offset, limit)
+    after = offset + len(page)
+    return AdapterList(adapters=[AdapterOut.of(rec) for rec in page], total=total,
+                       next_offset=after if after < total else None)
 
 
 @router.get("/adapters/{ref}", response_model=AdapterOut, responses=error_responses(401, 404, 422))
