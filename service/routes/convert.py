@@ -57,13 +57,13 @@ async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type
         raise InvalidRequest(f"f0_method: {form.f0_method!r} is not available here (available: {info.f0_methods})")
     adapter = store.resolve(form.adapter) if form.adapter is not None else None
     worker.check_room()  # a full queue refuses before the upload is decoded: overload costs no decoding
-    start = time.perf_counter()
-    audio16k = await anyio.to_thread.run_sync(lambda: media.read_audio(
-        form.audio.file, limit=settings.max_audio_bytes, max_s=settings.max_audio_s, work_dir=settings.work_dir))
-    decode_s = time.perf_counter() - start
-    job = Job(request_id(request), ConvertWork(audio16k, form.options()), media.audio_seconds(audio16k), adapter,
-              deadline(request, settings))
-    with store.lease(adapter):
+    with store.lease(adapter):  # from the lookup on: a DELETE meanwhile (even while decoding) lets this finish
+        start = time.perf_counter()
+        audio16k = await anyio.to_thread.run_sync(lambda: media.read_audio(
+            form.audio.file, limit=settings.max_audio_bytes, max_s=settings.max_audio_s, work_dir=settings.work_dir))
+        decode_s = time.perf_counter() - start
+        job = Job(request_id(request), ConvertWork(audio16k, form.options()), media.audio_seconds(audio16k), adapter,
+                  deadline(request, settings))
         result = await worker.submit(job, lambda: disconnected(request))
     start = time.perf_counter()
     body = await anyio.to_thread.run_sync(media.encode, result.audio, result.sr, form.format)

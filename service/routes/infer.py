@@ -33,10 +33,11 @@ async def infer(request: Request, form: Annotated[InferForm, Form(media_type="mu
     check_speaker(info, form.sid)
     adapter = store.resolve(form.adapter) if form.adapter is not None else None
     worker.check_room()
-    features = await anyio.to_thread.run_sync(lambda: media.read_features(
-        form.features.file, info=info, max_s=settings.max_audio_s, sid=form.sid, seed=form.seed))
-    job = Job(request_id(request), features, len(features.phone) / FRAMES_PER_S, adapter, deadline(request, settings))
-    with store.lease(adapter):
+    with store.lease(adapter):  # from the lookup on: a DELETE meanwhile lets this request finish
+        features = await anyio.to_thread.run_sync(lambda: media.read_features(
+            form.features.file, info=info, max_s=settings.max_audio_s, sid=form.sid, seed=form.seed))
+        job = Job(request_id(request), features, len(features.phone) / FRAMES_PER_S, adapter,
+                  deadline(request, settings))
         result = await worker.submit(job, lambda: disconnected(request))
     body = await anyio.to_thread.run_sync(media.encode, result.audio, result.sr, "wav")
     headers = {"Server-Timing": server_timing(result.timings), "X-Adapter": adapter.id if adapter else "base",
