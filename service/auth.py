@@ -29,8 +29,10 @@ def _digest(value: str) -> bytes:
 
 class BearerAuth:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
+        if not api_key.strip():
+            raise ValueError("the API key is empty: every 'Bearer ' header would match it")
         self.app = app
-        self._key_digest = _digest(api_key)
+        self._key_digest = _digest(api_key.strip())
 
     def authorized(self, header: str | None) -> bool:
         scheme, _, token = (header or "").partition(" ")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_s: float = Field(default=30.0, gt=0, description="SIGTERM: time to finish running work, then exit")
     work_dir: Path | None = Field(default=None, description="temporary upload files; default: the system temp dir")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, key: SecretStr | None) -> SecretStr | None:
+        """A key file's trailing newline is not part of the key (no client can send it); an empty key would let
+        `Authorization: Bearer ` in, so it is refused rather than taken to mean "no key"."""
+        if key is None:
+            return None
+        value = key.get_secret_value().strip()
+        if not value:
+            raise ValueError("api_key is empty; unset RVC_LORA_API_KEY to run without a key")
+        return SecretStr(value)
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
