@@ -73,7 +73,7 @@ class RVCSynthesizer(nn.Module):
             self.enc_q.remove_weight_norm()
 
     def _check_sid(self, sid: Tensor) -> None:
-        if sid.numel() and (int(sid.min()) < 0 or int(sid.max()) >= self.emb_g.num_embeddings):
+        if sid.numel() and bool(((sid < 0) | (sid >= self.emb_g.num_embeddings)).any()):  # one device sync
             raise ConfigError(f"sid {sid.tolist()} out of range: the model has {self.emb_g.num_embeddings} speakers")
 
     def _infer(self, phone: Tensor, phone_lengths: Tensor, pitch: Tensor | None, nsff0: Tensor | None,

@@ -188,7 +188,8 @@ class LoRATraining:
         device = self.gan.device
         n = torch.tensor([s.phone.shape[0]], device=device)
         sid = torch.zeros(1, dtype=torch.long, device=device)
-        devices = [device.index or 0] if device.type == "cuda" else []
+        devices = ([device.index if device.index is not None else torch.cuda.current_device()]
+                   if device.type == "cuda" else [])
         self.model.eval()
         try:
             with torch.random.fork_rng(devices=devices, device_type="cuda"):
