@@ -150,9 +150,10 @@ def test_remove_weight_norm_keeps_output_and_renames_keys() -> None:
     torch.testing.assert_close(run_infer(model, inputs)[0], before, atol=1e-5, rtol=1e-4)
 
 
-def test_sid_out_of_range_is_a_config_error() -> None:
+@pytest.mark.parametrize("sid", [3, -1])
+def test_sid_out_of_range_is_a_config_error(sid: int) -> None:
     model = tiny_model()
-    inputs = tiny_inputs(model) | {"sid": torch.tensor([3])}
+    inputs = tiny_inputs(model) | {"sid": torch.tensor([sid])}
     with pytest.raises(ConfigError, match="3 speakers"):
         run_infer(model, inputs)
 
