@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_run.sh [OUT_DIR]
 # Writes each step's output to OUT_DIR (default gpu-results/) and prints the tables; never downloads.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${1:-gpu-results}
 mkdir -p "$out"
 py=.venv/bin/python
