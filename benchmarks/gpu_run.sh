@@ -1,40 +1,87 @@
 #!/usr/bin/env bash
-# Every CUDA check and GPU number in one run, for the first session that has a GPU (none had one yet).
-# Run from the repository root on a CUDA machine with the venv installed (README: CUDA install):
-#   bash benchmarks/gpu_run.sh [OUT_DIR]
-# Writes each step's output to OUT_DIR (default gpu-results/) and prints the tables; never downloads.
+# Every CUDA check and GPU number in one prepared run, each step time-boxed, results written as it goes.
+#
+#   bash benchmarks/gpu_run.sh [--wheels DIR] [--budget SECONDS] [--dry-run] [OUT_DIR]
+#
+# --wheels DIR  install the wheels in DIR (no index, no deps, into /tmp/site) first: for a machine that
+#               cannot reach PyPI but has torch (see README, "GPU run"); its torch is never touched.
+# --budget S    wall-clock budget for the whole run (default 480 s); a step gets at most what is left.
+# --dry-run     every step on the CPU at tiny size, to rehearse the script's structure.
+# OUT_DIR       where each step's log goes (default gpu-results/); a killed run keeps what it wrote.
+# Uses .venv/bin/python when it exists, else python3. Never downloads.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-out=${1:-gpu-results}
+wheels="" budget=480 dry=0 out=gpu-results
+while [ $# -gt 0 ]; do
+    case $1 in
+        --wheels) wheels=$2; shift 2 ;;
+        --budget) budget=$2; shift 2 ;;
+        --dry-run) dry=1; shift ;;
+        *) out=$1; shift ;;
+    esac
+done
 mkdir -p "$out"
-py=.venv/bin/python
-step() {  # step NAME CMD...: run, keep the output, say how it ended (one failure does not stop the rest)
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" >"$out/$name.log" 2>&1
-    echo "== $name: exit $?"
-    tail -n 25 "$out/$name.log"
+start=$(date +%s)
+py=python3
+[ -x .venv/bin/python ] && py=.venv/bin/python
+if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$wheels"/*.whl >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+# The reference fixtures live in ../shared; a carried copy in .shared/ stands in where that is absent.
+[ ! -e ../shared ] && [ -d .shared/fixtures ] && ln -s "$PWD/.shared" ../shared
+
+step() {  # step NAME MAX_SECONDS CMD...: run time-boxed, keep the output; one failure does not stop the rest
+    local name=$1 max=$2
+    shift 2
+    local left=$((budget - ($(date +%s) - start) - 20))
+    [ "$left" -lt "$max" ] && max=$left
+    if [ "$max" -lt 10 ]; then echo "== $name: skipped (budget spent)" | tee -a "$out/summary.txt"; return; fi
+    echo "== $name (<= ${max}s): $*"
+    local t0
+    t0=$(date +%s)
+    timeout -k 5 "$max" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $(($(date +%s) - t0))s" | tee -a "$out/summary.txt"
+    tail -n 30 "$out/$name.log"
 }
 
-$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
-step tests-gpu $py -m pytest -m gpu -p no:cacheprovider
-step tests-half $py -m pytest tests/test_half_precision.py tests/test_synthesizer_lora.py -p no:cacheprovider
-step bench-lora $py benchmarks/bench_lora.py --device cuda --swaps 300 --reloads 10 --infer-repeats 5
-step bench-pipeline $py benchmarks/bench_pipeline.py --assets demo-assets --device cuda
-step bench-memory $py benchmarks/bench_memory.py --assets demo-assets --device cuda --seconds 10,65,120
+if [ $dry -eq 1 ]; then
+    dev=cpu assets=demo-assets
+    step assets 300 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
+    step bench-lora 120 $py benchmarks/bench_lora.py --device cpu --swaps 20 --reloads 2 --infer-repeats 1
+    step bench-pipeline 300 $py benchmarks/bench_pipeline.py --assets $assets --device cpu --seconds 2 \
+        --f0-methods pm --repeats 1
+    echo "dry run done in $(($(date +%s) - start))s"
+    exit 0
+fi
 
-# issue 4's target: K=8 >= 90% of K=1 and >= 5x the reload baseline, server and baseline on the GPU
+dev=cuda assets=demo-assets
+$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" \
+    | tee "$out/device.txt" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$out/device.txt" 2>&1
+step assets 180 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
+step tests-gpu 150 $py -m pytest -m gpu -p no:cacheprovider -x -q
+step tests-half 120 $py -m pytest tests/test_half_precision.py tests/test_synthesizer_lora.py -p no:cacheprovider -q
+step bench-lora 60 $py benchmarks/bench_lora.py --device $dev --swaps 300 --reloads 10 --infer-repeats 5
+step bench-pipeline 90 $py benchmarks/bench_pipeline.py --assets $assets --device $dev --f0-methods pm,harvest,rmvpe \
+    --repeats 3
+step bench-memory 60 $py benchmarks/bench_memory.py --assets $assets --device $dev --seconds 10,65,120
+
+# The service against a reload-per-voice-change server, real HTTP on loopback, server on the GPU.
 port=8765
-RVC_LORA_DEVICE=cuda .venv/bin/rvc-lora serve --demo --port $port >"$out/server.log" 2>&1 &
+RVC_LORA_DEVICE=$dev $py -m rvc_lora.cli serve --demo --port $port >"$out/server.log" 2>&1 &
 server=$!
-for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
+for _ in $(seq 1 90); do
+    $py -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/readyz').status_code != 200)" 2>/dev/null && break
     sleep 2
 done
-step load $py benchmarks/load.py --url "http://127.0.0.1:$port" --clients 8 --adapters 8 --requests 200 \
-    --seconds 180 --audio-s 1 --baseline-model demo-assets/demo-base-v2-40k.pth \
-    --hubert demo-assets/demo-hubert_base.pt --fill --device cuda
+step load 150 $py benchmarks/load.py --url "http://127.0.0.1:$port" --clients 8 --adapters 8 --requests 200 \
+    --seconds 30 --audio-s 1 --baseline-model $assets/demo-base-v2-40k.pth \
+    --hubert $assets/demo-hubert_base.pt --fill --device $dev
 kill -TERM $server
 wait $server
-echo "== server exit $? (0 expected after SIGTERM)"
+echo "== server exit $? (0 expected after SIGTERM)" | tee -a "$out/summary.txt"
+echo "total $(($(date +%s) - start))s" | tee -a "$out/summary.txt"
