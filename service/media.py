@@ -18,15 +18,15 @@ import numpy as np
 from numpy.lib import format as npy_format
 from numpy.typing import NDArray
 
-from rvc_lora.errors import AudioError, AudioTooLongError, RVCLoraError
-from rvc_lora.pipeline.audio import SR_16K, encode_audio, load_audio_16k, probe_duration
+from rvc_lora.errors import AudioError, RVCLoraError
+from rvc_lora.pipeline.audio import OUTPUT_FORMATS, SR_16K, EncodeFormat, encode_audio, load_audio_16k, probe_audio
 from service.engine import FRAMES_PER_S, Features, ModelInfo
 from service.errors import BadFeatures, PayloadTooLarge, relabel
 from service.store import capture_upload, process_tag
 
 CHUNK = 1 << 20
 SPOOL_PREFIX = "rvc-upload-"  # + process tag: swept at start when stale or left by this host and pid
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+MEDIA_TYPES = {f.name: f.media_type for f in OUTPUT_FORMATS.values()}
 FP16_MAX = 65504.0  # features beyond it become inf where inference runs in float16 (CUDA)
 MAX_NPZ_DIRECTORY = 64 * 1024  # zip central directory of an .npz upload; numpy.savez of three arrays: ~250 bytes
 ZIP_END_SEARCH = 22 + 0xFFFF  # the end record, after which a zip comment of up to 64 KB may follow
@@ -46,13 +46,11 @@ def read_audio(src: BinaryIO, *, limit: int, max_s: float, work_dir: Path | None
     `MAX_SOURCE_RATE` (a few KB of FLAC can hold minutes of 8-channel 655 kHz audio)."""
     path = spool(src, limit, work_dir, "audio upload")
     try:
-        duration, sr, _ = probe_duration(path)
-        if duration is not None and duration > max_s:  # unknown length: the decoder stops at max_s
-            raise AudioTooLongError(f"audio is {duration:.1f} s long, the limit is {max_s:g} s")
+        sr = probe_audio(path).sr
         if sr > MAX_SOURCE_RATE:
             raise AudioError(f"audio is sampled at {sr} Hz, above the {MAX_SOURCE_RATE} Hz accepted here; "
                              "resample it first")
-        return load_audio_16k(path, max_duration_s=max_s)
+        return load_audio_16k(path, max_duration_s=max_s)  # refuses a header claiming more than max_s at once
     except RVCLoraError as exc:
         raise relabel(exc, path, "audio upload") from exc
     finally:
@@ -63,8 +61,8 @@ def audio_seconds(audio16k: NDArray[np.float32]) -> float:
     return len(audio16k) / SR_16K
 
 
-def encode(audio: NDArray[np.float32], sr: int, fmt: str) -> bytes:
-    return encode_audio(audio, sr, fmt)  # type: ignore[arg-type]  # fmt is validated by the form's Literal
+def encode(audio: NDArray[np.float32], sr: int, fmt: EncodeFormat) -> bytes:
+    return encode_audio(audio, sr, fmt)
 
 
 def read_features(src: BinaryIO, *, info: ModelInfo, max_s: float, sid: int, seed: int | None) -> Features:

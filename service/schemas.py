@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rvc_lora.pipeline.audio import EncodeFormat
 from service.engine import ConvertOptions
 from service.store import NAME_PATTERN, StoredAdapter
 
@@ -34,7 +35,8 @@ class ErrorResponse(BaseModel):
 
 class ConvertForm(BaseModel):
     model_config = FORM
-    audio: UploadFile = Field(description="WAV, FLAC, OGG or MP3")
+    audio: UploadFile = Field(description="WAV, FLAC, OGG (Vorbis/Opus), MP3, M4A/AAC, WebM/Opus, or another "
+                                          "format ffmpeg reads")
     adapter: str | None = AdapterRef
     sid: int = Sid
     f0_up_key: int = Field(default=0, ge=-24, le=24, description="pitch shift in semitones")
@@ -44,7 +46,8 @@ class ConvertForm(BaseModel):
     rms_mix_rate: float = Field(default=0.25, ge=0, le=1, description="1: loudness as converted, 0: as input")
     protect: float = Field(default=0.33, ge=0, le=0.5, description="consonant protection (0.5: off)")
     resample_sr: int = Field(default=0, ge=0, le=96000, description="0: the model's rate, else 16000..96000 Hz")
-    format: Literal["wav", "flac", "ogg"] = "wav"
+    format: EncodeFormat = Field(default="wav", description="output: wav (PCM16), flac, ogg (Vorbis), opus (Ogg), "
+                                 "mp3 or m4a (AAC); the Content-Type follows it")
     seed: int | None = Seed
 
     @field_validator("resample_sr")

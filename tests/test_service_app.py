@@ -125,7 +125,7 @@ BAD_FIELDS = [
     ({"f0_up_key": 1000}, "f0_up_key"), ({"f0_up_key": -1000}, "f0_up_key"), ({"f0_up_key": "1.5"}, "f0_up_key"),
     ({"f0_method": "crepe"}, "f0_method"), ({"index_rate": 2}, "index_rate"), ({"index_rate": "nan"}, "index_rate"),
     ({"filter_radius": -1}, "filter_radius"), ({"rms_mix_rate": "inf"}, "rms_mix_rate"), ({"protect": 0.9}, "protect"),
-    ({"resample_sr": 100}, "resample_sr"), ({"format": "mp3"}, "format"), ({"seed": -1}, "seed"),
+    ({"resample_sr": 100}, "resample_sr"), ({"format": "aiff"}, "format"), ({"seed": -1}, "seed"),
     ({"sid": "x"}, "sid"), ({"sid": 2}, "sid"), ({"f0_method": "rmvpe"}, "f0_method"), ({"bogus": 1}, "bogus"),
     ({"adapter": "x" * 500}, "adapter"),
 ]

@@ -1,10 +1,13 @@
-"""Audio in and out: decode (soundfile), resample (soxr), RVC's peak normalisation, encode.
+"""Audio in and out: decode (libsndfile, else PyAV), resample (soxr), RVC's peak normalisation, encode.
 
-RVC decodes with the ffmpeg CLI straight to 16 kHz mono float32 (spec §3.1). Here libsndfile decodes
-(WAV 8/16/24/32-bit int and float, FLAC, OGG Vorbis/Opus, MP3 with libsndfile >= 1.1), channels are
-averaged to mono, and soxr resamples. For a 16 kHz mono PCM16 file both give exactly `int16 / 32768`;
+RVC decodes with the ffmpeg CLI straight to 16 kHz mono float32 (spec §3.1). Here libsndfile decodes what
+it reads exactly and fast (WAV 8/16/24/32-bit int and float, FLAC, OGG Vorbis/Opus, MP3, AIFF), and PyAV
+(ffmpeg's libraries in the `av` wheel) everything else: m4a/AAC, WebM/Opus, Matroska, WMA, ... Channels
+are averaged to mono and soxr resamples. For a 16 kHz mono PCM16 file both give exactly `int16 / 32768`;
 other rates and channel layouts differ from ffmpeg's resampler by resampling error only.
 
+The same limits hold on both paths: the header's rate, channel count and claimed duration are checked
+before a sample is decoded, and decoding stops once more than the allowed duration has come out.
 Every failure is typed: `UnsupportedAudioError` when the bytes cannot be decoded, `AudioTooLongError`
 past a duration cap, `AudioError` for empty, silent, too short, non-finite or absurd-header input.
 """
@@ -14,8 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -24,6 +26,7 @@ import soxr
 from numpy.typing import ArrayLike, NDArray
 
 from rvc_lora.errors import AudioError, AudioTooLongError, ParameterError, UnsupportedAudioError
+from rvc_lora.pipeline import audio_av
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 
@@ -41,53 +44,121 @@ MAX_DECLARED_S = 24 * 3600.0  # a header claiming more than a day of audio is no
 UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count when the header leaves the length open
 _BLOCK_FRAMES = 1 << 16  # decode in blocks: never allocate what a header merely claims
 
-EncodeFormat = Literal["wav", "flac", "ogg"]
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A file format `encode_audio` writes: its name (CLI `--format`, HTTP `format`), file suffixes, media type."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    media_type: str
+    lossless: bool
+
+
+OUTPUT_FORMATS = {f.name: f for f in (
+    OutputFormat("wav", (".wav",), "audio/wav", True),
+    OutputFormat("flac", (".flac",), "audio/flac", True),
+    OutputFormat("ogg", (".ogg", ".oga"), "audio/ogg", False),  # Vorbis
+    OutputFormat("opus", (".opus",), "audio/ogg; codecs=opus", False),  # Opus in Ogg, as browsers record it
+    OutputFormat("mp3", (".mp3",), "audio/mpeg", False),
+    OutputFormat("m4a", (".m4a",), "audio/mp4", False),  # AAC
+)}
+EncodeFormat = Literal["wav", "flac", "ogg", "opus", "mp3", "m4a"]
 EncodeSubtype = Literal["PCM_16", "FLOAT"]
-_FORMATS: dict[str, str] = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG"}
+_SNDFILE_FORMATS: dict[str, str] = {"wav": "WAV", "flac": "FLAC"}
+# file suffixes of audio that `decode_audio` reads (for picking files out of a folder)
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
+                            ".mka", ".mkv", ".aif", ".aiff", ".aifc", ".caf", ".wma", ".amr", ".wv", ".w64", ".au"})
 
 
-@contextmanager
-def _open(source: AudioSource) -> Iterator[sf.SoundFile]:
-    """Open `source` (bytes or path) for reading; any libsndfile refusal becomes UnsupportedAudioError."""
-    handle: str | io.BytesIO
+def format_for_suffix(suffix: str) -> str | None:
+    """The output format name whose file suffix is `suffix` ('.mp3' -> 'mp3'), None when no format has it."""
+    return next((f.name for f in OUTPUT_FORMATS.values() if suffix.lower() in f.suffixes), None)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says, before decoding: duration (None when unstated), rate, channels, and which
+    decoder reads it ('libsndfile' or 'ffmpeg') with its name for the format."""
+
+    duration_s: float | None
+    sr: int
+    channels: int
+    decoder: str
+    format: str
+
+
+def _load(source: AudioSource) -> tuple[bytes | str, str]:
+    """`source` -> (bytes or a path string, the name to use in messages); refuses empty input, a missing file
+    and a directory by name."""
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
             raise AudioError("audio is empty: 0 bytes received")
-        name, handle = "audio bytes", io.BytesIO(bytes(source))
-    else:
-        name = handle = os.fspath(source)
-        if not os.path.isfile(name):
-            raise AudioError(f"audio file {name!r} does not exist or is not a file")
-        if os.path.getsize(name) == 0:
-            raise AudioError(f"audio file {name!r} is empty: 0 bytes")
+        return bytes(source), "audio bytes"
+    name = os.fspath(source)
+    if os.path.isdir(name):
+        raise AudioError(f"audio file {name!r} is a directory, not a file")
+    if not os.path.exists(name):
+        raise AudioError(f"audio file {name!r} does not exist")
+    if not os.path.isfile(name):
+        raise AudioError(f"audio file {name!r} is not a regular file")
+    if os.path.getsize(name) == 0:
+        raise AudioError(f"audio file {name!r} is empty: 0 bytes")
+    return name, name
+
+
+def _sndfile(data: bytes | str) -> sf.SoundFile | sf.LibsndfileError | RuntimeError | TypeError:
+    """libsndfile's handle, or its refusal (kept for the message when ffmpeg refuses too)."""
     try:
-        f = sf.SoundFile(handle)
+        return sf.SoundFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise UnsupportedAudioError(f"{name}: not a decodable audio file (WAV, FLAC, OGG or MP3): {exc}") from exc
-    with f:
-        _check_header(name, f.samplerate, f.channels, f.frames)
-        yield f
+        return exc
 
 
-def _check_header(name: str, sr: int, channels: int, frames: int) -> None:
+def _ffmpeg_info(data: bytes | str, name: str, sndfile_error: Exception) -> audio_av.StreamInfo:
+    try:
+        return audio_av.probe(data)
+    except UnsupportedAudioError as exc:
+        raise UnsupportedAudioError(f"{name}: not a decodable audio file (libsndfile: {sndfile_error}; {exc})") \
+            from exc
+
+
+def _check_header(name: str, sr: int, channels: int, duration_s: float | None, what: str) -> None:
     """Reject headers no real recording has, before anything is allocated from them."""
     if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
         raise AudioError(f"{name}: header declares {sr} Hz, outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
     if not 1 <= channels <= MAX_CHANNELS:
         raise AudioError(f"{name}: header declares {channels} channels, expected 1..{MAX_CHANNELS}")
-    if frames != UNKNOWN_FRAMES and (frames < 0 or frames / sr > MAX_DECLARED_S):
-        raise AudioError(f"{name}: header declares {frames} frames ({frames / sr / 3600:.1f} h), not a plausible file")
+    if duration_s is not None and not 0 <= duration_s <= MAX_DECLARED_S:
+        raise AudioError(f"{name}: header declares {what} ({duration_s / 3600:.1f} h), not a plausible file")
 
 
-def probe_duration(source: AudioSource) -> tuple[float | None, int, int]:
-    """Header-only look at `source` -> (duration seconds, sample rate Hz, channels); decodes nothing.
+def _check_length(duration_s: float | None, max_duration_s: float | None) -> None:
+    if duration_s is not None and max_duration_s is not None and duration_s > max_duration_s:
+        raise AudioTooLongError(f"audio is {duration_s:.1f} s long, the limit is {max_duration_s:g} s")
 
-    For a cheap size/duration check before `decode_audio`. The duration is None where the header does not
-    say (a FLAC streamed without its total length); MP3 durations come from libsndfile's frame scan and can
-    be off by a frame or so. Raises like `decode_audio` for undecodable headers."""
-    with _open(source) as f:
-        duration = None if f.frames == UNKNOWN_FRAMES else f.frames / f.samplerate
-        return duration, int(f.samplerate), int(f.channels)
+
+def _sndfile_info(f: sf.SoundFile, name: str) -> AudioInfo:
+    sr, frames = int(f.samplerate), int(f.frames)
+    duration = frames / sr if frames != UNKNOWN_FRAMES and sr > 0 else None
+    _check_header(name, sr, int(f.channels), duration, f"{frames} frames")
+    return AudioInfo(duration, sr, int(f.channels), "libsndfile", str(f.format))
+
+
+def probe_audio(source: AudioSource) -> AudioInfo:
+    """Header-only look at `source` (bytes or path): duration, rate, channels; decodes nothing.
+
+    For cheap checks before `decode_audio` (and before loading any model). The duration is None where the
+    header does not say (a FLAC streamed without its total length); for ffmpeg-read containers it is the
+    largest duration the container states. Raises like `decode_audio` for undecodable or absurd headers."""
+    data, name = _load(source)
+    f = _sndfile(data)
+    if isinstance(f, sf.SoundFile):
+        with f:
+            return _sndfile_info(f, name)
+    info = _ffmpeg_info(data, name, f)
+    _check_header(name, info.sr, info.channels, info.duration_s, f"{info.duration_s} s")
+    return AudioInfo(info.duration_s, info.sr, info.channels, "ffmpeg", f"{info.container}/{info.codec}")
 
 
 def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) -> tuple[NDArray[np.float32], int]:
@@ -95,37 +166,58 @@ def decode_audio(source: AudioSource, *, max_duration_s: float | None = None) ->
 
     Integer PCM maps to `int / 2^(bits-1)` (8-bit unsigned WAV is centred first); float files keep
     their values. Several channels are averaged to mono (mean in float64, then float32) block by block,
-    so memory follows the mono length whatever the channel count. Raises
-    `AudioTooLongError` as soon as more than `max_duration_s` seconds have been decoded, and
-    `AudioError` for empty, silent, too short (< 0.1 s) or non-finite content."""
-    with _open(source) as f:
-        sr, channels = int(f.samplerate), int(f.channels)
-        if max_duration_s is None and f.frames == UNKNOWN_FRAMES:  # nothing else bounds what a small file holds
-            max_duration_s = MAX_DECLARED_S
-        cap = None if max_duration_s is None else int(math.floor(max_duration_s * sr))
-        blocks: list[NDArray[np.float32]] = []
-        n = 0
-        try:
-            while True:  # block reads: a header's frame count is not an allocation size
-                block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
-                if len(block) == 0:
-                    break
-                # mono files skip the mean so that PCM16 stays bit-exact int16/32768
-                blocks.append(block[:, 0].copy() if channels == 1 else
-                              block.mean(axis=1, dtype=np.float64).astype(np.float32))
-                n += len(block)
-                if cap is not None and n > cap:
-                    raise AudioTooLongError(f"audio is longer than the limit of {max_duration_s:g} s")
-                if len(block) < _BLOCK_FRAMES:
-                    break
-        except sf.LibsndfileError as exc:  # corrupt stream after a valid header
-            if f.frames == UNKNOWN_FRAMES and n == 0:  # libsndfile cannot read e.g. a FLAC without its length
-                raise UnsupportedAudioError("the audio header does not give its length (a streamed FLAC?), which "
-                                            f"the decoder cannot read ({exc}); re-encode the file") from exc
-            raise UnsupportedAudioError(f"audio stream is corrupt after {n} frames: {exc}") from exc
-    mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    so memory follows the mono length whatever the channel count. Raises `AudioTooLongError` when the
+    header claims more than `max_duration_s` seconds (before decoding) or as soon as more have been
+    decoded, and `AudioError` for empty, silent, too short (< 0.1 s) or non-finite content."""
+    data, name = _load(source)
+    cap = MAX_DECLARED_S if max_duration_s is None else max_duration_s  # bounds what a small file can expand to
+    f = _sndfile(data)
+    if isinstance(f, sf.SoundFile):
+        with f:
+            info = _sndfile_info(f, name)
+            _check_length(info.duration_s, max_duration_s)
+            mono = _decode_sndfile(f, cap)
+        if mono is None:  # libsndfile cannot read e.g. a FLAC without its length: ffmpeg can
+            mono, sr = audio_av.decode(data, lambda i: _check_ffmpeg(name, i, max_duration_s), cap)
+        else:
+            sr = info.sr
+    else:
+        _ffmpeg_info(data, name, f)  # the combined message when neither decoder opens it
+        mono, sr = audio_av.decode(data, lambda i: _check_ffmpeg(name, i, max_duration_s), cap)
     check_audio(mono, sr)
     return mono, sr
+
+
+def _check_ffmpeg(name: str, info: audio_av.StreamInfo, max_duration_s: float | None) -> None:
+    _check_header(name, info.sr, info.channels, info.duration_s, f"{info.duration_s} s")
+    _check_length(info.duration_s, max_duration_s)
+
+
+def _decode_sndfile(f: sf.SoundFile, cap_s: float) -> NDArray[np.float32] | None:
+    """libsndfile's samples as mono float32 `[N]`; None when it fails before the first block of a file whose
+    header leaves the length open (ffmpeg reads those)."""
+    channels = int(f.channels)
+    cap = int(math.floor(cap_s * f.samplerate))
+    blocks: list[NDArray[np.float32]] = []
+    n = 0
+    try:
+        while True:  # block reads: a header's frame count is not an allocation size
+            block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+            if len(block) == 0:
+                break
+            # mono files skip the mean so that PCM16 stays bit-exact int16/32768
+            blocks.append(block[:, 0].copy() if channels == 1 else
+                          block.mean(axis=1, dtype=np.float64).astype(np.float32))
+            n += len(block)
+            if n > cap:
+                raise AudioTooLongError(f"audio is longer than the limit of {cap_s:g} s")
+            if len(block) < _BLOCK_FRAMES:
+                break
+    except sf.LibsndfileError as exc:  # corrupt stream after a valid header
+        if f.frames == UNKNOWN_FRAMES and n == 0:
+            return None
+        raise UnsupportedAudioError(f"audio stream is corrupt after {n} frames: {exc}") from exc
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
 
 def check_audio(audio: NDArray[np.floating], sr: int) -> None:
@@ -223,17 +315,18 @@ def encode_audio(
     format: EncodeFormat = "wav",
     subtype: EncodeSubtype = "PCM_16",
 ) -> bytes:
-    """Mono `audio` `[N]` at `sr` Hz -> file bytes.
+    """Mono `audio` `[N]` at `sr` Hz -> file bytes in one of `OUTPUT_FORMATS`.
 
-    wav: `PCM_16` or `FLOAT` (32-bit). flac: `PCM_16` only. ogg: always Vorbis (`subtype` does not apply).
-    int16 input is written as is for PCM_16 (and as `v / 32768` for float output); float input becomes
-    PCM_16 through `to_int16` (RVC's 0.99 peak rule), so the samples equal RVC's int16 output."""
-    if format not in _FORMATS:
-        raise ParameterError(f"output format must be one of {sorted(_FORMATS)}, got {format!r}")
+    wav: `PCM_16` or `FLOAT` (32-bit); every other format takes `PCM_16` only. Float input becomes int16
+    through `to_int16` (RVC's 0.99 peak rule), so wav/flac samples equal RVC's int16 output and the lossy
+    formats encode those same samples (`v / 32768`): ogg (Vorbis) through libsndfile; opus, mp3 and m4a (AAC)
+    through PyAV, at `audio_av.encoder_rate` (e.g. 40 kHz is written as 44.1 kHz mp3/m4a, 48 kHz opus)."""
+    if format not in OUTPUT_FORMATS:
+        raise ParameterError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     if subtype not in ("PCM_16", "FLOAT"):
         raise ParameterError(f"output subtype must be 'PCM_16' or 'FLOAT', got {subtype!r}")
-    if format == "flac" and subtype == "FLOAT":
-        raise ParameterError("flac cannot store float samples: use subtype 'PCM_16' or format 'wav'")
+    if format != "wav" and subtype == "FLOAT":
+        raise ParameterError(f"{format} cannot store float samples: use subtype 'PCM_16' or format 'wav'")
     if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
         raise ParameterError(f"output sample rate must be {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz, got {sr}")
     x = np.asarray(audio)
@@ -241,18 +334,22 @@ def encode_audio(
         raise AudioError(f"audio to encode must be mono 1-D samples, got shape {x.shape}")
     if x.dtype != np.int16 and not np.issubdtype(x.dtype, np.floating):
         raise AudioError(f"audio to encode must be float or int16 samples, got {x.dtype}")
-    data: NDArray[np.int16] | NDArray[np.float32]
-    if format == "ogg" or subtype == "FLOAT":
-        if x.dtype == np.int16:
-            data = x.astype(np.float32) / np.float32(32768)
-        else:
-            data = x.astype(np.float32)
-            if not np.isfinite(data).all():
-                raise AudioError("audio to encode contains NaN or infinite samples")
-        sf_subtype = "VORBIS" if format == "ogg" else "FLOAT"
-    else:
-        data = x if x.dtype == np.int16 else to_int16(x)
-        sf_subtype = "PCM_16"
+    if subtype == "FLOAT":
+        data = x.astype(np.float32) / np.float32(32768) if x.dtype == np.int16 else x.astype(np.float32)
+        if not np.isfinite(data).all():
+            raise AudioError("audio to encode contains NaN or infinite samples")
+        return _sndfile_bytes(data, sr, "WAV", "FLOAT")
+    ints = x if x.dtype == np.int16 else to_int16(x)
+    if format in ("wav", "flac"):
+        return _sndfile_bytes(ints, sr, _SNDFILE_FORMATS[format], "PCM_16")
+    lossy = ints.astype(np.float32) / np.float32(32768)
+    if format == "ogg":
+        return _sndfile_bytes(lossy, sr, "OGG", "VORBIS")
+    rate = audio_av.encoder_rate(format, sr)
+    return audio_av.encode(np.asarray(resample(lossy, sr, rate), dtype=np.float32), rate, format)
+
+
+def _sndfile_bytes(data: NDArray[np.int16] | NDArray[np.float32], sr: int, container: str, subtype: str) -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, data, sr, format=_FORMATS[format], subtype=sf_subtype)
+    sf.write(buf, data, sr, format=container, subtype=subtype)
     return buf.getvalue()
