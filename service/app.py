@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from rvc_lora.errors import RVCLoraError
 from service import handlers
 from service.auth import BearerAuth
+from service.connections import ConnectionLimit, Connections, protocol_class
 from service.engine import Engine, load_engine
 from service.extraction import Extractor
 from service.ingest import ingest_adapter
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, *,
     """A new app. `engine_factory` runs on the device thread at startup (tests pass fakes)."""
     settings = settings or Settings()
     metrics = Metrics()
+    connections = Connections(settings.max_connections, settings.header_timeout_s, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,13 +112,13 @@ def create_app(settings: Settings | None = None, *,
             await worker.stop()
 
     app = FastAPI(title="rvc-lora", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings, app.state.metrics = settings, metrics
+    app.state.settings, app.state.metrics, app.state.connections = settings, metrics, connections
     app.include_router(api_router)
     app.add_exception_handler(RVCLoraError, handlers.rvc_error)
     app.add_exception_handler(RequestValidationError, handlers.validation_error)
     app.add_exception_handler(HTTPException, handlers.http_error)
     app.add_exception_handler(Exception, handlers.unexpected_error)
-    # added innermost first: RequestContext -> CORS -> auth -> body limit -> routes
+    # added innermost first: RequestContext -> connection limit -> CORS -> auth -> body limit -> routes
     app.add_middleware(BodyLimit, limit_for=body_limits(settings), idle_timeout_s=settings.upload_idle_timeout_s,
                        total_timeout_s=settings.upload_timeout_s)
     if settings.api_key is not None:
@@ -125,6 +127,7 @@ def create_app(settings: Settings | None = None, *,
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Server-Timing", "X-Adapter", "X-Adapter-Cache"])
+    app.add_middleware(ConnectionLimit, connections=connections, metrics=metrics)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
 
@@ -144,13 +147,12 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(app: FastAPI, host: str, port: int, grace_s: float, max_connections: int | None = None) -> None:
-    """Serve `app` with uvicorn in this process until SIGTERM/SIGINT; exits within `grace_s` of it. Past
-    `max_connections` open connections and requests, uvicorn answers 503 itself (a backstop: the queue bound
-    refuses work long before that in normal overload)."""
+def run_server(app: FastAPI, host: str, port: int, grace_s: float) -> None:
+    """Serve `app` with uvicorn in this process until SIGTERM/SIGINT; exits within `grace_s` of it. The
+    connection limits and the request-head timeout are the app's (`service.connections`)."""
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
                             timeout_graceful_shutdown=max(1, math.floor(grace_s)), server_header=False,
-                            limit_concurrency=max_connections)
+                            http=protocol_class(app.state.connections))
     _DrainingServer(config, app).run()
 
 
@@ -182,4 +184,4 @@ def serve(host: str | None = None, port: int | None = None, demo: bool = False,
     configure_logging(settings.log_level)
     log.info("starting", extra={"host": settings.host, "port": settings.port, "device": settings.device,
                                 "demo": demo, "auth": settings.api_key is not None})
-    run_server(create_app(settings), settings.host, settings.port, settings.shutdown_grace_s, settings.max_connections)
+    run_server(create_app(settings), settings.host, settings.port, settings.shutdown_grace_s)

@@ -77,6 +77,12 @@ class ServiceStopping(ServiceError):
     code, status = "shutting_down", 503
 
 
+class Overloaded(ServiceError):
+    """More requests in progress than the server's connection limit (`max_connections`)."""
+
+    code, status = "overloaded", 503
+
+
 class NotReady(ServiceError):
     code, status = "not_ready", 503
 

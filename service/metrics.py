@@ -40,9 +40,19 @@ class Metrics:
                              "adapter lookups: hit (already on the device) or miss, and the tier that served it",
                              ["result", "tier"], registry=r)
         self.resident = Gauge("rvc_lora_resident_adapters", "adapters held per tier", ["tier"], registry=r)
+        self.open_connections = Gauge("rvc_lora_http_open_connections", "open HTTP connections", registry=r)
+        self.connection_limit = Gauge("rvc_lora_http_connection_limit", "max_connections: open connections "
+                                      "(the oldest idle ones are closed past it) and requests in progress (503 past "
+                                      "it, health routes excepted)", registry=r)
+        self.in_flight = Gauge("rvc_lora_http_requests_in_flight", "HTTP requests in progress", registry=r)
+        self.connections_closed = Counter("rvc_lora_http_connections_closed_total", "connections the server closed: "
+                                          "head_timeout (no complete request head in time), evicted (idle, to make "
+                                          "room past the limit)", ["reason"], registry=r)
         self.ready = Gauge("rvc_lora_ready", "1 when models are loaded and warm", registry=r)
         self.cache.labels(result="hit", tier="device")
         for tier in ("host", "disk"):
             self.cache.labels(result="miss", tier=tier)
+        for reason in ("head_timeout", "evicted"):
+            self.connections_closed.labels(reason=reason)
         for tier in ("device", "host"):
             self.resident.labels(tier=tier).set(0)

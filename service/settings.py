@@ -61,8 +61,11 @@ class Settings(BaseSettings):
     upload_idle_timeout_s: float = Field(default=30.0, gt=0,
                                          description="an upload that sends nothing for this long is 408")
     upload_timeout_s: float = Field(default=600.0, gt=0, description="an upload still arriving after this is 408")
-    max_connections: int = Field(default=1000, ge=1, description="open connections and requests in progress; "
-                                 "beyond them new requests get 503 at once (uvicorn's limit_concurrency)")
+    max_connections: int = Field(default=1000, ge=1, description="open connections (past it the oldest idle ones "
+                                 "are closed) and requests in progress (past it new requests get 503 at once, "
+                                 "health routes excepted)")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection that has not sent a complete "
+                                    "request head this long after connecting or after its last response is closed")
     max_bypass: int = Field(default=4, ge=0, description="times a job may be overtaken by same-adapter jobs")
 
     # operation
