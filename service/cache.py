@@ -1,4 +1,10 @@
-"""Device and host tiers of adapter voices (LRU each); the disk tier is the store itself.
+"""Device and host tiers of adapter voices; the disk tier is the store itself.
+
+The device tier is an LRU of `device_slots` voices. The host tier is an LRU bounded in bytes: a voice's
+host copy holds its adapter tensors and its retrieval index with every vector reconstructed as float32,
+which can be hundreds of MB for a file of one (a product-quantized index). A device copy shares its
+host copy's index, so a voice leaves the device tier when it leaves the host tier: the bytes counted are
+the bytes held. The voice just loaded always stays, even alone above the budget.
 
 Used from the worker's device thread only, so there is no locking: a lookup, a load and an eviction
 never interleave with a conversion.
@@ -15,59 +21,48 @@ D = TypeVar("D")  # device copy
 Tier = Literal["device", "host", "disk"]
 
 
-class _LRU(Generic[H]):
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"cache capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self._items: OrderedDict[str, H] = OrderedDict()
-
-    def get(self, key: str) -> H | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: str, item: H) -> None:
-        self._items[key] = item
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def discard(self, key: str) -> None:
-        self._items.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-
 class VoiceCache(Generic[H, D]):
     """`get(key)` returns the device copy and the tier it came from (device hit, host hit, or disk)."""
 
-    def __init__(self, device_slots: int, host_slots: int, to_device: Callable[[H], D]) -> None:
-        self._device: _LRU[D] = _LRU(device_slots)
-        self._host: _LRU[H] = _LRU(host_slots)
-        self._to_device = to_device
+    def __init__(self, device_slots: int, host_bytes: int, to_device: Callable[[H], D],
+                 size_of: Callable[[H], int]) -> None:
+        if device_slots < 1 or host_bytes < 1:
+            raise ValueError(f"cache capacities must be >= 1, got {device_slots} slots and {host_bytes} bytes")
+        self.device_slots, self.host_bytes = device_slots, host_bytes
+        self._device: OrderedDict[str, D] = OrderedDict()
+        self._host: OrderedDict[str, tuple[H, int]] = OrderedDict()
+        self._held = 0  # bytes of the host copies
+        self._to_device, self._size_of = to_device, size_of
 
     def get(self, key: str, load: Callable[[], H]) -> tuple[D, Tier]:
         """`load` reads the voice from disk; it runs only when neither tier holds `key`."""
-        on_device = self._device.get(key)
-        if on_device is not None:
-            return on_device, "device"
-        host = self._host.get(key)
-        tier: Tier = "host"
-        if host is None:
-            host, tier = load(), "disk"
-            self._host.put(key, host)
-        on_device = self._to_device(host)
-        self._device.put(key, on_device)
-        return on_device, tier
+        tier: Tier = "device" if key in self._device else "host" if key in self._host else "disk"
+        if tier == "disk":
+            host = load()
+            size = max(int(self._size_of(host)), 0)
+            self._host[key] = (host, size)
+            self._held += size
+        self._host.move_to_end(key)
+        while self._held > self.host_bytes and len(self._host) > 1:
+            self.discard(next(iter(self._host)))  # the oldest; never `key`, which was just moved to the end
+        if tier != "device":
+            self._device[key] = self._to_device(self._host[key][0])
+        self._device.move_to_end(key)
+        while len(self._device) > self.device_slots:
+            self._device.popitem(last=False)
+        return self._device[key], tier
 
     def discard(self, key: str) -> None:
-        self._device.discard(key)
-        self._host.discard(key)
+        self._device.pop(key, None)
+        entry = self._host.pop(key, None)
+        if entry is not None:
+            self._held -= entry[1]
 
     def sizes(self) -> tuple[int, int]:
         """(adapters on the device, adapters in host memory)."""
         return len(self._device), len(self._host)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the host copies (adapter tensors and reconstructed index vectors)."""
+        return self._held

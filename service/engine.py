@@ -107,7 +107,8 @@ class Engine(Protocol):
         ...
 
     def check_index(self, path: Path) -> None:
-        """Raise IndexFileError unless `path` is a usable retrieval index for the base's feature width."""
+        """Raise IndexFileError unless `path` is a usable retrieval index for the base's feature width, within
+        `max_index_memory_bytes` once loaded."""
         ...
 
     def extract_voice(self, voice: Path, *, rank: int, name: str, evaluate: bool) -> Extracted:
@@ -117,6 +118,11 @@ class Engine(Protocol):
         ...
 
     def load_voice(self, adapter: Path, index: Path | None) -> object: ...
+
+    def host_bytes(self, voice: object) -> int:
+        """Host memory a `load_voice` result holds (adapter tensors, index vectors as loaded): the host cache's
+        budget is in these bytes."""
+        ...
 
     def to_device(self, voice: object) -> object: ...
 
@@ -172,6 +178,7 @@ class RVCEngine:
                                n_speakers=int(model.base.emb_g.num_embeddings), content_dim=cfg.content_dim,
                                max_rank=settings.max_rank, target_modules=tuple(lora_config.target_modules),
                                f0_methods=_f0_methods(settings), device=str(self._vc.device))
+        self._max_index_bytes = settings.max_index_memory_bytes
 
     @property
     def info(self) -> ModelInfo:
@@ -211,7 +218,8 @@ class RVCEngine:
     def check_index(self, path: Path) -> None:
         from rvc_lora.pipeline.index import probe_index_file
 
-        probe_index_file(path, dim=self._info.content_dim)  # in a child process: the file is untrusted
+        # in a child process: the file is untrusted
+        probe_index_file(path, dim=self._info.content_dim, max_bytes=self._max_index_bytes)
 
     def extract_voice(self, voice: Path, *, rank: int, name: str, evaluate: bool) -> Extracted:
         from rvc_lora.errors import RVCLoraError
@@ -233,8 +241,14 @@ class RVCEngine:
         if self._vc.device.type == "cuda":  # pinned host copies make the host -> device copy a plain DMA ...
             dtype = self._vc.dtype  # ... if already in the model dtype: a blocking .to() casts into unpinned memory
             loaded = type(loaded)(loaded.info, {k: v.to(dtype).pin_memory() for k, v in loaded.tensors.items()})
-        retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim)
+        retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim,
+                                                                        max_bytes=self._max_index_bytes)
         return _Voice(loaded, retrieval)
+
+    def host_bytes(self, voice: object) -> int:
+        host = _as_voice(voice)
+        tensors = sum(int(t.nbytes) for t in host.adapter.tensors.values())
+        return tensors + (0 if host.index is None else host.index.nbytes)
 
     def to_device(self, voice: object) -> object:
         host = _as_voice(voice)

@@ -9,17 +9,42 @@ every check passed.
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Literal
 
 from rvc_lora.errors import AdapterError, RVCLoraError
 from service.engine import Engine
-from service.errors import relabel
+from service.errors import QueueFull, relabel
 from service.settings import Settings
 from service.store import AdapterStore, Readable, Staged, StoredAdapter, check_name
 
 Kind = Literal["adapter", "voice"]
 HEAD_BYTES = 8
 ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip container; a bare pickle (protocol >= 2)
+
+
+PROBE_WAIT_S = 30.0  # an upload waits this long for an index probe slot, then gets 503
+
+
+@functools.cache
+def probe_slots(limit: int) -> threading.BoundedSemaphore:
+    """This process's index probe slots (each probe is a child process that may take max_index_memory_bytes)."""
+    return threading.BoundedSemaphore(limit)
+
+
+def check_index(engine: Engine, settings: Settings, staged: Staged) -> None:
+    """`engine.check_index` on a staged index, at most `max_index_probes` at once: 503 after `PROBE_WAIT_S`."""
+    slots = probe_slots(settings.max_index_probes)
+    if not slots.acquire(timeout=PROBE_WAIT_S):
+        raise QueueFull(f"{settings.max_index_probes} uploaded indexes are being checked; retry in "
+                        f"{PROBE_WAIT_S:g} s", retry_after=PROBE_WAIT_S)
+    try:
+        engine.check_index(staged.path)
+    except RVCLoraError as exc:
+        raise relabel(exc, staged.path, "index file") from exc
+    finally:
+        slots.release()
 
 
 def kind_of(head: bytes) -> Kind:
@@ -75,10 +100,7 @@ def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, stage
             raise AdapterError(f"adapter file: rank {meta.rank} exceeds this server's maximum rank {settings.max_rank}")
         if index is not None:
             staged_index = store.stage(index, settings.max_index_bytes, "index file")
-            try:
-                engine.check_index(staged_index.path)
-            except RVCLoraError as exc:
-                raise relabel(exc, staged_index.path, "index file") from exc
+            check_index(engine, settings, staged_index)
         return store.commit(staged, staged_index, name, meta)
     finally:
         store.discard(staged, staged_index)  # committed files were renamed away: this removes leftovers only

@@ -48,6 +48,8 @@ class Metrics:
         self.connections_closed = Counter("rvc_lora_http_connections_closed_total", "connections the server closed: "
                                           "head_timeout (no complete request head in time), evicted (idle, to make "
                                           "room past the limit)", ["reason"], registry=r)
+        self.host_cache_bytes = Gauge("rvc_lora_host_cache_bytes", "host memory held by cached adapters and their "
+                                      "indexes (bounded by host_cache_bytes)", registry=r)
         self.ready = Gauge("rvc_lora_ready", "1 when models are loaded and warm", registry=r)
         self.cache.labels(result="hit", tier="device")
         for tier in ("host", "disk"):

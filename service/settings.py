@@ -39,7 +39,8 @@ class Settings(BaseSettings):
                                            description="name -> adapter file added to the store at start")
     seed_indexes: dict[str, Path] = Field(default_factory=dict, description="name -> .index of that seed adapter")
     device_cache_size: int = Field(default=8, ge=1, description="adapters kept on the device (LRU)")
-    host_cache_size: int = Field(default=64, ge=1, description="adapters kept in host memory (LRU)")
+    host_cache_bytes: int = Field(default=4096 * MiB, ge=1, description="host memory for adapters kept loaded "
+                                  "(LRU): their tensors and their indexes' vectors as loaded (float32)")
     stale_upload_s: float = Field(default=3600.0, gt=0, description="temp files of other processes older than this "
                                   "are swept at start (the adapter folder may be shared by replicas)")
 
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     max_features_bytes: int = Field(default=64 * MiB, gt=0, description="largest /infer .npz upload")
     max_adapter_bytes: int = Field(default=64 * MiB, gt=0, description="largest adapter file")
     max_index_bytes: int = Field(default=1024 * MiB, gt=0, description="largest retrieval .index file")
+    max_index_memory_bytes: int = Field(default=1024 * MiB, gt=0, description="largest retrieval index once loaded "
+                                        "(every vector as float32: a compressed index takes far more than its file)")
+    max_index_probes: int = Field(default=2, ge=1, description="uploaded indexes read at once (each in a child "
+                                  "process of up to max_index_memory_bytes); more wait, then get 503")
     max_voice_bytes: int = Field(default=256 * MiB, gt=0,
                                  description="largest full RVC voice model (.pth) accepted for extraction")
     max_queued_audio_s: float = Field(default=300.0, gt=0, description="queue bound, in seconds of audio waiting")

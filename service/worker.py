@@ -365,7 +365,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             engine = await asyncio.wrap_future(self._device.submit(lambda: self._factory(self.settings)))
-            self._cache = VoiceCache(self.settings.device_cache_size, self.settings.host_cache_size, engine.to_device)
+            self._cache = VoiceCache(self.settings.device_cache_size, self.settings.host_cache_bytes, engine.to_device,
+                                     engine.host_bytes)
             if self.settings.warmup:
                 start = loop.time()
                 audio_s = await asyncio.wrap_future(self._device.submit(engine.warmup))
@@ -460,3 +461,4 @@ class Worker:
             on_device, on_host = self._cache.sizes()
             self._metrics.resident.labels(tier="device").set(on_device)
             self._metrics.resident.labels(tier="host").set(on_host)
+            self._metrics.host_cache_bytes.set(self._cache.held_bytes)

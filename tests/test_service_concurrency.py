@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
-from tests.test_service_engine import FakeEngine, adapter_bytes, sine_wav
+from tests.test_service_engine import FAKE_VOICE_BYTES, FakeEngine, adapter_bytes, sine_wav
 
 N_REQUESTS, N_ADAPTERS = 40, 4
 
@@ -50,8 +50,8 @@ async def check_no_bleed(app: FastAPI, adapter_files: list[bytes]) -> None:
 
 @pytest.mark.anyio
 async def test_concurrent_requests_match_solo_requests_fake_engine(tmp_path: Path) -> None:
-    app = create_app(Settings(adapter_dir=tmp_path / "store", device_cache_size=2, host_cache_size=3),
-                     engine_factory=lambda _: FakeEngine())
+    app = create_app(Settings(adapter_dir=tmp_path / "store", device_cache_size=2,
+                              host_cache_bytes=3 * FAKE_VOICE_BYTES), engine_factory=lambda _: FakeEngine())
     await check_no_bleed(app, [adapter_bytes(tmp_path, seed) for seed in range(N_ADAPTERS)])
 
 
@@ -59,7 +59,7 @@ async def test_concurrent_requests_match_solo_requests_fake_engine(tmp_path: Pat
 async def test_concurrent_requests_match_solo_requests_real_engine(
         tmp_path: Path, tiny_service_assets: dict[str, Path | list[Path]]) -> None:
     settings = Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], max_rank=8,
-                        adapter_dir=tmp_path / "store", device_cache_size=2, host_cache_size=3)
+                        adapter_dir=tmp_path / "store", device_cache_size=2, host_cache_bytes=3 * FAKE_VOICE_BYTES)
     adapters = tiny_service_assets["adapters"]
     assert isinstance(adapters, list)
     await check_no_bleed(create_app(settings), [p.read_bytes() for p in adapters])

@@ -31,6 +31,7 @@ FAKE_INFO = ModelInfo(fingerprint=FAKE_FINGERPRINT, version="v2", f0=True, sr=40
 FAIL_SEED = 666  # the fake engine raises a plain exception for this seed (a bug inside the worker)
 OOM_SEED = 777  # ... and runs out of device memory for this one
 GOOD_INDEX = b"fake-index-768"
+FAKE_VOICE_BYTES = 1024  # what a fake voice counts against the host cache
 
 
 def sine_wav(seconds: float = 0.5, sr: int = 16000, freq: float = 220.0, subtype: str = "PCM_16") -> bytes:
@@ -116,6 +117,9 @@ class FakeEngine:
         self.loads += 1
         tensors = load_adapter(adapter).tensors
         return 0.5 + float(sum(t.abs().sum() for t in tensors.values())) % 0.5
+
+    def host_bytes(self, voice: object) -> int:
+        return FAKE_VOICE_BYTES
 
     def to_device(self, voice: object) -> object:
         self.to_device_calls += 1

@@ -100,7 +100,7 @@ def test_throughput_estimate() -> None:
 
 def test_voice_cache_tiers_and_lru() -> None:
     loads: list[str] = []
-    cache: VoiceCache[str, str] = VoiceCache(2, 3, to_device=lambda h: h.upper())
+    cache: VoiceCache[str, str] = VoiceCache(2, 3, to_device=lambda h: h.upper(), size_of=lambda _: 1)
 
     def get(key: str) -> str:
         return cache.get(key, lambda: loads.append(key) or key)[1]

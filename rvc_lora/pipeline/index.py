@@ -55,11 +55,19 @@ class RetrievalIndex:
         self._index = index
         self.big = big
         self.path = path
+        self._file_bytes = path.stat().st_size if path.is_file() else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held: the reconstructed vectors, plus the faiss index itself (about its file's size)."""
+        return int(self.big.nbytes) + self._file_bytes
 
     @classmethod
-    def from_path(cls, path: str | Path, dim: int | None = None) -> RetrievalIndex:
+    def from_path(cls, path: str | Path, dim: int | None = None, *, max_bytes: int | None = None) -> RetrievalIndex:
         """Read an RVC index (any faiss index that can `reconstruct_n`; RVC writes `IVF{n},Flat`, nprobe 1, which is
-        kept as stored). `dim`: the feature width the model produces (256 v1 / 768 v2), checked here."""
+        kept as stored). `dim`: the feature width the model produces (256 v1 / 768 v2), checked here. `max_bytes`:
+        the most its vectors may take once reconstructed (`ntotal * d` float32), checked before they are: a
+        product-quantized index of 1 MB can hold 470 MB of them."""
         faiss = _faiss()
         path = Path(path)
         if not path.is_file():
@@ -71,6 +79,10 @@ class RetrievalIndex:
         if index.ntotal == 0:
             raise IndexFileError(f"{path} holds no vectors")
         _check_claimed_size(index, path)
+        loaded_bytes = int(index.ntotal) * int(index.d) * 4
+        if max_bytes is not None and loaded_bytes > max_bytes:
+            raise IndexFileError(f"{path} holds {index.ntotal} vectors of {index.d} dimensions: {loaded_bytes >> 20} "
+                                 f"MiB once loaded, more than the limit of {max_bytes >> 20} MiB")
         try:
             big = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
         except Exception as e:
@@ -146,21 +158,23 @@ def _check_claimed_size(index: Any, path: Path) -> None:
                              "can hold (a damaged or crafted file)")
 
 
-def probe_index_file(path: str | Path, dim: int | None = None, *,
+def probe_index_file(path: str | Path, dim: int | None = None, *, max_bytes: int | None = None,
                      timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int, int]:
     """Read an untrusted `.index` in a child process -> `(ntotal, dim)`; IndexFileError if it is unreadable.
 
     faiss's reader trusts the sizes in the file: a crafted header makes it allocate what the header says, and a
     damaged one can crash it. The child runs under an address-space limit (4x the file + 512 MiB beyond what
-    it has mapped once loaded, ample for a real index) and a timeout, so a hostile upload costs a failed
-    child, never the server's memory or life.
+    it has mapped once loaded, ample for a real index, plus `max_bytes`) and a timeout, so a hostile upload
+    costs a failed child, never the server's memory or life. `max_bytes`: as for `RetrievalIndex.from_path`,
+    checked in the child before the vectors are reconstructed.
     """
     path = Path(path)
     if not path.is_file():
         raise IndexFileError(f"index file {path} does not exist")
     _faiss()  # a missing faiss is the caller's configuration error, not the file's
-    budget = PROBE_HEADROOM + 4 * path.stat().st_size
-    cmd = [sys.executable, "-m", "rvc_lora.pipeline.index_probe", str(path), str(dim or 0), str(budget)]
+    budget = PROBE_HEADROOM + 4 * path.stat().st_size + (max_bytes or 0)
+    cmd = [sys.executable, "-m", "rvc_lora.pipeline.index_probe", str(path), str(dim or 0), str(budget),
+           str(max_bytes or 0)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)

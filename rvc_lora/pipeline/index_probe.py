@@ -1,5 +1,6 @@
 """Child process of `rvc_lora.pipeline.index.probe_index_file`: read one untrusted `.index` under an
-address-space limit. Arguments: PATH DIM (0: any) BUDGET_BYTES; prints JSON `{"ntotal", "dim"}`."""
+address-space limit. Arguments: PATH DIM (0: any) BUDGET_BYTES [MAX_LOADED_BYTES (0: any)]; prints JSON
+`{"ntotal", "dim"}`."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def _limit_address_space(budget: int) -> None:
 
 def main(argv: list[str]) -> int:
     path, dim, budget = Path(argv[0]), int(argv[1]), int(argv[2])
+    max_bytes = int(argv[3]) if len(argv) > 3 and int(argv[3]) > 0 else None
     _faiss()  # imported before the cap: its libraries' mappings are not the file's doing
     _limit_address_space(budget)
     try:
-        loaded = RetrievalIndex.from_path(path, dim=dim or None)
+        loaded = RetrievalIndex.from_path(path, dim=dim or None, max_bytes=max_bytes)
     except IndexFileError as e:
         sys.stderr.write(f"{e}\n")
         return PROBE_REFUSED

@@ -1,0 +1,97 @@
+"""Issue 20: what attacking a live server found (memory amplification, work that outlived its deadline,
+format sniffing, framing, shutdown), each with the behaviour that replaced it. Fake or tiny models only.
+
+The HTTP-layer cases that need real sockets (idle connections, request-head timeouts) are in
+`test_service_connections.py`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.cache import VoiceCache
+from tests.test_service_engine import GOOD_INDEX, FakeEngine, adapter_bytes, running_app, upload
+
+# 2. memory: indexes bounded by their size once loaded, the host cache in bytes, probes bounded
+
+def _pq_index(path: Path, dim: int, vectors: int) -> Path:
+    """A product-quantized index: one byte per vector on disk, `dim` float32 per vector once reconstructed."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    index = faiss.IndexPQ(dim, 1, 8)
+    index.train(rng.standard_normal((512, dim)).astype(np.float32))
+    index.add(rng.standard_normal((vectors, dim)).astype(np.float32))
+    faiss.write_index(index, str(path))
+    return path
+
+
+def test_an_index_is_bounded_by_its_size_once_loaded(tmp_path: Path, tiny_service_assets: dict[str, Any]) -> None:
+    """Was: a 1 MB IndexPQ passed the upload checks and took 470 MB per adapter once loaded."""
+    pytest.importorskip("faiss", reason="faiss is optional: pip install 'rvc-lora[index]'")
+    from rvc_lora.errors import IndexFileError
+    from rvc_lora.pipeline.index import RetrievalIndex, probe_index_file
+    from service.engine import load_engine
+
+    index = _pq_index(tmp_path / "pq.index", 256, 20_000)  # ~0.3 MB on disk, 20 MB of float32 vectors
+    assert index.stat().st_size < 1 << 20
+    with pytest.raises(IndexFileError, match="MiB once loaded, more than the limit of 8 MiB"):
+        probe_index_file(index, 256, max_bytes=8 << 20)
+    with pytest.raises(IndexFileError, match="once loaded"):
+        RetrievalIndex.from_path(index, 256, max_bytes=8 << 20)
+    assert probe_index_file(index, 256, max_bytes=32 << 20) == (20_000, 256)
+    assert RetrievalIndex.from_path(index, 256).nbytes >= 20_000 * 256 * 4
+
+    with running_app(tmp_path, factory=load_engine, model=tiny_service_assets["model"],
+                     hubert=tiny_service_assets["hubert"], max_rank=8, max_index_memory_bytes=8 << 20) as client:
+        r = upload(client, tiny_service_assets["adapters"][0].read_bytes(), index=index.read_bytes())
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_index"), r.text
+        assert "once loaded" in r.json()["error"]["message"] and str(tmp_path) not in r.text
+
+
+def test_host_cache_is_bounded_in_bytes_and_drops_device_copies_with_host_ones() -> None:
+    """Was: 64 entries whatever each held. Here one voice is 50 bytes, another 30, the budget 100."""
+    sizes = {"big": 50, "a": 30, "b": 30, "huge": 500}
+    loads: list[str] = []
+    cache: VoiceCache[str, str] = VoiceCache(8, 100, to_device=str.upper, size_of=lambda h: sizes[h])
+
+    def get(key: str) -> str:
+        return cache.get(key, lambda: loads.append(key) or key)[1]
+
+    assert [get(k) for k in ("big", "a")] == ["disk", "disk"] and cache.held_bytes == 80
+    assert get("b") == "disk" and cache.held_bytes == 60 and cache.sizes() == (2, 2)  # "big" left both tiers
+    assert get("big") == "disk"
+    assert get("huge") == "disk" and cache.sizes() == (1, 1) and cache.held_bytes == 500  # alone, kept while used
+    assert get("a") == "disk" and cache.held_bytes == 30
+
+
+def test_index_probes_run_at_most_max_index_probes_at_once(tmp_path: Path) -> None:
+    """Was: six concurrent uploads ran six probe children at once (240-720 MB each)."""
+
+    class SlowProbe(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.running, self.most = 0, 0
+            self.lock = threading.Lock()
+
+        def check_index(self, path: Path) -> None:
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.3)
+            with self.lock:
+                self.running -= 1
+            super().check_index(path)
+
+    engine = SlowProbe()
+    with running_app(tmp_path, engine, max_index_probes=2) as client, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda seed: upload(client, adapter_bytes(tmp_path, seed), index=GOOD_INDEX),
+                                range(6)))
+    assert [r.status_code for r in replies] == [201] * 6
+    assert engine.most == 2
