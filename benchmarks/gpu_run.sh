@@ -5,13 +5,13 @@
 #
 # --wheels DIR  install the wheels in DIR (no index, no deps, into /tmp/site) first: for a machine that
 #               cannot reach PyPI but has torch (see README, "GPU run"); its torch is never touched.
-# --budget S    wall-clock budget for the whole run (default 480 s); a step gets at most what is left.
+# --budget S    wall-clock budget for the whole run (default 420 s); a step gets at most what is left.
 # --dry-run     every step on the CPU at tiny size, to rehearse the script's structure.
 # OUT_DIR       where each step's log goes (default gpu-results/); a killed run keeps what it wrote.
 # Uses .venv/bin/python when it exists, else python3. Never downloads.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-wheels="" budget=480 dry=0 out=gpu-results
+wheels="" budget=420 dry=0 out=gpu-results
 while [ $# -gt 0 ]; do
     case $1 in
         --wheels) wheels=$2; shift 2 ;;
@@ -52,6 +52,7 @@ if [ $dry -eq 1 ]; then
     dev=cpu assets=demo-assets
     step assets 300 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
     step bench-lora 120 $py benchmarks/bench_lora.py --device cpu --swaps 20 --reloads 2 --infer-repeats 1
+    step gpu-checks 300 $py benchmarks/gpu_checks.py --assets $assets --device cpu --only precision,compile --swaps 6 --seconds 1
     step bench-pipeline 300 $py benchmarks/bench_pipeline.py --assets $assets --device cpu --seconds 2 \
         --f0-methods pm --repeats 1
     echo "dry run done in $(($(date +%s) - start))s"
@@ -62,26 +63,26 @@ dev=cuda assets=demo-assets
 $py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" \
     | tee "$out/device.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$out/device.txt" 2>&1
-step assets 180 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
-step tests-gpu 150 $py -m pytest -m gpu -p no:cacheprovider -x -q
-step tests-half 120 $py -m pytest tests/test_half_precision.py tests/test_synthesizer_lora.py -p no:cacheprovider -q
-step bench-lora 60 $py benchmarks/bench_lora.py --device $dev --swaps 300 --reloads 10 --infer-repeats 5
-step bench-pipeline 90 $py benchmarks/bench_pipeline.py --assets $assets --device $dev --f0-methods pm,harvest,rmvpe \
+step assets 120 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
+step tests-gpu 90 $py -m pytest -m gpu -p no:cacheprovider -q
+step bench-lora 45 $py benchmarks/bench_lora.py --device $dev --swaps 300 --reloads 10 --infer-repeats 5
+step gpu-checks 150 $py benchmarks/gpu_checks.py --assets $assets --device $dev
+step bench-pipeline 60 $py benchmarks/bench_pipeline.py --assets $assets --device $dev --f0-methods pm,harvest \
     --repeats 3
-step bench-memory 60 $py benchmarks/bench_memory.py --assets $assets --device $dev --seconds 10,65,120
 
 # The service against a reload-per-voice-change server, real HTTP on loopback, server on the GPU.
 port=8765
 RVC_LORA_DEVICE=$dev $py -m rvc_lora.cli serve --demo --port $port >"$out/server.log" 2>&1 &
 server=$!
-for _ in $(seq 1 90); do
+for _ in $(seq 1 60); do
     $py -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/readyz').status_code != 200)" 2>/dev/null && break
-    sleep 2
+    sleep 1
 done
-step load 150 $py benchmarks/load.py --url "http://127.0.0.1:$port" --clients 8 --adapters 8 --requests 200 \
+step load 120 $py benchmarks/load.py --url "http://127.0.0.1:$port" --clients 8 --adapters 8 --requests 200 \
     --seconds 30 --audio-s 1 --baseline-model $assets/demo-base-v2-40k.pth \
     --hubert $assets/demo-hubert_base.pt --fill --device $dev
 kill -TERM $server
 wait $server
 echo "== server exit $? (0 expected after SIGTERM)" | tee -a "$out/summary.txt"
+step bench-memory 45 $py benchmarks/bench_memory.py --assets $assets --device $dev --seconds 10,65,120
 echo "total $(($(date +%s) - start))s" | tee -a "$out/summary.txt"
