@@ -107,6 +107,11 @@ class RetrievalIndex:
                 "(v1 models: 256, v2 models: 768); use an index trained for this model version"
             )
 
+    def search(self, query: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
+        """`[F, dim]` float32 queries -> (squared L2 distances `[F, k]`, row ids `[F, k]`, -1 = no neighbour)."""
+        dist, ix = self._index.search(np.ascontiguousarray(query, dtype=np.float32), k)
+        return dist, ix
+
     def retrieve(self, query: np.ndarray) -> np.ndarray:
         """`[F, dim]` float32 queries -> `[F, dim]` float32 weighted mean of their K nearest stored vectors.
 

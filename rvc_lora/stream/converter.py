@@ -1,0 +1,279 @@
+"""`StreamConverter`: RVC's realtime algorithm (spec §6), one input block in, one output block out.
+
+Per block (§6.5): gate the block (optional), append it to the history `input_wav`, refresh the 16 kHz copy
+`input_wav_res`, run the content encoder over the whole history and f0 over its newest window (f0 cache),
+decode the newest `return_length` frames, bring them to the stream rate, copy the input's loudness (RMS
+mix), align them with the previous block's tail (SOLA), cross-fade, and emit the first `block_frame` samples.
+
+A stream owns its buffers and its own random generator state, so streams sharing one `VoiceConverter`
+(model, content encoder, adapter slots) can be interleaved in any order and each gives what it gives alone.
+Not thread-safe: the caller runs every stream's blocks on one thread (the service's device worker).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+from torch import Tensor
+
+from rvc_lora.adapters import Adapter, load_adapter
+from rvc_lora.errors import AudioError, ParameterError
+from rvc_lora.models.generator import GeneratorNSF
+from rvc_lora.pipeline.converter import VoiceConverter
+from rvc_lora.pipeline.index import RetrievalIndex
+from rvc_lora.pipeline.steps import upsample_features_x2
+from rvc_lora.stream import dsp
+from rvc_lora.stream.f0 import F0Cache, window_f0
+from rvc_lora.stream.params import StreamParams
+from rvc_lora.stream.sizes import HOP_16K, SR_16K, StreamSizes
+
+STAGES = ("f0", "features", "index", "synth", "postprocess")
+MAX_CHANNELS = 8
+INDEX_K = 8  # neighbours per query row
+
+
+@dataclass
+class StreamBlock:
+    """One output block: float32 `[block_frame]` (mono) or `[block_frame, channels]`, its SOLA offset in samples
+    (0..zc; the output lags the input by `crossfade_frame + zc - offset`), and seconds per stage."""
+
+    audio: NDArray[np.float32]
+    offset: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StreamConverter:
+    """One realtime stream over a loaded `VoiceConverter` (base model + content encoder + device).
+
+    sr: the stream's sample rate (a multiple of 100; default the model rate); channels: of the input
+    blocks (averaged to mono) and of the output (the mono result copied to each); adapter: an `Adapter`,
+    an adapter file, or None for the base voice, held for the stream's whole life; index: a retrieval index
+    (object or path), read when `index_rate > 0`."""
+
+    def __init__(self, voice: VoiceConverter, params: StreamParams | None = None, *, sr: int | None = None,
+                 channels: int = 1, adapter: Adapter | str | os.PathLike[str] | None = None,
+                 index: RetrievalIndex | str | os.PathLike[str] | None = None) -> None:
+        if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
+            raise ParameterError(f"channels must be an integer in [1, {MAX_CHANNELS}], got {channels!r}")
+        self.voice = voice
+        self.params = params or StreamParams()
+        self.channels = channels
+        self.sizes = StreamSizes.derive(self.params, voice.sr if sr is None else sr, voice.sr)
+        self.adapter = load_adapter(adapter) if adapter is not None and not isinstance(adapter, Adapter) else adapter
+        self._index_source = index
+        self._index: RetrievalIndex | None = None
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        dev = self.device = voice.device
+        z = self.sizes
+        self._to_16k = dsp.SincResampler(z.sr, SR_16K, dev)
+        self._to_sr = dsp.SincResampler(z.tgt_sr, z.sr, dev) if z.tgt_sr != z.sr else None
+        self._formant_resamplers: dict[int, dsp.SincResampler] = {}
+        self._fade_in, self._fade_out = dsp.fade_windows(z.sola_buffer_frame, dev)
+        self.input_wav = torch.zeros(z.input_wav_len, dtype=torch.float32, device=dev)
+        self.input_wav_res = torch.zeros(z.input_wav_res_len, dtype=torch.float32, device=dev)
+        self.sola_buffer = torch.zeros(z.sola_buffer_frame, dtype=torch.float32, device=dev)
+        self.rms_buffer = np.zeros(4 * z.zc, dtype=np.float32)
+        self.f0_cache = F0Cache(dev)
+        self.blocks = 0
+        self._rng: Tensor = torch.empty(0)
+        self.reset()
+        self._load_index()
+
+    @property
+    def block_frame(self) -> int:
+        """Samples per block at the stream rate (per channel)."""
+        return self.sizes.block_frame
+
+    @property
+    def sr(self) -> int:
+        return self.sizes.sr
+
+    def reset(self) -> None:
+        """Back to the state of a new stream: every buffer and the f0 cache zero, the generator re-seeded."""
+        self.input_wav.zero_()
+        self.input_wav_res.zero_()
+        self.sola_buffer.zero_()
+        self.rms_buffer[:] = 0
+        self.f0_cache.reset()
+        self.blocks = 0
+        with self._generator():
+            torch.manual_seed(self.seed)
+
+    def update(self, **changes: Any) -> StreamParams:
+        """Change hot settings (f0_up_key, formant, index_rate, threshold, rms_mix_rate, f0_method) from the next
+        block on, keeping all state; any other name raises `ParameterError`."""
+        params = self.params.with_hot(**changes)
+        previous, self.params = self.params, params
+        try:
+            self._load_index()
+        except Exception:
+            self.params = previous
+            raise
+        return params
+
+    def _load_index(self) -> None:
+        if self._index is not None or self.params.index_rate == 0 or self._index_source is None:
+            return
+        src = self._index_source
+        dim = self.voice.model.cfg.content_dim
+        self._index = src if isinstance(src, RetrievalIndex) else RetrievalIndex.from_path(Path(src), dim=dim)
+        self._index.check_dim(dim)
+
+    @contextmanager
+    def _generator(self) -> Any:
+        """Run with this stream's generator state on the device, leaving the global one as it was."""
+        cuda = self.device.type == "cuda"
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
+        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+            if self._rng.numel():
+                (torch.cuda.set_rng_state(self._rng, index) if cuda else torch.set_rng_state(self._rng))
+            yield
+            self._rng = torch.cuda.get_rng_state(index) if cuda else torch.get_rng_state()
+
+    def _mono(self, block: ArrayLike) -> NDArray[np.float32]:
+        x = np.asarray(block, dtype=np.float32)
+        z = self.sizes
+        want = (z.block_frame,) if self.channels == 1 and x.ndim == 1 else (z.block_frame, self.channels)
+        if x.shape != want:
+            raise AudioError(f"a block must be float32 {list(want)} (samples, channels), got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise AudioError("block contains NaN or infinite samples")
+        return x if x.ndim == 1 else np.mean(x, axis=1, dtype=np.float32)
+
+    def process(self, block: ArrayLike) -> StreamBlock:
+        """One input block `[block_frame]` (mono) or `[block_frame, channels]` at the stream rate -> one
+        output block of the same shape and its SOLA offset."""
+        x = self._mono(block)
+        clock = _Clock(self.device)
+        with torch.inference_mode(), self._generator():
+            out, offset = self._block(x, clock)
+        self.blocks += 1
+        audio = out if self.channels == 1 else np.repeat(out[:, None], self.channels, axis=1)
+        return StreamBlock(audio, offset, clock.finish())
+
+    def _block(self, x: NDArray[np.float32], clock: _Clock) -> tuple[NDArray[np.float32], int]:
+        p, z = self.params, self.sizes
+        zc, block = z.zc, z.block_frame
+        with clock.stage("postprocess"):
+            if p.gate_on:  # [block + 2 zc]: the previous 2 frames re-gated now that their future is known
+                x = dsp.noise_gate(x, self.rms_buffer, zc, p.threshold)
+            n = x.shape[0]
+            self.input_wav[:-block] = self.input_wav[block:].clone()
+            self.input_wav[-n:] = torch.from_numpy(x).to(self.device)
+            self.input_wav_res[: -z.block_frame_16k] = self.input_wav_res[z.block_frame_16k :].clone()
+            # re-resample the newest frames of the previous write too, now with right context; drop the first
+            # 10 ms of the result, which saw the zero padding of the stateless resampler
+            self.input_wav_res[-HOP_16K * (n // zc + 1) :] = self._to_16k(self.input_wav[-(n + 2 * zc) :])[HOP_16K:]
+        infer_wav = self._infer(clock)
+        with clock.stage("postprocess"):
+            if self._to_sr is not None:
+                infer_wav = self._to_sr(infer_wav)  # [block + sola_buffer + zc]
+            if p.rms_mix_rate < 1:
+                reference = self.input_wav[z.extra_frame :].cpu().numpy()
+                infer_wav = dsp.rms_mix(infer_wav, reference, zc, p.rms_mix_rate)
+            offset = dsp.sola_offset(infer_wav, self.sola_buffer, z.sola_search_frame)
+            infer_wav = infer_wav[offset:]
+            s = z.sola_buffer_frame
+            infer_wav[:s] *= self._fade_in
+            infer_wav[:s] += self.sola_buffer * self._fade_out
+            self.sola_buffer[:] = infer_wav[block : block + s]  # after the crossfade, as RVC takes it
+            out = infer_wav[:block].cpu().numpy().copy()
+        return out, offset
+
+    def _infer(self, clock: _Clock) -> Tensor:
+        """The history -> the newest `return_length` frames, float32 `[return_length * upp]` at the model rate."""
+        p, z = self.params, self.sizes
+        model, m = self.voice.model, z.frames
+        with clock.stage("features"):
+            feats = self.voice.content.extract(self.input_wav_res, model.cfg.version)  # [1, F, C]
+            feats = torch.cat((feats, feats[:, -1:, :]), 1)  # [1, F + 1, C]: 2(F + 1) >= M
+        if self._index is not None and p.index_rate != 0:
+            with clock.stage("index"):
+                self._blend_index(feats, z.skip_head // 2, p.index_rate)
+        _, return_length2, upp_res = z.formant(p.formant)
+        pitch = pitchf = None
+        if model.cfg.f0:
+            with clock.stage("f0"):
+                window = self.input_wav_res[-z.f0_window_for(p.f0_method) :].cpu().numpy()
+                f0 = window_f0(window, p.f0_method, p.f0_up_key - p.formant, device=str(self.device),
+                               rmvpe_path=self.voice.rmvpe_path, is_half=self.voice.is_half)
+                self.f0_cache.push(f0, z.shift)
+                pitch = self.f0_cache.pitch[None, -m:]
+                # scaled even at formant 0: `* rl2 / rl` rounds in float32, as RVC's does
+                pitchf = self.f0_cache.pitchf[None, -m:] * return_length2 / z.return_length
+        with clock.stage("synth"):
+            feats = upsample_features_x2(feats)[:, :m]
+            lengths = torch.tensor([m], device=self.device)
+            sid = torch.tensor([0], device=self.device)
+            heads = {"skip_head": torch.tensor([z.skip_head]), "return_length": torch.tensor([z.return_length]),
+                     "return_length2": torch.tensor([return_length2])}
+            self.voice.use_adapter(self.adapter)
+            if isinstance(model.base.dec, GeneratorNSF):
+                y = model.infer(feats, lengths, pitch, pitchf, sid, **heads)[0]
+            else:
+                y = model.infer(feats, lengths, sid, **heads)[0]
+            infer_wav: Tensor = y[0, 0].float()
+        if upp_res != z.upp:  # formant: play the stretched chunk back faster, to return_length * upp samples
+            with clock.stage("postprocess"):
+                resampler = self._formant_resamplers.get(upp_res)
+                if resampler is None:
+                    resampler = self._formant_resamplers[upp_res] = dsp.SincResampler(upp_res, z.upp, self.device)
+                infer_wav = resampler(infer_wav[: z.return_length * upp_res])
+        return infer_wav
+
+    def _blend_index(self, feats: Tensor, start: int, rate: float) -> None:
+        """Blend rows `start:` of `feats` `[1, F, C]` in place with their retrieved neighbours; skipped for the
+        whole block when any neighbour is missing (RVC's realtime rule)."""
+        assert self._index is not None
+        rows = feats[0][start:]
+        query = rows.float().cpu().numpy()
+        dist, ix = self._index.search(query, INDEX_K)
+        if not (ix >= 0).all():
+            return
+        weight = np.square(1 / dist)
+        weight /= weight.sum(axis=1, keepdims=True)
+        retrieved = np.sum(self._index.big[ix] * np.expand_dims(weight, axis=2), axis=1)
+        blended = torch.from_numpy(retrieved).to(feats.dtype).unsqueeze(0).to(feats.device) * rate
+        feats[0][start:] = blended + (1 - rate) * rows
+
+    def convert(self, audio: ArrayLike) -> NDArray[np.float32]:
+        """A whole signal `[N]` or `[N, channels]` at the stream rate, block by block from the current state ->
+        `[ceil((N + latency) / block) * block]` (same channel layout): zero-padded so that the last input sample
+        is emitted. What a realtime session of these settings would have played."""
+        x = np.asarray(audio, dtype=np.float32)
+        z = self.sizes
+        n_blocks = -(-(x.shape[0] + z.latency_samples) // z.block_frame)
+        pad = [(0, n_blocks * z.block_frame - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+        x = np.pad(x, pad)
+        return np.concatenate([self.process(x[i * z.block_frame : (i + 1) * z.block_frame]).audio
+                               for i in range(n_blocks)])
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times = dict.fromkeys(STAGES, 0.0)
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] += time.perf_counter() - start
+
+    def finish(self) -> dict[str, float]:
+        self.times["total"] = time.perf_counter() - self.start
+        return self.times
