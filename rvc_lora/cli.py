@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rvc_lora.errors import RVCLoraError
+from rvc_lora.stream import cli as stream_cli
 
 log = logging.getLogger("rvc_lora")
 DEFAULTS = {"f0_method": "pm", "index_rate": 0.75, "filter_radius": 3, "rms_mix_rate": 0.25, "protect": 0.33}
@@ -84,6 +85,9 @@ def _timings(result: Any) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from rvc_lora.pipeline.converter import VoiceConverter
+
+    if args.realtime:
+        return stream_cli.convert_realtime(args)
 
     vc = VoiceConverter.from_files(args.model, args.hubert, device=args.device, rmvpe=args.rmvpe,
                                    max_rank=args.max_rank)
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default=None, help="retrieval .index (used when --index-rate > 0)")
     p.add_argument("--max-rank", type=int, default=None, help="LoRA slot rank (default: the adapter's)")
     _add_convert_params(p)
+    stream_cli.add_realtime_options(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="describe a .pth voice model, an adapter or an index")

@@ -1,0 +1,77 @@
+"""`rvc-lora convert --realtime` and `rvc-lora stream`: realtime conversion from the command line.
+
+Registered from `rvc_lora.cli` with a line each (`add_realtime_options`, `add_stream_command`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rvc_lora.stream.params import StreamParams
+
+_D = StreamParams()
+
+
+def add_realtime_options(p: argparse.ArgumentParser) -> None:
+    """`--realtime` and the realtime-only settings, on the `convert` parser."""
+    g = p.add_argument_group("realtime (with --realtime: RVC's block-by-block streaming algorithm)")
+    g.add_argument("--realtime", action="store_true",
+                   help="convert block by block as a realtime stream would (what a live session sounds like)")
+    _add_stream_times(g)
+
+
+def _add_stream_times(g: Any) -> None:
+    g.add_argument("--block-time", type=float, default=_D.block_time, help="seconds per block (default %(default)s)")
+    g.add_argument("--crossfade-time", type=float, default=_D.crossfade_time,
+                   help="crossfade / lookahead seconds (default %(default)s)")
+    g.add_argument("--extra-time", type=float, default=_D.extra_time,
+                   help="left context seconds (default %(default)s)")
+    g.add_argument("--threshold", type=float, default=_D.threshold,
+                   help="noise gate dB, -60 = off (default %(default)s)")
+    g.add_argument("--formant", type=float, default=_D.formant, help="formant shift, semitones (default %(default)s)")
+
+
+def stream_params(args: argparse.Namespace) -> StreamParams:
+    return StreamParams(block_time=args.block_time, crossfade_time=args.crossfade_time, extra_time=args.extra_time,
+                        threshold=args.threshold, f0_up_key=args.f0_up_key, formant=args.formant,
+                        f0_method=args.f0_method, index_rate=args.index_rate, rms_mix_rate=args.rms_mix_rate,
+                        seed=args.seed)
+
+
+def stream_rate(sr: int, model_sr: int) -> int:
+    """The file's rate when a stream can run at it (a multiple of 100 Hz), else the model's."""
+    return sr if sr % 100 == 0 else model_sr
+
+
+def convert_realtime(args: argparse.Namespace) -> int:
+    """Run the realtime algorithm locally over the input file and write the blocks it emits."""
+    from rvc_lora.pipeline.audio import decode_audio, encode_audio, resample
+    from rvc_lora.pipeline.converter import VoiceConverter
+    from rvc_lora.stream.converter import StreamConverter
+
+    params = stream_params(args)
+    audio, sr = decode_audio(Path(args.input))
+    vc = VoiceConverter.from_files(args.model, args.hubert, device=args.device, rmvpe=args.rmvpe,
+                                   max_rank=args.max_rank)
+    rate = stream_rate(sr, vc.sr)
+    if rate != sr:
+        audio = resample(audio, sr, rate)
+    stream = StreamConverter(vc, params, sr=rate, adapter=args.adapter, index=args.index)
+    start = time.perf_counter()
+    out = stream.convert(audio)
+    spent = time.perf_counter() - start
+    dst = Path(args.output)
+    suffix = dst.suffix.lstrip(".").lower()
+    fmt: Any = args.format or (suffix if suffix in ("wav", "flac", "ogg") else "wav")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(encode_audio(out, rate, fmt, "FLOAT" if args.float else "PCM_16"))
+    os.replace(tmp, dst)
+    block_s = stream.block_frame / rate
+    sys.stdout.write(f"wrote {dst} ({rate} Hz): {stream.blocks} blocks of {block_s * 1000:.0f} ms in {spent:.2f} s "
+          f"({spent / stream.blocks * 1000:.0f} ms per block; realtime needs < {block_s * 1000:.0f} ms), "
+          f"algorithmic latency {stream.sizes.latency_samples / rate * 1000:.0f} ms\n")
+    return 0
