@@ -1,10 +1,10 @@
 """Adding an adapter: stage the bytes beside the store, validate them against the resident base, commit.
 
 Runs in worker threads (file copies, hashing, safetensors parsing); used by `POST /adapters` and by the
-seed adapters added at start. What an upload is gets decided by its first bytes, never by the client's
-file name: a zip or a pickle is a PyTorch `.pth` (a full RVC voice model, turned into an adapter first by
-`service.extraction`), anything else is read as a safetensors adapter. Nothing reaches the store unless
-every check passed.
+seed adapters added at start. What an upload is gets decided by the structure of its first bytes, never by
+the client's file name (`kind_of`): a zip or a pickle is a PyTorch `.pth` (a full RVC voice model, turned
+into an adapter first by `service.extraction`), anything else is read as a safetensors adapter. Nothing
+reaches the store unless every check passed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from service.settings import Settings
 from service.store import AdapterStore, Readable, Staged, StoredAdapter, check_name
 
 Kind = Literal["adapter", "voice"]
-HEAD_BYTES = 8
-ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # torch.save's zip container; a bare pickle (protocol >= 2)
+HEAD_BYTES = 9
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container
+PICKLE_PROTO, PICKLE_PROTOCOLS = 0x80, range(2, 6)  # a bare pickle (torch's legacy format): PROTO, version
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own bound on its JSON header
 
 
 PROBE_WAIT_S = 30.0  # an upload waits this long for an index probe slot, then gets 503
@@ -48,9 +50,15 @@ def check_index(engine: Engine, settings: Settings, staged: Staged) -> None:
 
 
 def kind_of(head: bytes) -> Kind:
-    """An upload's kind from its first bytes. A safetensors file starts with its header's length (8 bytes,
-    little endian, then `{`), which no zip or pickle does."""
-    return "voice" if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO) else "adapter"
+    """An upload's kind from its first `HEAD_BYTES` bytes, by each format's structure, safetensors first: its
+    header's length (8 bytes little endian, at most `MAX_SAFETENSORS_HEADER`) then the JSON header's `{`. Its
+    first byte alone can be anything (0x80, a pickle's first byte, for a 640-byte header), so a leading 0x80
+    means a pickle only with a protocol version after it, and no plausible safetensors header before."""
+    if len(head) >= 9 and 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
+        return "adapter"
+    if head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == PICKLE_PROTO and head[1] in PICKLE_PROTOCOLS):
+        return "voice"
+    return "adapter"  # refused as a safetensors file, with the reason
 
 
 class _Rejoined:

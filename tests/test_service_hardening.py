@@ -6,6 +6,8 @@ The HTTP-layer cases that need real sockets (idle connections, request-head time
 
 from __future__ import annotations
 
+import io
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from service.cache import VoiceCache
-from tests.test_service_engine import GOOD_INDEX, FakeEngine, adapter_bytes, running_app, upload
+from service.ingest import HEAD_BYTES, kind_of
+from tests.test_service_engine import GOOD_INDEX, FakeEngine, adapter_bytes, make_adapter, running_app, upload
 
 # 2. memory: indexes bounded by their size once loaded, the host cache in bytes, probes bounded
 
@@ -95,3 +99,32 @@ def test_index_probes_run_at_most_max_index_probes_at_once(tmp_path: Path) -> No
                                 range(6)))
     assert [r.status_code for r in replies] == [201] * 6
     assert engine.most == 2
+
+
+# 4. what an upload is, by its structure
+
+def _adapter_whose_first_byte_is_0x80(tmp_path: Path) -> bytes:
+    """A valid adapter whose safetensors header is 0x2?80 bytes long: it starts with a pickle's PROTO opcode and
+    a valid protocol version."""
+    for length in range(1, 400):
+        data = make_adapter(tmp_path / "a.safetensors", name="v" * length).read_bytes()
+        if data[0] == 0x80 and data[1] in range(2, 6):
+            return data
+    raise AssertionError("no name length gives such a header")
+
+
+def test_uploads_are_told_apart_by_their_structure(tmp_path: Path) -> None:
+    """Was: any upload starting with 0x80 was taken for a pickle: about 1 adapter in 32 got 422 bad_checkpoint."""
+    tricky = _adapter_whose_first_byte_is_0x80(tmp_path)
+    assert kind_of(tricky[:HEAD_BYTES]) == "adapter"
+    buf = io.BytesIO()
+    torch.save({"weight": {}}, buf)
+    assert kind_of(buf.getvalue()[:HEAD_BYTES]) == "voice"  # torch's zip container
+    buf = io.BytesIO()
+    torch.save({"weight": {}}, buf, _use_new_zipfile_serialization=False)
+    assert kind_of(buf.getvalue()[:HEAD_BYTES]) == "voice"  # the legacy pickle
+    assert kind_of(pickle.dumps({"a": 1}, protocol=4)[:HEAD_BYTES]) == "voice"
+    assert kind_of(b"\x80\x00not anything") == "adapter" and kind_of(b"") == "adapter"  # refused as an adapter
+    with running_app(tmp_path) as client:
+        r = upload(client, tricky)
+        assert r.status_code == 201, r.text
