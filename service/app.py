@@ -74,7 +74,7 @@ async def _seed_adapters(app: FastAPI, settings: Settings, store: AdapterStore, 
             try:
                 with path.open("rb") as src, (index.open("rb") if index else contextlib.nullcontext()) as idx:
                     rec, created = await anyio.to_thread.run_sync(ingest_adapter, store, engine, settings, src, idx,
-                                                                  name)
+                                                                  name, worker.check_output)
                 log.info("seed adapter ready", extra={"adapter_name": name, "adapter": rec.id, "new": created})
             except (OSError, RVCLoraError) as exc:
                 log.error("seed adapter refused", extra={"adapter_name": name, "error": str(exc)})

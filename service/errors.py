@@ -107,6 +107,12 @@ class ClientGone(ServiceError):
     code, status = "client_closed_request", 499
 
 
+class ModelOutputError(ServiceError):
+    """The base model's output was not finite: the server's fault, not the client's audio."""
+
+    code, status = "bad_model_output", 500
+
+
 class JobFailed(ServiceError):
     """An unexpected exception inside the worker for one job; the message names the request id only."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from rvc_lora.errors import AdapterError, RVCLoraError
@@ -85,19 +87,21 @@ def stage_upload(store: AdapterStore, settings: Settings, src: Readable) -> tupl
 
 
 def ingest_adapter(store: AdapterStore, engine: Engine, settings: Settings, adapter: Readable,
-                   index: Readable | None, name: str | None) -> tuple[StoredAdapter, bool]:
+                   index: Readable | None, name: str | None,
+                   check_output: Callable[[Path], None] | None = None) -> tuple[StoredAdapter, bool]:
     """Stage an adapter file (and its index) and add it: see `ingest_staged`."""
     if name is not None:
         check_name(name)
     return ingest_staged(store, engine, settings, store.stage(adapter, settings.max_adapter_bytes, "adapter file"),
-                         index, name)
+                         index, name, check_output)
 
 
 def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, staged: Staged, index: Readable | None,
-                  name: str | None) -> tuple[StoredAdapter, bool]:
-    """Validate a staged adapter file against the base, stage and check its index, commit -> (record, created).
-    413 past a size limit, 422 for an adapter or index that does not fit the base, 409 for a name conflict,
-    507 when the disk refuses the write. The staged files are gone afterwards unless committed."""
+                  name: str | None, check_output: Callable[[Path], None] | None = None) -> tuple[StoredAdapter, bool]:
+    """Validate a staged adapter file against the base (`check_output`, the worker's, runs a short synthesis with
+    it), stage and check its index, commit -> (record, created). 413 past a size limit, 422 for an adapter or
+    index that does not fit the base or gives no finite output, 409 for a name conflict, 507 when the disk
+    refuses the write. The staged files are gone afterwards unless committed."""
     staged_index: Staged | None = None
     try:
         try:
@@ -106,6 +110,11 @@ def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, stage
             raise relabel(exc, staged.path, "adapter file") from exc
         if meta.rank > settings.max_rank:
             raise AdapterError(f"adapter file: rank {meta.rank} exceeds this server's maximum rank {settings.max_rank}")
+        if check_output is not None:
+            try:
+                check_output(staged.path)
+            except RVCLoraError as exc:
+                raise relabel(exc, staged.path, "adapter file") from exc
         if index is not None:
             staged_index = store.stage(index, settings.max_index_bytes, "index file")
             check_index(engine, settings, staged_index)

@@ -18,15 +18,24 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from rvc_lora.errors import AdapterNotFoundError, RVCLoraError
+from rvc_lora.errors import AdapterError, AdapterNotFoundError, RVCLoraError
 from service.cache import VoiceCache
-from service.engine import ConvertOptions, Engine, Features, Rendered
-from service.errors import ClientGone, DeadlineExceeded, JobFailed, NotReady, QueueFull, ServiceStopping
+from service.engine import ConvertOptions, Engine, Features, ModelInfo, Rendered
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    JobFailed,
+    ModelOutputError,
+    NotReady,
+    QueueFull,
+    ServiceStopping,
+)
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
 from service.settings import Settings
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 State = Literal["loading", "ready", "draining", "stopped", "failed"]
 MAX_RETRY_AFTER_S = 600.0
+PROBE_FRAMES = 50  # the synthesis an uploaded adapter must survive: 0.5 s of features
+PROBE_WAIT_S = 300.0  # an upload waits at most this long for the device (behind queued conversions)
 
 
 class DeviceThread:
@@ -157,6 +168,14 @@ class Scheduler:
     def take_all(self) -> list[Job]:
         jobs, self._jobs, self._audio_s = self._jobs, [], 0.0
         return jobs
+
+
+def probe_features(info: ModelInfo) -> Features:
+    """Fixed, plausible inputs for a short synthesis: unit-variance content features, a steady 150 Hz voice."""
+    phone = np.random.default_rng(0).standard_normal((PROBE_FRAMES, info.content_dim)).astype(np.float32)
+    if not info.f0:
+        return Features(phone, None, None, seed=0)
+    return Features(phone, np.full(PROBE_FRAMES, 60, np.int64), np.full(PROBE_FRAMES, 150.0, np.float32), seed=0)
 
 
 class Throughput:
@@ -290,6 +309,26 @@ class Worker:
     @property
     def queued_audio_s(self) -> float:
         return self._sched.queued_audio_s
+
+    def check_output(self, adapter: Path) -> None:
+        """From an upload thread: synthesize `PROBE_FRAMES` frames with `adapter` in the LoRA slots, on the device
+        thread between jobs; AdapterError when its output is not finite (say `lora_alpha` folds it into
+        overflow), so that an adapter which would fail every conversion is never stored."""
+        engine = self._engine
+        if engine is None:
+            raise NotReady("the models are still loading", retry_after=5)
+
+        def probe() -> bool:
+            voice = engine.to_device(engine.load_voice(adapter, None))
+            return bool(np.isfinite(engine.infer(probe_features(engine.info), voice).audio).all())
+
+        try:
+            finite = self._device.submit(probe).result(timeout=PROBE_WAIT_S)
+        except concurrent.futures.TimeoutError as exc:
+            raise QueueFull("the device is busy; retry the upload later", retry_after=30) from exc
+        if not finite:
+            raise AdapterError(f"{adapter}: a short synthesis with this adapter gives NaN or infinite samples (are "
+                               "lora_alpha and the weights right?); it could convert nothing")
 
     def forget(self, rec: StoredAdapter) -> None:
         """Drop a deleted adapter's cached tensors, on the device thread after the running job (not awaited:
@@ -441,6 +480,11 @@ class Worker:
                 rendered = engine.convert(job.work.audio16k, job.work.options, voice)
             else:
                 rendered = engine.infer(job.work, voice)
+            if not np.isfinite(rendered.audio).all():  # the models' doing, never the client's audio
+                raise (ModelOutputError("the base model produced NaN or infinite samples for this request")
+                       if job.adapter is None else
+                       AdapterError(f"adapter {job.adapter.id} produced NaN or infinite samples for this request; "
+                                    "it cannot convert (check its lora_alpha and weights, then upload it again)"))
             return _Outcome((rendered, tier), None, time.perf_counter() - start)
         except RVCLoraError as exc:
             return _Outcome(None, exc, time.perf_counter() - start)

@@ -20,7 +20,18 @@ import torch
 
 from service.cache import VoiceCache
 from service.ingest import HEAD_BYTES, kind_of
-from tests.test_service_engine import GOOD_INDEX, FakeEngine, adapter_bytes, make_adapter, running_app, upload
+from tests.test_service_app import _npz
+from tests.test_service_engine import (
+    FAKE_FINGERPRINT,
+    FAKE_LAYER,
+    GOOD_INDEX,
+    FakeEngine,
+    adapter_bytes,
+    make_adapter,
+    running_app,
+    sine_wav,
+    upload,
+)
 
 # 2. memory: indexes bounded by their size once loaded, the host cache in bytes, probes bounded
 
@@ -128,3 +139,54 @@ def test_uploads_are_told_apart_by_their_structure(tmp_path: Path) -> None:
     with running_app(tmp_path) as client:
         r = upload(client, tricky)
         assert r.status_code == 201, r.text
+
+
+# 5. an adapter that cannot convert is refused at upload; model output is never the client's bad audio
+
+class BlowUpEngine(FakeEngine):
+    """A voice whose adapter has lora_alpha above 1000 renders NaN, as an overflowing fold would; `later`
+    does the same for every adapter (one stored before the upload check existed)."""
+
+    later = False
+
+    def load_voice(self, adapter: Path, index: Path | None) -> object:
+        from rvc_lora.adapters import load_adapter
+
+        gain = super().load_voice(adapter, index)
+        return float("nan") if self.later or load_adapter(adapter).info.lora_alpha > 1000 else gain
+
+
+def _adapter_with_alpha(tmp_path: Path, alpha: float) -> bytes:
+    from rvc_lora.adapters import AdapterInfo, save_adapter_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"{FAKE_LAYER}.lora_A": torch.randn(8, 12, generator=gen) * 0.01,
+               f"{FAKE_LAYER}.lora_B": torch.randn(6, 8, generator=gen) * 0.01}
+    info = AdapterInfo(name="loud", r=8, lora_alpha=alpha, target_modules=(FAKE_LAYER,),
+                       base_fingerprint=FAKE_FINGERPRINT, sr=40000, version="v2", f0=True)
+    return save_adapter_tensors(tmp_path / f"alpha{alpha}.safetensors", tensors, info).read_bytes()
+
+
+def test_an_adapter_that_cannot_convert_is_refused_at_upload(tmp_path: Path) -> None:
+    """Was: lora_alpha=10000 (r=8) was stored with 201, then every conversion with it failed."""
+    engine = BlowUpEngine()
+    with running_app(tmp_path, engine) as client:
+        r = upload(client, _adapter_with_alpha(tmp_path, 10000.0))
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_adapter"), r.text
+        assert "NaN or infinite" in r.json()["error"]["message"] and str(tmp_path) not in r.text
+        assert client.get("/adapters").json()["total"] == 0
+        assert upload(client, _adapter_with_alpha(tmp_path, 8.0)).status_code == 201
+
+
+def test_non_finite_model_output_names_the_adapter_not_the_audio(tmp_path: Path) -> None:
+    """Was: 422 bad_audio ("converted audio contains NaN"), blaming the client's audio."""
+    engine = BlowUpEngine()
+    with running_app(tmp_path, engine) as client:
+        adapter_id = upload(client, adapter_bytes(tmp_path, 1)).json()["id"]
+        engine.later = True  # e.g. stored by an older server, which did not check
+        r = client.post("/convert", data={"adapter": adapter_id}, files={"audio": ("a.wav", sine_wav())})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_adapter"), r.text
+        assert adapter_id in r.json()["error"]["message"]
+        r = client.post("/infer", data={"adapter": adapter_id}, files={"features": ("f.npz", _npz(20))})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_adapter"), r.text
+        assert client.post("/convert", files={"audio": ("a.wav", sine_wav())}).status_code == 200

@@ -87,6 +87,8 @@ class RetrievalIndex:
             big = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
         except Exception as e:
             raise IndexFileError(f"{path}: cannot read back its vectors ({_reason(e)})") from e
+        if not np.isfinite(big).all():  # retrieval would blend NaN into every frame near them
+            raise IndexFileError(f"{path} holds NaN or infinite vectors")
         loaded = cls(index, big, path)
         if dim is not None:
             loaded.check_dim(dim)

@@ -66,7 +66,8 @@ async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart
                                                     settings.max_adapter_bytes, "extracted adapter")
             extraction = extracted.report
         index = None if form.index is None else form.index.file
-        rec, created = await anyio.to_thread.run_sync(ingest_staged, store, engine, settings, staged, index, form.name)
+        rec, created = await anyio.to_thread.run_sync(ingest_staged, store, engine, settings, staged, index, form.name,
+                                                      worker.check_output)
     finally:
         store.discard(staged)
     response.status_code = 201 if created else 200
