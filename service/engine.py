@@ -9,8 +9,10 @@ imported lazily so that importing the service does not load torch models.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -20,7 +22,7 @@ from numpy.typing import NDArray
 
 from rvc_lora.errors import ModelUnavailableError
 from rvc_lora.pipeline.params import ConvertParams
-from service.errors import DeviceOutOfMemory, relabel
+from service.errors import DeviceOutOfMemory, JobCancelled, relabel
 
 if TYPE_CHECKING:
     from rvc_lora.pipeline.steps import PadConfig
@@ -33,6 +35,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SR_16K = 16000
 FRAMES_PER_S = 100  # content features and f0 are 10 ms frames (hop 160 at 16 kHz)
+INFER_CHUNK_FRAMES = 1000  # /infer synthesizes long inputs 10 s at a time ...
+INFER_CONTEXT_FRAMES = 100  # ... each with 1 s of its neighbours' features on both sides, cut from its output
+
+# Set by the worker around each job: true once the job's deadline has passed or its client has gone. An engine
+# checks it between chunks and raises JobCancelled, so abandoned work stops holding the device.
+STOP_REQUESTED: ContextVar[Callable[[], bool]] = ContextVar("stop_requested", default=lambda: False)
+
+
+def stop_if_requested() -> None:
+    if STOP_REQUESTED.get()():
+        raise JobCancelled("the request's deadline passed or its client left; its work was stopped")
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,8 @@ class Extracted:
 
 class Engine(Protocol):
     """What the worker needs from the models. Voices are opaque: `load_voice` returns a host-memory
-    voice (adapter tensors + optional index), `to_device` the device copy that `convert`/`infer` take."""
+    voice (adapter tensors + optional index), `to_device` the device copy that `convert`/`infer` take.
+    `convert`/`infer` work through long inputs in chunks and call `stop_if_requested()` between them."""
 
     @property
     def info(self) -> ModelInfo: ...
@@ -263,21 +277,37 @@ class RVCEngine:
 
     def convert(self, audio16k: NDArray[np.float32], options: ConvertOptions, voice: object | None) -> Rendered:
         adapter, index = (None, None) if voice is None else (_as_voice(voice).adapter, _as_voice(voice).index)
-        result = self._in_shorter_chunks_on_oom(
-            lambda: self._vc.convert(audio16k, SR_16K, options, adapter=adapter, index=index))
+        result = self._in_shorter_chunks_on_oom(lambda: self._vc.convert(
+            audio16k, SR_16K, options, adapter=adapter, index=index, progress=lambda *_: stop_if_requested()))
         timings = {k: v for k, v in result.timings.items() if k != "decode"}  # decoding is the handler's
         return Rendered(result.audio, result.sr, timings)
 
     def infer(self, features: Features, voice: object | None) -> Rendered:
+        """`INFER_CHUNK_FRAMES` frames at a time (memory and device time per step stay bounded, and an abandoned
+        request stops between chunks), each with `INFER_CONTEXT_FRAMES` of context on both sides. An input of
+        one chunk is synthesized whole; the seed seeds the first chunk, the later ones continue its stream."""
         import torch
 
         adapter = None if voice is None else _as_voice(voice).adapter
         phone = torch.from_numpy(features.phone)
         pitch = None if features.pitch is None else torch.from_numpy(features.pitch)
         nsff0 = None if features.nsff0 is None else torch.from_numpy(features.nsff0)
-        result = self._guard_oom(lambda: self._vc.infer_features(phone, pitch, nsff0, sid=features.sid,
-                                                                 seed=features.seed, adapter=adapter))
-        return Rendered(result.audio, result.sr, dict(result.timings))
+        frames, hop = len(phone), self._info.sr // FRAMES_PER_S
+        pieces: list[NDArray[np.float32]] = []
+        timings: dict[str, float] = {}
+        for start in range(0, frames, INFER_CHUNK_FRAMES):
+            stop_if_requested()
+            lo = max(start - INFER_CONTEXT_FRAMES, 0)
+            part = slice(lo, min(start + INFER_CHUNK_FRAMES + INFER_CONTEXT_FRAMES, frames))
+            result = self._guard_oom(functools.partial(
+                self._vc.infer_features, phone[part], None if pitch is None else pitch[part],
+                None if nsff0 is None else nsff0[part], sid=features.sid,
+                seed=features.seed if start == 0 else None, adapter=adapter))
+            keep = min(INFER_CHUNK_FRAMES, frames - start)
+            pieces.append(result.audio[(start - lo) * hop : (start - lo + keep) * hop])
+            for stage, seconds in result.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+        return Rendered(np.concatenate(pieces), self._info.sr, timings)
 
     def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio

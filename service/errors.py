@@ -107,6 +107,12 @@ class ClientGone(ServiceError):
     code, status = "client_closed_request", 499
 
 
+class JobCancelled(ServiceError):
+    """A job stopped between chunks because its deadline passed or its client left (nobody gets this)."""
+
+    code, status = "cancelled", 503
+
+
 class ModelOutputError(ServiceError):
     """The base model's output was not finite: the server's fault, not the client's audio."""
 

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from rvc_lora.errors import AdapterError, AdapterNotFoundError, RVCLoraError
 from service.cache import VoiceCache
-from service.engine import ConvertOptions, Engine, Features, ModelInfo, Rendered
+from service.engine import STOP_REQUESTED, ConvertOptions, Engine, Features, ModelInfo, Rendered
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -461,8 +461,10 @@ class Worker:
             job.future.set_exception(outcome.error)
 
     def _execute(self, job: Job) -> _Outcome:
-        """On the device thread. Never raises: an exception becomes this job's error, the worker goes on."""
+        """On the device thread. Never raises: an exception becomes this job's error, the worker goes on. The
+        engine stops between chunks once the job's future is done (deadline passed, client gone, shutdown)."""
         token = REQUEST_ID.set(job.request_id)
+        stop_token = STOP_REQUESTED.set(job.future.done)
         start = time.perf_counter()
         try:
             assert self._engine is not None and self._cache is not None
@@ -494,6 +496,7 @@ class Worker:
                               "the details under this id")
             return _Outcome(None, error, time.perf_counter() - start)
         finally:
+            STOP_REQUESTED.reset(stop_token)
             REQUEST_ID.reset(token)
 
     def _update_queue_gauges(self) -> None:

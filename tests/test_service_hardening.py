@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from service.cache import VoiceCache
+from service.engine import STOP_REQUESTED, Features, stop_if_requested
+from service.errors import JobCancelled
 from service.ingest import HEAD_BYTES, kind_of
 from tests.test_service_app import _npz
 from tests.test_service_engine import (
@@ -190,3 +192,80 @@ def test_non_finite_model_output_names_the_adapter_not_the_audio(tmp_path: Path)
         r = client.post("/infer", data={"adapter": adapter_id}, files={"features": ("f.npz", _npz(20))})
         assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_adapter"), r.text
         assert client.post("/convert", files={"audio": ("a.wav", sine_wav())}).status_code == 200
+
+
+# 3. long /infer inputs are synthesized in chunks; abandoned work stops between chunks
+
+class ChunkedEngine(FakeEngine):
+    """A conversion of many 50 ms chunks that checks between them whether to stop, as the real engine does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks_done = 0
+        self.stopped = threading.Event()
+
+    def convert(self, audio16k: np.ndarray, options: Any, voice: object | None) -> Any:
+        if options.seed == 1:
+            try:
+                for _ in range(200):  # 10 s of work unless stopped
+                    stop_if_requested()
+                    time.sleep(0.05)
+                    self.chunks_done += 1
+            except JobCancelled:
+                self.stopped.set()
+                raise
+        return super().convert(audio16k, options, voice)
+
+
+def test_work_stops_between_chunks_once_the_deadline_has_passed(tmp_path: Path) -> None:
+    """Was: a job ran to its end (230 s for a long /infer) after its client had been answered 504."""
+    engine = ChunkedEngine()
+    with running_app(tmp_path, engine, request_timeout_s=0.5) as client:
+        start = time.monotonic()
+        r = client.post("/convert", data={"seed": "1"}, files={"audio": ("a.wav", sine_wav())})
+        assert r.status_code == 504
+        assert engine.stopped.wait(2) and engine.chunks_done < 40
+        r = client.post("/convert", data={"seed": "2"}, files={"audio": ("a.wav", sine_wav())})
+        assert r.status_code == 200 and time.monotonic() - start < 5  # the device was free again at once
+        assert 'rvc_lora_jobs_total{outcome="abandoned"} 1.0' in client.get("/metrics").text
+
+
+def test_real_engine_infers_long_features_in_chunks_and_stops_between_them(
+        tiny_service_assets: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import engine as engine_module
+    from service.settings import Settings
+
+    assets = tiny_service_assets
+    engine = engine_module.load_engine(Settings(model=assets["model"], hubert=assets["hubert"], max_rank=8))
+    monkeypatch.setattr(engine_module, "INFER_CHUNK_FRAMES", 40)
+    monkeypatch.setattr(engine_module, "INFER_CONTEXT_FRAMES", 10)
+    vc = engine._vc  # type: ignore[attr-defined]
+    calls: list[int] = []
+    whole = vc.infer_features
+
+    def spy(phone: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(phone))
+        return whole(phone, *args, **kwargs)
+
+    monkeypatch.setattr(vc, "infer_features", spy)
+    rng = np.random.default_rng(0)
+
+    def features(frames: int) -> Features:
+        return Features(rng.standard_normal((frames, 256)).astype(np.float32), rng.integers(1, 256, frames),
+                        rng.uniform(100, 300, frames).astype(np.float32), seed=3)
+
+    short = features(40)
+    alone = whole(torch.from_numpy(short.phone), torch.from_numpy(short.pitch), torch.from_numpy(short.nsff0),
+                  seed=3).audio
+    assert np.array_equal(engine.infer(short, None).audio, alone)  # one chunk: synthesized whole, as before
+    calls.clear()
+    out = engine.infer(features(100), None).audio
+    assert calls == [50, 60, 30] and len(out) == 100 * 400 and np.isfinite(out).all()
+    calls.clear()
+    token = STOP_REQUESTED.set(lambda: len(calls) >= 1)
+    try:
+        with pytest.raises(JobCancelled):
+            engine.infer(features(100), None)
+    finally:
+        STOP_REQUESTED.reset(token)
+    assert calls == [50]
