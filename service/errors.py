@@ -45,6 +45,12 @@ class ServiceError(RVCLoraError):
         self.retry_after = retry_after
 
 
+class MalformedBody(ServiceError):
+    """The request body's framing is broken (e.g. a multipart body without its closing boundary)."""
+
+    code, status = "bad_request", 400
+
+
 class InvalidRequest(ServiceError):
     code, status = "invalid_request", 422
 

@@ -4,7 +4,8 @@
 `BodyLimit`: the per-route upload cap, enforced while the body streams in: past it the client gets 413
 at once and the app sees a disconnect, so no oversized upload is ever fully received. Likewise a body that
 stalls (idle timeout) or keeps trickling (total timeout) gets 408: a slow client cannot hold a connection
-and a request slot for ever.
+and a request slot for ever; and a multipart body that ends before its closing boundary (cut short, or a
+Content-Length below its size) gets 400, where the form parser would silently drop its last field.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, ServiceError, UploadTimeout
+from service.errors import MalformedBody, PayloadTooLarge, ServiceError, UploadTimeout
 from service.handlers import error_json
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
@@ -67,6 +68,27 @@ class RequestContext:
             REQUEST_ID.reset(token)
 
 
+class ClosingBoundary:
+    """Watches a multipart body stream for its closing delimiter `--<boundary>--` (RFC 2046), which may span
+    chunks. Without it the body was cut short: the form parser would take what came as the whole form."""
+
+    def __init__(self, content_type: str) -> None:
+        media_type, _, params = content_type.partition(";")
+        boundary = next((value.strip().strip('"') for key, _, value in (p.partition("=") for p in params.split(";"))
+                         if key.strip().lower() == "boundary"), "")
+        self.active = media_type.strip().lower() == "multipart/form-data" and bool(boundary)
+        self._delimiter = f"--{boundary}--".encode("latin-1", "replace")
+        self._tail = b""
+        self.seen = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.active or self.seen:
+            return
+        window = self._tail + chunk
+        self.seen = self._delimiter in window
+        self._tail = window[-(len(self._delimiter) - 1):]
+
+
 class BodyLimit:
     def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int], idle_timeout_s: float = 30.0,
                  total_timeout_s: float = 600.0) -> None:
@@ -80,7 +102,9 @@ class BodyLimit:
             return
         limit = self.limit_for(scope["method"], scope["path"])
         too_large = PayloadTooLarge(f"request body is larger than the limit of {limit} bytes for this route")
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        closing = ClosingBoundary(headers.get("content-type", ""))
         if declared.isdigit() and int(declared) > limit:
             await self._refuse(too_large, scope, receive, send)
             return
@@ -110,10 +134,15 @@ class BodyLimit:
                     if wait == self.idle_timeout_s else
                     f"the request body took longer than {self.total_timeout_s:g} s to arrive"))
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 body_done = not message.get("more_body", False)
                 if received > limit:
                     return await refuse(too_large)
+                closing.feed(chunk)
+                if body_done and closing.active and not closing.seen:
+                    return await refuse(MalformedBody("the multipart body ends before its closing boundary: it was "
+                                                      "cut short, or its Content-Length is less than its size"))
             return message
 
         async def guarded_send(message: Message) -> None:

@@ -155,3 +155,20 @@ def test_requests_past_the_limit_get_503_but_health_answers(tmp_path: Path) -> N
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_a_content_length_short_of_the_body_is_400(tmp_path: Path) -> None:
+    """Was: 200 with the last form field dropped (the server read Content-Length bytes, the rest was lost)."""
+    from tests.test_service_hardening import MULTIPART, multipart
+
+    body = multipart({"audio": sine_wav(), "seed": "7"})
+    with live_server(tmp_path) as (_, url, port), socket.create_connection(("127.0.0.1", port)) as s:
+        head = (f"POST /convert HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART['content-type']}\r\n"
+                f"Content-Length: {len(body) - 100}\r\nConnection: close\r\n\r\n").encode()
+        s.sendall(head + body)
+        s.settimeout(10)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert b"closing boundary" in answer

@@ -269,3 +269,37 @@ def test_real_engine_infers_long_features_in_chunks_and_stops_between_them(
     finally:
         STOP_REQUESTED.reset(token)
     assert calls == [50]
+
+
+# 6. multipart framing
+
+def multipart(fields: dict[str, bytes | str], boundary: str = "b0undary") -> bytes:
+    parts = []
+    for name, value in fields.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+        if isinstance(value, bytes):
+            head += f'; filename="{name}.bin"\r\nContent-Type: application/octet-stream'
+            parts.append(head.encode() + b"\r\n\r\n" + value + b"\r\n")
+        else:
+            parts.append(f"{head}\r\n\r\n{value}\r\n".encode())
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+MULTIPART = {"content-type": "multipart/form-data; boundary=b0undary"}
+
+
+@pytest.mark.parametrize(("cut", "status"), [
+    (0, 200),  # whole
+    (len(b"--b0undary--\r\n"), 400),  # no closing boundary
+    (len(b"--b0undary--\r\n") + 20, 400),  # cut inside the last field
+])
+def test_a_multipart_body_without_its_closing_boundary_is_400(tmp_path: Path, cut: int, status: int) -> None:
+    """Was: 200, the last field (here `seed`) silently dropped."""
+    body = multipart({"audio": sine_wav(), "seed": "7"})
+    with running_app(tmp_path) as client:
+        r = client.post("/convert", content=body[: len(body) - cut], headers=MULTIPART)
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"]["code"] == "bad_request" and "closing boundary" in r.json()["error"]["message"]
+        r = client.post("/convert", content=body + b"an epilogue is allowed\r\n", headers=MULTIPART)
+        assert r.status_code == 200
