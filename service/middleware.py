@@ -11,6 +11,7 @@ Content-Length below its size) gets 400, where the form parser would silently dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import MalformedBody, PayloadTooLarge, ServiceError, UploadTimeout
+from service.errors import MalformedBody, PayloadTooLarge, ServiceError, ServiceStopping, UploadTimeout
 from service.handlers import error_json
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
@@ -46,17 +47,27 @@ class RequestContext:
         state["request_id"] = request_id
         state["arrived"] = asyncio.get_running_loop().time()
         token = REQUEST_ID.set(request_id)
-        status, start = 500, time.perf_counter()
+        status, start, started = 500, time.perf_counter(), False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # the server cancels what is still running when its shutdown grace period ends: the client gets a
+            # retryable 503 (a load balancer sends it elsewhere), not a 500
+            if not started:
+                exc = ServiceStopping("the server shut down before this request finished; retry on another replica",
+                                      retry_after=5)
+                with contextlib.suppress(Exception):
+                    await error_json(exc.status, exc.code, str(exc), {"Retry-After": "5", "Connection": "close"})(
+                        scope, receive, send_with_id)
+            raise
         finally:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"  # the template: bounded labels

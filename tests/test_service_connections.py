@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_service_engine import BlockingEngine, running_app, sine_wav
+from tests.test_service_engine import BlockingEngine, FakeEngine, running_app, sine_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = """
@@ -25,7 +26,7 @@ import json, sys
 sys.path.insert(0, {root!r})
 from service.app import create_app, run_server
 from service.settings import Settings
-from tests.test_service_engine import {engine}
+from {module} import {engine}
 
 port, overrides = int(sys.argv[1]), json.loads(sys.argv[2])
 settings = Settings(**overrides)
@@ -41,11 +42,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(tmp_path: Path, engine: str = "FakeEngine", **overrides: Any) -> Iterator[tuple[subprocess.Popen[bytes],
-                                                                                                  str, int]]:
+def live_server(tmp_path: Path, engine: str = "FakeEngine", module: str = "tests.test_service_engine",
+                **overrides: Any) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
     """A server process on a free port with `overrides` as settings; yields (process, url, port)."""
     script = tmp_path / "launch.py"
-    script.write_text(LAUNCHER.format(root=str(ROOT), engine=engine))
+    script.write_text(LAUNCHER.format(root=str(ROOT), engine=engine, module=module))
     port = free_port()
     settings = {"adapter_dir": str(tmp_path / "store"), "work_dir": str(tmp_path / "work"), **overrides}
     log = (tmp_path / "server.log").open("ab")
@@ -172,3 +173,34 @@ def test_a_content_length_short_of_the_body_is_400(tmp_path: Path) -> None:
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
         assert b"closing boundary" in answer
+
+
+class SlowEngine(FakeEngine):
+    """Every conversion takes 3 s of "device" time (for a server in another process)."""
+
+    def convert(self, audio16k: Any, options: Any, voice: object | None) -> Any:
+        time.sleep(3.0)
+        return super().convert(audio16k, options, voice)
+
+
+def test_sigterm_answers_unfinished_requests_503_with_retry_after(tmp_path: Path) -> None:
+    """Was: what was still queued or running when the grace period ran out got 500 (CancelledError)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(url: str) -> httpx.Response | None:
+        try:
+            return httpx.post(f"{url}/convert", files={"audio": ("a.wav", sine_wav())}, timeout=20)
+        except httpx.TransportError:
+            return None
+
+    with live_server(tmp_path, "SlowEngine", "tests.test_service_connections", shutdown_grace_s=2.0) as (proc, url, _):
+        with ThreadPoolExecutor(4) as pool:
+            replies = [pool.submit(post, url) for _ in range(4)]
+            time.sleep(1.0)  # one runs (3 s), three wait
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in replies]
+        proc.wait(10)
+    statuses = sorted(r.status_code for r in answers if r is not None)
+    assert len(statuses) == 4 and set(statuses) == {503}, statuses  # none could finish within the grace
+    for r in answers:
+        assert r is not None and r.json()["error"]["code"] == "shutting_down" and "Retry-After" in r.headers
