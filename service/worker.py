@@ -219,6 +219,8 @@ class Worker:
         self._settled = asyncio.Event()
         self._resident = ""
         self._running: asyncio.Future[_Outcome] | None = None
+        self._running_job: Job | None = None
+        self._running_since = 0.0
         self._device = DeviceThread()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -380,9 +382,21 @@ class Worker:
         needed = 0.0 if job is None else job.audio_s
         if len(self._sched) and (queued + needed > bound or (job is None and queued >= bound)):
             self._metrics.rejected.labels(reason="queue_full").inc()
-            wait = min(max(self._rate.seconds_for(queued + needed - bound), 1.0), MAX_RETRY_AFTER_S)
+            wait = self._room_in(needed or queued / len(self._sched))
             raise QueueFull(f"{queued:.1f} s of audio are queued (limit {bound:g} s); retry in {math.ceil(wait)} s",
                             retry_after=wait)
+
+    def _room_in(self, needed: float) -> float:
+        """Seconds until the queue has room for `needed` s of audio (a typical queued job's length when the
+        request is not decoded yet): the running job's remaining time, then the queued audio beyond what
+        leaves room, at the measured throughput. Between 1 s and `MAX_RETRY_AFTER_S`."""
+        loop = asyncio.get_running_loop()
+        excess = self._sched.queued_audio_s + needed - self.settings.max_queued_audio_s
+        running_left = 0.0
+        if self._running_job is not None:
+            running_left = self._rate.seconds_for(self._running_job.audio_s) - (loop.time() - self._running_since)
+        wait = max(running_left, 0.0) + self._rate.seconds_for(max(excess, 0.0))
+        return min(max(wait, 1.0), MAX_RETRY_AFTER_S)
 
     def _left(self, job: Job) -> None:
         """Done callback: a job cancelled or failed while still queued leaves the queue (nothing leaks)."""
@@ -436,10 +450,11 @@ class Worker:
             self._metrics.swaps.inc()
             self._resident = job.key
         self._running = asyncio.wrap_future(self._device.submit(lambda: self._execute(job)))
+        self._running_job, self._running_since = job, started
         try:
             outcome = await asyncio.shield(self._running)
         finally:
-            self._running = None
+            self._running, self._running_job = None, None
         self._metrics.compute.labels(kind=job.kind).observe(outcome.device_s)
         if outcome.result is not None:  # a quick failure says nothing about throughput
             self._rate.observe(job.audio_s, outcome.device_s)

@@ -216,3 +216,24 @@ async def test_a_fake_engine_round_trip(tmp_path: Path) -> None:
     result = await w.submit(_job())
     assert result.cache is None and set(result.timings) == {"queue", "f0", "synth"}
     await w.stop()
+
+
+@pytest.mark.anyio
+async def test_retry_after_says_when_room_will_exist(worker: tuple[Worker, BlockingEngine]) -> None:
+    """Was: 1 s at the bound (computed from the excess over it), whatever was queued ahead. Here the device does
+    0.5 s of audio per second, 1 s runs and 3 s wait (the bound): a 1 s request has room once the running job
+    (~2 s) and 1 s of the queue (2 s) are done."""
+    w, engine = worker
+    w._rate.rate = 0.5
+    tasks = [asyncio.create_task(w.submit(_job()))]
+    await _until(engine.started.is_set)
+    tasks += [asyncio.create_task(w.submit(_job())) for _ in range(3)]
+    await _until(lambda: w.queued_audio_s == 3.0)
+    with pytest.raises(QueueFull) as before_decoding:
+        w.check_room()  # the request's length is unknown yet: a typical queued job's
+    with pytest.raises(QueueFull) as longer:
+        await w.submit(_job(audio_s=2.0))
+    assert before_decoding.value.retry_after is not None and 3.0 <= before_decoding.value.retry_after <= 4.0
+    assert longer.value.retry_after is not None and 5.0 <= longer.value.retry_after <= 6.0
+    engine.gate.set()
+    await asyncio.gather(*tasks)
