@@ -59,13 +59,18 @@ async def disconnected(request: Request) -> None:
 
 
 async def fields_once(request: Request) -> None:
-    """422 when a form field is sent more than once: a second `audio` or `sid` part would otherwise be
-    dropped without a word. The form is the one FastAPI already parsed (Starlette caches it)."""
+    """422 when a form field is sent more than once, or sent empty: a second `audio` or `sid` part would
+    otherwise be dropped without a word, and an empty one (`-F adapter=`) taken as absent, i.e. the default
+    (the base voice). The form is the one FastAPI already parsed (Starlette caches it)."""
     form = await request.form()
-    repeated = [(key, n) for key, n in Counter(key for key, _ in form.multi_items()).items() if n > 1]
+    items = form.multi_items()
+    repeated = [(key, n) for key, n in Counter(key for key, _ in items).items() if n > 1]
     if repeated:
         key, n = repeated[0]
         raise InvalidRequest(f"{key[:64]}: sent {n} times, each field may be sent once")
+    empty = [key for key, value in items if isinstance(value, str) and not value]
+    if empty:
+        raise InvalidRequest(f"{empty[0][:64]}: sent empty; leave a field out to get its default")
 
 
 SingleValuedForm = Depends(fields_once)

@@ -303,3 +303,19 @@ def test_a_multipart_body_without_its_closing_boundary_is_400(tmp_path: Path, cu
             assert r.json()["error"]["code"] == "bad_request" and "closing boundary" in r.json()["error"]["message"]
         r = client.post("/convert", content=body + b"an epilogue is allowed\r\n", headers=MULTIPART)
         assert r.status_code == 200
+
+
+# 8. empty form fields
+
+@pytest.mark.parametrize(("route", "field"), [("/convert", "adapter"), ("/convert", "format"),
+                                              ("/convert", "f0_method"), ("/convert", "index_rate"),
+                                              ("/convert", "seed"), ("/infer", "adapter"), ("/adapters", "name")])
+def test_an_empty_form_field_is_422_not_its_default(tmp_path: Path, route: str, field: str) -> None:
+    """Was: `-F adapter=` converted with the base voice; empty format, f0_method, index_rate defaulted."""
+    files = {"/convert": {"audio": ("a.wav", sine_wav())}, "/infer": {"features": ("f.npz", _npz(20))},
+             "/adapters": {"file": ("v.safetensors", adapter_bytes(tmp_path))}}[route]
+    with running_app(tmp_path) as client:
+        r = client.post(route, data={field: ""}, files=files)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), r.text
+        assert r.json()["error"]["message"].startswith(f"{field}: sent empty")
+        assert client.post(route, files=files).status_code in (200, 201)
