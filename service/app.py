@@ -93,8 +93,12 @@ def create_app(settings: Settings | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        system_temp = tempfile.tempdir
         if settings.work_dir is not None:
             settings.work_dir.mkdir(parents=True, exist_ok=True)
+            # the form parser spools file parts past 1 MB to a nameless temp file in the default folder: make
+            # that the work dir, so uploads fill the disk the operator chose (and a full one is a 507)
+            tempfile.tempdir = str(settings.work_dir)
         sweep_temp_files(settings.work_dir or Path(tempfile.gettempdir()), f"{SPOOL_PREFIX}*.part",
                          settings.stale_upload_s)
         store = AdapterStore(settings.adapter_dir, settings.stale_upload_s)  # sweeps what a crash left behind
@@ -110,6 +114,7 @@ def create_app(settings: Settings | None = None, *,
             seeding.cancel()
             extractor.stop()
             await worker.stop()
+            tempfile.tempdir = system_temp
 
     app = FastAPI(title="rvc-lora", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.connections = settings, metrics, connections

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from rvc_lora.errors import RVCLoraError
-from service.errors import retry_after_header, status_of
+from service.errors import StorageError, retry_after_header, status_of
 from service.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, OSError):  # spooling a form part to disk failed
+        storage = StorageError(f"cannot buffer the upload: {exc.__cause__.strerror or 'write error'}", retry_after=5)
+        return await rvc_error(request, storage)
     code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     headers = dict(exc.headers or {})
     if exc.status_code == 405:  # Starlette names the methods of the first route on this path only

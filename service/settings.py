@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; empty: CORS off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_s: float = Field(default=30.0, gt=0, description="SIGTERM: time to finish running work, then exit")
-    work_dir: Path | None = Field(default=None, description="temporary upload files; default: the system temp dir")
+    work_dir: Path | None = Field(default=None, description="temporary upload files (audio spools, form parts past "
+                                  "1 MB); default: the system temp dir")
 
     @field_validator("api_key")
     @classmethod

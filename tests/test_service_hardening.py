@@ -319,3 +319,33 @@ def test_an_empty_form_field_is_422_not_its_default(tmp_path: Path, route: str, 
         assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), r.text
         assert r.json()["error"]["message"].startswith(f"{field}: sent empty")
         assert client.post(route, files=files).status_code in (200, 201)
+
+
+# 7. form parts spool to the work dir; a full disk there is 507
+
+def test_form_parts_spool_to_the_work_dir_and_a_full_disk_is_507(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: spooled to TMPDIR, and a full disk was 400 "There was an error parsing the body", logged at INFO."""
+    import errno
+    import tempfile
+
+    where: list[str] = []
+    real = tempfile.TemporaryFile
+    full = False
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        where.append(kwargs.get("dir") or tempfile.gettempdir())
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", spy)
+    big = sine_wav(40.0)  # 1.3 MB: past the form parser's 1 MB in memory
+    with running_app(tmp_path / "app", work_dir=tmp_path / "work") as client:
+        assert client.post("/convert", files={"audio": ("a.wav", big)}).status_code == 200
+        assert where and set(where) == {str(tmp_path / "work")}
+        full = True
+        r = client.post("/convert", files={"audio": ("a.wav", big)})
+        assert (r.status_code, r.json()["error"]["code"]) == (507, "storage_error"), r.text
+        assert "No space left" in r.json()["error"]["message"] and "Retry-After" in r.headers
+    assert tempfile.gettempdir() != str(tmp_path / "work")  # restored when the app stopped
