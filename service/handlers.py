@@ -54,14 +54,15 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(exc.status_code, code, str(exc.detail), headers)
 
 
+ROUTE_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves on this request's path (GET, POST and DELETE share `/adapters/...`)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    """Every method some route serves on this request's path (GET, POST and DELETE share `/adapters/...`): each
+    method is tried against the router, included routers and all (their routes are not a flat list)."""
+    routes = request.app.router.routes
+    return [method for method in ROUTE_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -349,3 +349,28 @@ def test_form_parts_spool_to_the_work_dir_and_a_full_disk_is_507(tmp_path: Path,
         assert (r.status_code, r.json()["error"]["code"]) == (507, "storage_error"), r.text
         assert "No space left" in r.json()["error"]["message"] and "Retry-After" in r.headers
     assert tempfile.gettempdir() != str(tmp_path / "work")  # restored when the app stopped
+
+
+# 10. 405 names the allowed methods; HEAD on the health routes
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("PUT", "/convert", "POST"), ("GET", "/convert", "POST"), ("DELETE", "/healthz", "GET, HEAD"),
+    ("PATCH", "/adapters", "GET, POST"), ("PUT", "/adapters/abc", "DELETE, GET"), ("POST", "/model", "GET"),
+])
+def test_405_names_the_allowed_methods(client_405: Any, method: str, path: str, allow: str) -> None:
+    """Was: `Allow:` empty on every 405."""
+    r = client_405.request(method, path)
+    assert (r.status_code, r.headers.get("allow"), r.json()["error"]["code"]) == (405, allow, "method_not_allowed")
+
+
+def test_head_on_health_routes(client_405: Any) -> None:
+    """Was: HEAD /healthz was 405."""
+    for path in ("/healthz", "/readyz"):
+        r = client_405.head(path)
+        assert (r.status_code, r.content) == (200, b"")
+
+
+@pytest.fixture(scope="module")
+def client_405(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with running_app(tmp_path_factory.mktemp("405")) as client:
+        yield client
