@@ -177,15 +177,26 @@ def demo_overrides(demo_dir: Path) -> dict[str, Any]:
             "seed_indexes": {name: where(file) for name, file in manifest.get("indexes", {}).items()}}
 
 
+def serve_settings(host: str | None, port: int | None, demo: bool, settings_overrides: Mapping[str, Any] | None,
+                   demo_dir: Path) -> Settings:
+    """`serve`'s settings: `host`/`port`, then `settings_overrides`, then the environment, then (with `demo`) the
+    demo's models and store, then the defaults. The environment beats the demo: `RVC_LORA_ADAPTER_DIR` moves the
+    demo's store too."""
+    overrides: dict[str, Any] = {}
+    if demo:
+        from_env = Settings().model_fields_set
+        overrides = {k: v for k, v in demo_overrides(demo_dir).items() if k not in from_env}
+    overrides.update(settings_overrides or {})
+    overrides.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    return Settings(**overrides)
+
+
 def serve(host: str | None = None, port: int | None = None, demo: bool = False,
           settings_overrides: Mapping[str, Any] | None = None, *, demo_dir: Path = Path("demo-assets")) -> None:
     """`rvc-lora serve`: one process, one device worker, until SIGTERM. Settings come from the environment
     (`RVC_LORA_*`), then `settings_overrides`, then `host`/`port`. `demo` serves the demo assets of
     `demo_dir` (generated on first start, as `rvc-lora demo` does) unless overrides name other models."""
-    overrides: dict[str, Any] = demo_overrides(demo_dir) if demo else {}
-    overrides.update(settings_overrides or {})
-    overrides.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    settings = Settings(**overrides)
+    settings = serve_settings(host, port, demo, settings_overrides, demo_dir)
     configure_logging(settings.log_level)
     log.info("starting", extra={"host": settings.host, "port": settings.port, "device": settings.device,
                                 "demo": demo, "auth": settings.api_key is not None})

@@ -85,12 +85,16 @@ class Settings(BaseSettings):
     @classmethod
     def _key(cls, key: SecretStr | None) -> SecretStr | None:
         """A key file's trailing newline is not part of the key (no client can send it); an empty key would let
-        `Authorization: Bearer ` in, so it is refused rather than taken to mean "no key"."""
+        `Authorization: Bearer ` in, so it is refused rather than taken to mean "no key"; a non-ASCII one could
+        never be presented (a UTF-8 header reads as latin-1 here), so it is refused at start."""
         if key is None:
             return None
         value = key.get_secret_value().strip()
         if not value:
             raise ValueError("api_key is empty; unset RVC_LORA_API_KEY to run without a key")
+        if not all("!" <= c <= "~" for c in value):  # header bytes arrive as latin-1: others could never match
+            raise ValueError("api_key must be visible ASCII characters (no spaces or accents): clients send other "
+                             "characters as bytes the server cannot match reliably")
         return SecretStr(value)
 
     @model_validator(mode="after")

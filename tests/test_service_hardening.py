@@ -374,3 +374,38 @@ def test_head_on_health_routes(client_405: Any) -> None:
 def client_405(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with running_app(tmp_path_factory.mktemp("405")) as client:
         yield client
+
+
+# 11. the environment beats the demo's settings
+
+def test_serve_demo_honours_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: `serve --demo` put its store in demo-assets/store whatever RVC_LORA_ADAPTER_DIR said."""
+    from service.app import serve_settings
+
+    manifest = {"model": "base.pth", "hubert": "hubert.pt", "adapters": {"demo-voice-a": "a.safetensors"}}
+    monkeypatch.setattr("rvc_lora.demo.ensure_demo_assets", lambda folder: manifest)
+    monkeypatch.setenv("RVC_LORA_ADAPTER_DIR", str(tmp_path / "mine"))
+    settings = serve_settings(None, 9000, True, None, tmp_path / "demo")
+    assert (settings.adapter_dir, settings.model, settings.port) == (tmp_path / "mine", tmp_path / "demo" / "base.pth",
+                                                                     9000)
+    monkeypatch.delenv("RVC_LORA_ADAPTER_DIR")
+    assert serve_settings(None, None, True, None, tmp_path / "demo").adapter_dir == tmp_path / "demo" / "store"
+    assert serve_settings(None, None, True, {"adapter_dir": tmp_path / "cli"}, tmp_path / "demo").adapter_dir == (
+        tmp_path / "cli")
+
+
+# 13. an API key no client could present
+
+@pytest.mark.parametrize("key", ["ключ", "caf\u00e9-key", "two words"])
+def test_a_key_no_header_can_carry_is_refused_at_start(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: accepted at start, then no request could ever match it (a UTF-8 header is read as latin-1)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="visible ASCII"):
+        Settings(api_key=key)
+    monkeypatch.setenv("RVC_LORA_API_KEY", key)
+    with pytest.raises(ValidationError, match="visible ASCII"):
+        Settings()
+    assert Settings(api_key="s3cret-KEY_~!").api_key is not None
