@@ -44,7 +44,7 @@ class Metrics:
         self.connection_limit = Gauge("rvc_lora_http_connection_limit", "max_connections: open connections "
                                       "(the oldest idle ones are closed past it) and requests in progress (503 past "
                                       "it, health routes excepted)", registry=r)
-        self.in_flight = Gauge("rvc_lora_http_requests_in_flight", "HTTP requests in progress", registry=r)
+        self.in_flight = Gauge("rvc_lora_http_in_flight_requests", "HTTP requests in progress", registry=r)
         self.connections_closed = Counter("rvc_lora_http_connections_closed_total", "connections the server closed: "
                                           "head_timeout (no complete request head in time), evicted (idle, to make "
                                           "room past the limit)", ["reason"], registry=r)
