@@ -12,16 +12,17 @@ from service.schemas import Health, Readiness
 router = APIRouter(tags=["health"])
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health,
-                  responses={503: {"model": Health, "description": "models failed"}})
+@router.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD too
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "models failed"}})
 async def healthz(worker: WorkerDep) -> JSONResponse:
     """Liveness: the process answers. 503 only when the models failed to load (a restart may help)."""
     failed = worker.state == "failed"
     return JSONResponse(Health(status="failed" if failed else "ok").model_dump(), status_code=503 if failed else 200)
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Readiness,
-                  responses={503: {"model": Readiness, "description": "loading, warming up, draining or failed"}})
+@router.head("/readyz", include_in_schema=False)
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "loading, warming up, draining or failed"}})
 async def readyz(request: Request, worker: WorkerDep) -> JSONResponse:
     """Readiness: 200 once the models are loaded, a warm-up conversion has run and the seed adapters are in
     the store; 503 before that and while draining."""
