@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from rvc_lora.errors import RVCLoraError
+from rvc_lora.pipeline.f0.base import F0_METHODS
 from rvc_lora.stream import cli as stream_cli
 
 log = logging.getLogger("rvc_lora")
-DEFAULTS = {"f0_method": "pm", "index_rate": 0.75, "filter_radius": 3, "rms_mix_rate": 0.25, "protect": 0.33}
+F0_HELP = "pitch extractor (default: rmvpe when --rmvpe is given, else fcpe when torchfcpe is installed, else pm)"
+RMVPE_HELP = "RVC's rmvpe.pt (`rvc-lora models fetch` downloads it); with it, rmvpe is the default --f0-method"
+DEFAULTS = {"f0_method": None, "index_rate": 0.75, "filter_radius": 3, "rms_mix_rate": 0.25, "protect": 0.33}
 
 
 def _out(text: str) -> None:
@@ -32,7 +35,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _add_convert_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sid", type=int, default=0, help="speaker id (row of the model's emb_g)")
     p.add_argument("--pitch", "--f0-up-key", dest="f0_up_key", type=int, default=0, help="transpose, semitones")
-    p.add_argument("--f0-method", default=DEFAULTS["f0_method"], choices=["pm", "harvest", "rmvpe", "fcpe"])
+    p.add_argument("--f0-method", default=DEFAULTS["f0_method"], choices=F0_METHODS, help=F0_HELP)
     p.add_argument("--index-rate", type=float, default=DEFAULTS["index_rate"])
     p.add_argument("--filter-radius", type=int, default=DEFAULTS["filter_radius"])
     p.add_argument("--rms-mix-rate", type=float, default=DEFAULTS["rms_mix_rate"])
@@ -43,7 +46,7 @@ def _add_convert_params(p: argparse.ArgumentParser) -> None:
                    help="default: from OUT's suffix, else wav")
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of PCM16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--rmvpe", default=None, help="path to rmvpe.pt (for --f0-method rmvpe)")
+    p.add_argument("--rmvpe", default=None, help=RMVPE_HELP)
     p.add_argument("--f0-file", default=None,
                    help="RVC's f0 file (lines 'time_s,f0_hz'), written over the extracted f0 as RVC does")
 
@@ -80,7 +83,8 @@ def _convert_one(vc: Any, src: Path, dst: Path, args: argparse.Namespace, adapte
 def _timings(result: Any) -> str:
     total = sum(result.timings.values())
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v > 0)
-    return f"{result.duration_s:.2f} s of audio in {total:.2f} s (RTF {total / result.duration_s:.2f}; {stages})"
+    f0 = f"f0 {result.f0_method}; " if result.f0_method else ""
+    return f"{result.duration_s:.2f} s of audio in {total:.2f} s (RTF {total / result.duration_s:.2f}; {f0}{stages})"
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -176,9 +180,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from rvc_lora.pipeline.f0 import default_f0_method
     from rvc_lora.train import run_prepare
 
-    summary = run_prepare(args.data_dir, args.work_dir, base=args.base, hubert=args.hubert, f0_method=args.f0_method,
+    f0_method = args.f0_method or default_f0_method(args.rmvpe)
+    summary = run_prepare(args.data_dir, args.work_dir, base=args.base, hubert=args.hubert, f0_method=f0_method,
                           rmvpe_path=args.rmvpe, device=args.device or "cpu", skip_bad=args.skip_bad)
     _out(str(summary))
     return 0
@@ -249,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir")
     p.add_argument("--base", required=True)
     p.add_argument("--hubert", required=True)
-    p.add_argument("--f0-method", default="pm", choices=["pm", "harvest", "rmvpe", "fcpe"])
-    p.add_argument("--rmvpe", default=None, help="path to rmvpe.pt (for --f0-method rmvpe)")
+    p.add_argument("--f0-method", default=None, choices=F0_METHODS, help=F0_HELP)
+    p.add_argument("--rmvpe", default=None, help=RMVPE_HELP)
     p.add_argument("--device", default=None)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed) instead of stopping")
     p.set_defaults(func=cmd_prepare)

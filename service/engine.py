@@ -175,6 +175,7 @@ class RVCEngine:
         from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
         from rvc_lora.pipeline.content import ContentEncoder
         from rvc_lora.pipeline.converter import VoiceConverter
+        from rvc_lora.pipeline.f0 import available_f0_methods
 
         if settings.model is None or settings.hubert is None:
             raise ModelUnavailableError("RVC_LORA_MODEL and RVC_LORA_HUBERT must name the base checkpoint and the "
@@ -191,7 +192,7 @@ class RVCEngine:
         self._info = ModelInfo(fingerprint=model.fingerprint, version=cfg.version, f0=cfg.f0, sr=cfg.sr,
                                n_speakers=int(model.base.emb_g.num_embeddings), content_dim=cfg.content_dim,
                                max_rank=settings.max_rank, target_modules=tuple(lora_config.target_modules),
-                               f0_methods=_f0_methods(settings), device=str(self._vc.device))
+                               f0_methods=available_f0_methods(settings.rmvpe), device=str(self._vc.device))
         self._max_index_bytes = settings.max_index_memory_bytes
 
     @property
@@ -373,22 +374,6 @@ def _resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _f0_methods(settings: Settings) -> tuple[str, ...]:
-    """The f0 methods this server can run: rmvpe needs its weights, fcpe the torchfcpe package."""
-    from rvc_lora.errors import RVCLoraError
-    from rvc_lora.pipeline.f0.fcpe import bundled_weights_path
-
-    methods = ["pm", "harvest"]
-    try:
-        bundled_weights_path()
-        methods.append("fcpe")
-    except RVCLoraError:
-        pass
-    if settings.rmvpe is not None:
-        methods.append("rmvpe")
-    return tuple(methods)
 
 
 def _as_voice(voice: object) -> _Voice:

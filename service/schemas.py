@@ -11,6 +11,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rvc_lora.pipeline.audio import EncodeFormat
+from rvc_lora.pipeline.f0 import F0Method
 from service.engine import ConvertOptions
 from service.store import NAME_PATTERN, StoredAdapter
 
@@ -40,7 +41,9 @@ class ConvertForm(BaseModel):
     adapter: str | None = AdapterRef
     sid: int = Sid
     f0_up_key: int = Field(default=0, ge=-24, le=24, description="pitch shift in semitones")
-    f0_method: Literal["pm", "harvest", "rmvpe", "fcpe"] = "pm"
+    f0_method: F0Method | None = Field(default=None, description="pitch extractor; default: rmvpe when the server "
+                                       "has rmvpe.pt, else fcpe when installed, else pm (`GET /model` lists what "
+                                       "runs here and the default)")
     index_rate: float = Field(default=0.75, ge=0, le=1, description="retrieval blend (needs an adapter with an index)")
     filter_radius: int = Field(default=3, ge=0, le=7, description="median filter on harvest f0 (>= 3 applies it)")
     rms_mix_rate: float = Field(default=0.25, ge=0, le=1, description="1: loudness as converted, 0: as input")
@@ -187,6 +190,7 @@ class ModelOut(BaseModel):
     max_rank: int
     target_modules: list[str]
     f0_methods: list[str]
+    default_f0_method: str = Field(description="what runs when a request names no f0_method")
     device: str
     limits: Limits
 

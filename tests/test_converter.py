@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,9 +15,12 @@ from rvc_lora.demo import speech_like
 from rvc_lora.pipeline.audio import decode_audio
 from rvc_lora.pipeline.content import ContentEncoder, build_random_hubert
 from rvc_lora.pipeline.converter import ConvertParams, VoiceConverter
+from rvc_lora.pipeline.f0 import default_f0_method
 from rvc_lora.pipeline.index import build_index
 from rvc_lora.pipeline.steps import PadConfig
 from tests.conftest import LORA, PIPELINE_REFERENCE, TINY_HUBERT, tiny_model
+
+HAS_FCPE = importlib.util.find_spec("torchfcpe") is not None
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +69,18 @@ def test_every_model_kind_converts_with_the_right_length(tmp_path: Path, hubert:
     again = vc.convert(audio, 16000, params, index=index)
     np.testing.assert_array_equal(again.audio, result.audio)  # deterministic with a seed
     assert result.timings["synth"] > 0 and set(result.timings) >= {"decode", "f0", "features", "index", "synth"}
+
+
+def test_result_names_the_f0_method_that_ran(hubert: ContentEncoder, tmp_path: Path) -> None:
+    """No method asked: rmvpe when the converter has rmvpe.pt, else fcpe when installed, else pm."""
+    vc = converter(hubert)
+    audio = speech_like(0.5, 16000, seed=2)
+    result = vc.convert(audio, 16000, ConvertParams(seed=0))
+    assert result.f0_method == default_f0_method(None) == ("fcpe" if HAS_FCPE else "pm")
+    assert vc.convert(audio, 16000, ConvertParams(f0_method="pm", seed=0)).f0_method == "pm"
+    vc.rmvpe_path = tmp_path / "rmvpe.pt"
+    assert vc.f0_method(ConvertParams()) == "rmvpe" and vc.f0_method(ConvertParams(f0_method="pm")) == "pm"
+    assert converter(hubert, f0=False).convert(audio, 16000, ConvertParams(seed=0)).f0_method is None
 
 
 def test_transpose_doubles_the_f0_handed_to_the_synthesizer(hubert: ContentEncoder,
@@ -127,7 +143,7 @@ def test_bad_input_and_parameters(hubert: ContentEncoder) -> None:
         vc.convert(np.full(16000, np.nan, np.float32), 16000)
     with pytest.raises(ParameterError, match="sid"):
         vc.convert(speech_like(0.5), 16000, ConvertParams(sid=5))
-    for bad in ({"f0_up_key": 1000}, {"f0_method": "crepe"}, {"protect": 0.9}, {"index_rate": -1},
+    for bad in ({"f0_up_key": 1000}, {"f0_method": "yin"}, {"protect": 0.9}, {"index_rate": -1},
                 {"resample_sr": 8000}, {"sid": -1}):
         with pytest.raises(ParameterError):
             ConvertParams(**bad)  # type: ignore[arg-type]

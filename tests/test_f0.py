@@ -22,8 +22,11 @@ import torch
 from rvc_lora.errors import CheckpointError, ModelUnavailableError, ParameterError
 from rvc_lora.pipeline.f0 import (
     F0_METHODS,
+    available_f0_methods,
     clear_f0_cache,
+    default_f0_method,
     f0_curve_from_table,
+    f0_method_problem,
     get_f0_extractor,
     overlay_f0,
     read_f0_file,
@@ -38,6 +41,7 @@ from rvc_lora.pipeline.f0.rmvpe_net import RMVPENet
 SR = 16000
 T_PAD = SR  # x_pad = 1 (fp32): one second of reflect padding each side, as RVC pads
 HAS_FCPE = importlib.util.find_spec("torchfcpe") is not None
+HAS_CREPE = importlib.util.find_spec("torchcrepe") is not None
 needs_fcpe = pytest.mark.skipif(not HAS_FCPE, reason="torchfcpe not installed (pip install --no-deps torchfcpe==0.0.4)")
 AVAILABLE = ["pm", "harvest", pytest.param("fcpe", marks=needs_fcpe)]
 
@@ -84,14 +88,36 @@ def hz(cents: float) -> float:
 
 
 def test_methods_are_rvcs_names() -> None:
-    assert F0_METHODS == ("pm", "harvest", "rmvpe", "fcpe")
+    assert F0_METHODS == ("pm", "harvest", "rmvpe", "fcpe", "crepe", "crepe-tiny")
 
 
-@pytest.mark.parametrize("name", ["crepe", "PM", "", "rmvpe "])
+@pytest.mark.parametrize("name", ["crepe_tiny", "PM", "", "rmvpe "])
 def test_unknown_method_lists_valid_names(name: str) -> None:
-    with pytest.raises(ParameterError, match="pm, harvest, rmvpe, fcpe") as info:
+    with pytest.raises(ParameterError, match="pm, harvest, rmvpe, fcpe, crepe, crepe-tiny") as info:
         get_f0_extractor(name)
     assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("rmvpe", "installed", "expected"),
+    [("rmvpe.pt", {"torchfcpe"}, "rmvpe"), ("rmvpe.pt", set(), "rmvpe"),
+     (None, {"torchfcpe", "torchcrepe"}, "fcpe" if HAS_FCPE else "pm"), (None, {"torchcrepe"}, "pm"),
+     (None, set(), "pm")],
+)
+def test_default_method_is_rmvpe_then_fcpe_then_pm(monkeypatch: pytest.MonkeyPatch, rmvpe: str | None,
+                                                   installed: set[str], expected: str) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: real(name) if name in installed or name not in ("torchfcpe", "torchcrepe")
+                        else None)
+    assert default_f0_method(rmvpe) == expected
+    available = available_f0_methods(rmvpe)
+    assert ("rmvpe" in available) == (rmvpe is not None)
+    assert ("crepe" in available) == ("crepe-tiny" in available) == ("torchcrepe" in installed and HAS_CREPE)
+    if rmvpe is None:
+        assert "--rmvpe" in str(f0_method_problem("rmvpe", None))
+    if "torchcrepe" not in installed:
+        assert "pip install --no-deps torchcrepe" in str(f0_method_problem("crepe-tiny", rmvpe))
 
 
 @pytest.mark.parametrize("name", ["pm", "harvest"])
@@ -315,8 +341,11 @@ def test_rmvpe_leaves_torch_global_rng_alone(rmvpe_file: Path) -> None:
 
 
 def test_rmvpe_without_a_path_says_which_setting() -> None:
-    with pytest.raises(ModelUnavailableError, match="rmvpe_path"):
+    with pytest.raises(ModelUnavailableError) as info:
         get_f0_extractor("rmvpe")
+    message = str(info.value)
+    assert "--rmvpe" in message and "RVC_LORA_RMVPE" in message and "rvc-lora models fetch" in message
+    assert "rmvpe_path" not in message  # the Python argument means nothing to a CLI or HTTP user
 
 
 def test_rmvpe_missing_file_names_the_path(tmp_path: Path) -> None:

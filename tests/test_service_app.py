@@ -105,10 +105,18 @@ def test_convert_formats_and_headers(client: TestClient, fmt: str, media: str) -
     assert r.status_code == 200, r.text  # type: ignore[attr-defined]
     assert r.headers["content-type"] == media  # type: ignore[attr-defined]
     assert r.headers["X-Adapter"] == "base" and r.headers["X-Adapter-Cache"] == "hit"  # type: ignore[attr-defined]
-    stages = [part.split(";")[0] for part in r.headers["Server-Timing"].split(", ")]  # type: ignore[attr-defined]
-    assert stages == ["queue", "decode", "f0", "synth", "encode"]
+    timing = r.headers["Server-Timing"].split(", ")  # type: ignore[attr-defined]
+    assert [part.split(";")[0] for part in timing] == ["queue", "decode", "f0", "synth", "encode"]
+    # the fake model offers pm, harvest and fcpe: the default is fcpe, and the response says so twice
+    assert r.headers["X-F0-Method"] == "fcpe" and timing[2].startswith("f0;desc=fcpe;dur=")  # type: ignore
     audio, sr = sf.read(io.BytesIO(r.content))  # type: ignore[attr-defined]
     assert sr == 16000 and len(audio) == 8000
+
+
+def test_convert_runs_the_asked_f0_method(client: TestClient) -> None:
+    r = convert(client, f0_method="pm", seed=1)
+    assert r.headers["X-F0-Method"] == "pm" and "f0;desc=pm;dur=" in r.headers["Server-Timing"]  # type: ignore
+    assert client.get("/model").json()["default_f0_method"] == "fcpe"
 
 
 def test_convert_with_adapter_by_id_and_name(client: TestClient, tmp_path: Path) -> None:
@@ -123,10 +131,11 @@ def test_convert_with_adapter_by_id_and_name(client: TestClient, tmp_path: Path)
 
 BAD_FIELDS = [
     ({"f0_up_key": 1000}, "f0_up_key"), ({"f0_up_key": -1000}, "f0_up_key"), ({"f0_up_key": "1.5"}, "f0_up_key"),
-    ({"f0_method": "crepe"}, "f0_method"), ({"index_rate": 2}, "index_rate"), ({"index_rate": "nan"}, "index_rate"),
+    ({"f0_method": "yin"}, "f0_method"), ({"f0_method": "crepe"}, "not available here"),
+    ({"index_rate": 2}, "index_rate"), ({"index_rate": "nan"}, "index_rate"),
     ({"filter_radius": -1}, "filter_radius"), ({"rms_mix_rate": "inf"}, "rms_mix_rate"), ({"protect": 0.9}, "protect"),
     ({"resample_sr": 100}, "resample_sr"), ({"format": "aiff"}, "format"), ({"seed": -1}, "seed"),
-    ({"sid": "x"}, "sid"), ({"sid": 2}, "sid"), ({"f0_method": "rmvpe"}, "f0_method"), ({"bogus": 1}, "bogus"),
+    ({"sid": "x"}, "sid"), ({"sid": 2}, "sid"), ({"f0_method": "rmvpe"}, "RVC_LORA_RMVPE"), ({"bogus": 1}, "bogus"),
     ({"adapter": "x" * 500}, "adapter"),
 ]
 

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from rvc_lora.adapters import AdapterInfo, check_adapter_fits, load_adapter, save_adapter_tensors
 from rvc_lora.errors import AdapterMismatchError, CheckpointError, IndexFileError
+from rvc_lora.pipeline.f0 import default_f0_method
 from service.app import create_app
 from service.engine import AdapterMeta, ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered
 from service.errors import DeviceOutOfMemory
@@ -241,6 +242,7 @@ def test_real_engine_end_to_end(real_client: TestClient, tiny_service_assets: di
     info = real_client.get("/model").json()
     assert (info["version"], info["content_dim"], info["sr"], info["n_speakers"]) == ("v1", 256, 40000, 3)
     assert "pm" in info["f0_methods"] and "rmvpe" not in info["f0_methods"]
+    assert info["default_f0_method"] == default_f0_method(None)  # no rmvpe.pt configured: fcpe, or pm
     voice = tiny_service_assets["adapters"][0]
     r = upload(real_client, voice.read_bytes(), name="one")
     assert r.status_code == 201 and r.json()["rank"] == 4 and r.json()["base_fingerprint"] == info["fingerprint"]
@@ -252,6 +254,7 @@ def test_real_engine_end_to_end(real_client: TestClient, tiny_service_assets: di
     assert base.status_code == first.status_code == again.status_code == 200
     assert (first.headers["X-Adapter-Cache"], again.headers["X-Adapter-Cache"]) == ("miss", "hit")
     assert first.content == again.content != base.content
+    assert first.headers["X-F0-Method"] == default_f0_method(None)
     stages = {part.split(";")[0] for part in first.headers["Server-Timing"].split(", ")}
     assert stages >= {"queue", "decode", "f0", "features", "index", "synth", "encode"}
     audio, sr = sf.read(io.BytesIO(first.content))

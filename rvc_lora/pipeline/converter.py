@@ -28,7 +28,7 @@ from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, SynthesizerLoR
 from rvc_lora.pipeline import steps
 from rvc_lora.pipeline.audio import SR_16K, AudioSource, decode_audio, prepare_16k, resample, to_int16
 from rvc_lora.pipeline.content import ContentEncoder
-from rvc_lora.pipeline.f0 import get_f0_extractor, overlay_f0, read_f0_file
+from rvc_lora.pipeline.f0 import default_f0_method, get_f0_extractor, overlay_f0, read_f0_file
 from rvc_lora.pipeline.index import RetrievalIndex
 from rvc_lora.pipeline.params import ConvertParams
 
@@ -40,13 +40,15 @@ STAGES = ("decode", "f0", "features", "index", "synth", "postprocess")
 
 @dataclass
 class ConversionResult:
-    """Converted audio (float32 `[N]` in [-1, 1], before RVC's int16 step) at `sr`, and stage timings (s)."""
+    """Converted audio (float32 `[N]` in [-1, 1], before RVC's int16 step) at `sr`, stage timings (s), and the
+    f0 method that ran (None for a model without f0 input)."""
 
     audio: NDArray[np.float32]
     sr: int
     timings: dict[str, float] = field(default_factory=dict)
     adapter: str | None = None
     adapter_swapped: bool = False
+    f0_method: str | None = None
 
     def int16(self) -> NDArray[np.int16]:
         """RVC's output: peak above 0.99 scaled down, `* 32768`, truncated to int16."""
@@ -184,14 +186,19 @@ class VoiceConverter:
         if params.sid >= self.model.base.emb_g.num_embeddings:
             raise ParameterError(f"sid {params.sid} is out of range: the model has "
                                  f"{self.model.base.emb_g.num_embeddings} speakers")
+        method = self.f0_method(params) if self.model.cfg.f0 else None
         with torch.inference_mode():
             out = self._pipeline(audio16k, params, retrieval, f0_curve, clock, progress)
         name = None if self._resident is None else self._resident.info.name
-        return ConversionResult(out, steps.output_sr(self.sr, params.resample_sr), clock.times, name, swapped)
+        return ConversionResult(out, steps.output_sr(self.sr, params.resample_sr), clock.times, name, swapped, method)
+
+    def f0_method(self, params: ConvertParams) -> str:
+        """The f0 method `params` asks for, or the default for this converter's rmvpe.pt setting."""
+        return params.f0_method or default_f0_method(self.rmvpe_path)
 
     def _pitch(self, audio_pad: NDArray[np.floating], p_len: int, params: ConvertParams,
                f0_curve: ArrayLike | None) -> tuple[Tensor, Tensor]:
-        extractor = get_f0_extractor(params.f0_method, device=str(self.device), rmvpe_path=self.rmvpe_path,
+        extractor = get_f0_extractor(self.f0_method(params), device=str(self.device), rmvpe_path=self.rmvpe_path,
                                      is_half=self.is_half)
         f0 = steps.transpose_f0(extractor(audio_pad, p_len, filter_radius=params.filter_radius), params.f0_up_key)
         if f0_curve is not None:  # RVC's f0 file: after the transpose, starting at frame x_pad * 100

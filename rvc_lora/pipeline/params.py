@@ -15,18 +15,19 @@ MAX_RESAMPLE_SR = 192000
 
 @dataclass(frozen=True)
 class ConvertParams:
-    """RVC WebUI's single-conversion parameters (defaults as its single-file tab, `pm` on CPU) plus `seed`.
+    """RVC WebUI's single-conversion parameters (defaults as its single-file tab) plus `seed`.
 
     sid: speaker row of the model's `emb_g`; f0_up_key: transpose in semitones; f0_method: pm, harvest,
-    rmvpe or fcpe; index_rate: share of retrieved features (0 = index off); filter_radius: harvest's
-    median filter switch (> 2 = on); rms_mix_rate: 1 keeps the output's loudness envelope, 0 takes the
-    input's; protect: consonant protection (0.5 = off); resample_sr: output rate (0 = model rate);
+    rmvpe, fcpe, crepe or crepe-tiny, None = the best available (rmvpe when its weights are configured,
+    else fcpe, else pm: `default_f0_method`); index_rate: share of retrieved features (0 = index off);
+    filter_radius: harvest's median filter switch (> 2 = on); rms_mix_rate: 1 keeps the output's loudness
+    envelope, 0 takes the input's; protect: consonant protection (0.5 = off); resample_sr: output rate (0 = model rate);
     seed: `torch.manual_seed(seed)` before the first chunk (None = don't touch the generator).
     """
 
     sid: int = 0
     f0_up_key: int = 0
-    f0_method: str = "pm"
+    f0_method: str | None = None
     index_rate: float = 0.75
     filter_radius: int = 3
     rms_mix_rate: float = 0.25
@@ -52,7 +53,7 @@ class ConvertParams:
         fraction("index_rate")
         fraction("rms_mix_rate")
         fraction("protect", 0.5)
-        if self.f0_method not in F0_METHODS:
+        if self.f0_method is not None and self.f0_method not in F0_METHODS:
             raise ParameterError(f"unknown f0_method {self.f0_method!r}; valid: {', '.join(F0_METHODS)}")
         if isinstance(self.resample_sr, bool) or not isinstance(self.resample_sr, int) \
                 or not (self.resample_sr == 0 or 16000 <= self.resample_sr <= MAX_RESAMPLE_SR):

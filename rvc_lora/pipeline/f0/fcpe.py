@@ -21,11 +21,11 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
-from rvc_lora.pipeline.f0.base import HOP, SR, check_audio, fit_length, frame_count
+from rvc_lora.pipeline.f0.base import HOP, INSTALL_HINTS, SR, check_audio, fit_length, frame_count
 from rvc_lora.pipeline.f0.fcpe_net import HIDDEN, N_BINS, N_LAYERS, N_MELS, FCPENet
 from rvc_lora.pipeline.f0.mel import mel_filterbank
 
-INSTALL_HINT = "pip install --no-deps torchfcpe==0.0.4"
+INSTALL_HINT = INSTALL_HINTS["torchfcpe"]
 WEIGHTS_IN_PACKAGE = Path("assets") / "fcpe_c_v001.pt"
 N_FFT = 1024
 MEL_FMAX = 8000.0

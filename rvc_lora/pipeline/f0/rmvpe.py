@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
-from rvc_lora.pipeline.f0.base import HOP, SR, check_audio, fit_length
+from rvc_lora.pipeline.f0.base import HOP, RMVPE_HINT, SR, check_audio, fit_length
 from rvc_lora.pipeline.f0.mel import mel_filterbank
 from rvc_lora.pipeline.f0.rmvpe_net import N_BINS, N_MELS, STAGES, RMVPENet
 
@@ -103,12 +103,11 @@ class RMVPEPitch:
 def load_rmvpe_state_dict(path: str | Path | None, net: RMVPENet) -> dict[str, Tensor]:
     """Read `rmvpe.pt` safely (`weights_only=True`) and check its keys and shapes against `net`."""
     if path is None:
-        raise ModelUnavailableError(
-            "f0_method 'rmvpe' needs RVC's rmvpe.pt, and no path is set: pass rmvpe_path (the RMVPE weights file)"
-        )
+        raise ModelUnavailableError(RMVPE_HINT)
     path = Path(path)
     if not path.is_file():
-        raise ModelUnavailableError(f"rmvpe_path {str(path)!r}: no such file (f0_method 'rmvpe' needs RVC's rmvpe.pt)")
+        raise ModelUnavailableError(f"rmvpe.pt {str(path)!r}: no such file (set by --rmvpe or RVC_LORA_RMVPE; "
+                                    "`rvc-lora models fetch` downloads it)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all mean: not a usable rmvpe.pt
