@@ -11,6 +11,7 @@ from rvc_lora.cli import main
 from rvc_lora.demo import speech_like
 from rvc_lora.pipeline.audio import decode_audio, encode_audio, to_int16
 from rvc_lora.pipeline.converter import VoiceConverter
+from rvc_lora.pipeline.f0 import default_f0_method
 from rvc_lora.stream import StreamConverter, StreamParams
 
 
@@ -28,7 +29,8 @@ def test_convert_realtime_writes_what_the_stream_emits(tiny_service_assets: dict
     assert "blocks of 100 ms" in capsys.readouterr().out
     got, sr = decode_audio(dst)
     vc = VoiceConverter.from_files(model, hubert, device="cpu")
-    params = StreamParams(block_time=0.1, extra_time=0.5, f0_up_key=3, rms_mix_rate=0.5, index_rate=0.75, seed=7)
+    params = StreamParams(block_time=0.1, extra_time=0.5, f0_up_key=3, rms_mix_rate=0.5, index_rate=0.75, seed=7,
+                          f0_method=default_f0_method(None))  # the CLI's default: fcpe when installed, else pm
     want = StreamConverter(vc, params, sr=48000, adapter=adapter).convert(audio)
     blocks = -(-(len(audio) + 2400 + 480) // 4800)  # every input sample is emitted, after the 60 ms latency
     assert sr == 48000 and len(got) == len(want) == blocks * 4800

@@ -40,7 +40,8 @@ def stream_params(args: argparse.Namespace) -> StreamParams:
 
     return StreamParams(block_time=args.block_time, crossfade_time=args.crossfade_time, extra_time=args.extra_time,
                         threshold=args.threshold, f0_up_key=args.f0_up_key, formant=args.formant,
-                        f0_method=args.f0_method or default_f0_method(getattr(args, "rmvpe", None)), index_rate=args.index_rate, rms_mix_rate=args.rms_mix_rate,
+                        f0_method=args.f0_method or default_f0_method(getattr(args, "rmvpe", None)),
+                        index_rate=args.index_rate, rms_mix_rate=args.rms_mix_rate,
                         seed=args.seed)
 
 
