@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,22 +105,28 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_demo_assets(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write every demo asset into `folder` and return the manifest (paths relative to `folder`)."""
+def write_demo_assets(folder: str | os.PathLike[str], on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write every demo asset into `folder` and return the manifest (paths relative to `folder`); `on_step` is told
+    what is being written (it takes about a minute on 2 CPU cores)."""
     from rvc_lora.checkpoint import rvc_state_dict, save_rvc_checkpoint
     from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
     from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
     from rvc_lora.pipeline.index import build_index
 
+    note = on_step or (lambda _: None)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    note("base model")
     base = demo_base_model()
     save_rvc_checkpoint(out / FILES["model"], base, info="rvc-lora demo base (random weights, not a real voice)")
+    note("pretrained generator and discriminator")
     _atomic_torch_save({"model": rvc_state_dict(base, with_posterior=True)}, out / FILES["pretrained"])
     _atomic_torch_save({"model": rvc_state_dict(demo_discriminator())}, out / FILES["discriminator"])
+    note("content encoder")
     hubert = build_random_hubert(None, seed=2).to(torch.float16)
     save_fairseq_hubert(hubert, out / FILES["hubert"])
 
+    note("full voice model")
     voice = demo_base_model()
     with torch.no_grad():  # a "fine-tuned" voice: the base plus small deltas, as RVC voices are
         rng = np.random.default_rng(3)
@@ -127,6 +134,7 @@ def write_demo_assets(folder: str | os.PathLike[str]) -> dict[str, Any]:
             p.add_(torch.from_numpy((0.02 * rng.standard_normal(tuple(p.shape))).astype(np.float32)) * p.abs().mean())
     save_rvc_checkpoint(out / FILES["voice_model"], voice, info="rvc-lora demo voice (random weights)")
 
+    note("adapters")
     lora = SynthesizerLoRA(demo_base_model(), DEMO_LORA)
     lora.fingerprint = _fingerprint_of(out / FILES["model"])
     adapters = {}
@@ -138,6 +146,7 @@ def write_demo_assets(folder: str | os.PathLike[str]) -> dict[str, Any]:
         save_adapter(out / file, lora, name=name, dtype=torch.float16)
         adapters[name] = file
 
+    note("input and retrieval index")
     audio = speech_like(6.0, 16000, seed=4)
     sf.write(out / FILES["input"], audio, 16000, subtype="PCM_16")
     with torch.inference_mode():
@@ -158,8 +167,9 @@ def _fingerprint_of(path: Path) -> str:
     return read_rvc_checkpoint(path).fingerprint
 
 
-def ensure_demo_assets(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of `folder`, writing the assets first when they are missing or stale."""
+def ensure_demo_assets(folder: str | os.PathLike[str], on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The manifest of `folder`, writing the assets first when they are missing or stale (`on_step`: as
+    `write_demo_assets`)."""
     manifest_path = Path(folder) / "manifest.json"
     if manifest_path.is_file():
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
@@ -168,4 +178,4 @@ def ensure_demo_assets(folder: str | os.PathLike[str]) -> dict[str, Any]:
                 isinstance(f, str) and (Path(folder) / f).is_file() for f in files):
             return manifest
     log.info("writing demo assets to %s (one-time, about a minute)", folder)
-    return write_demo_assets(folder)
+    return write_demo_assets(folder, on_step)

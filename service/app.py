@@ -30,6 +30,7 @@ from rvc_lora.errors import RVCLoraError
 from service import handlers
 from service.auth import BearerAuth
 from service.connections import ConnectionLimit, Connections, protocol_class
+from service.docs import install_docs
 from service.engine import Engine, load_engine
 from service.extraction import Extractor
 from service.ingest import ingest_adapter
@@ -116,9 +117,11 @@ def create_app(settings: Settings | None = None, *,
             await worker.stop()
             tempfile.tempdir = system_temp
 
-    app = FastAPI(title="rvc-lora", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="rvc-lora", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.settings, app.state.metrics, app.state.connections = settings, metrics, connections
     app.include_router(api_router)
+    install_docs(app)  # /docs and /redoc with their assets served here: no CDN
     app.add_exception_handler(RVCLoraError, handlers.rvc_error)
     app.add_exception_handler(RequestValidationError, handlers.validation_error)
     app.add_exception_handler(HTTPException, handlers.http_error)

@@ -87,6 +87,24 @@ class AdapterForm(BaseModel):
                                          "max_rank if lower; more than max_rank is refused)")
 
 
+class AdapterSummary(BaseModel):
+    """An adapter as `GET /adapters` lists it; `GET /adapters/{id}` gives every detail (`AdapterOut`)."""
+
+    model_config = BODY
+    id: str = Field(description="first 16 hex digits of the file's sha256")
+    name: str | None
+    label: str = Field(description="the name written in the adapter file's metadata")
+    rank: int
+    has_index: bool
+    size_bytes: int
+    created_at: str
+
+    @classmethod
+    def of(cls, rec: StoredAdapter) -> AdapterSummary:
+        return cls(id=rec.id, name=rec.name, label=rec.meta.label, rank=rec.meta.rank,
+                   has_index=rec.index_sha256 is not None, size_bytes=rec.size_bytes, created_at=rec.created_at)
+
+
 class AdapterOut(BaseModel):
     model_config = BODY
     id: str = Field(description="first 16 hex digits of the file's sha256")
@@ -163,7 +181,8 @@ class AdapterUpload(AdapterOut):
 
 class AdapterList(BaseModel):
     model_config = BODY
-    adapters: list[AdapterOut] = Field(description="this page, oldest upload first")
+    adapters: list[AdapterSummary] = Field(description="this page, oldest upload first, in brief: "
+                                                       "`GET /adapters/{id}` gives the details")
     total: int = Field(description="adapters in the store")
     next_offset: int | None = Field(description="`offset` of the next page; null on the last page")
 

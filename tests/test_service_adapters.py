@@ -59,8 +59,10 @@ def test_upload_list_get_delete(client: TestClient, tmp_path: Path) -> None:
     assert info.pop("extraction") is None  # an adapter upload: nothing was extracted
     assert info["id"] == __import__("hashlib").sha256(data).hexdigest()[:16]
     assert (info["name"], info["rank"], info["label"], info["has_index"]) == ("alice", 4, "voice", False)
-    assert client.get("/adapters").json()["adapters"] == [info]
+    brief = ("id", "name", "label", "rank", "has_index", "size_bytes", "created_at")
+    assert client.get("/adapters").json()["adapters"] == [{k: info[k] for k in brief}]  # no target-module lists
     assert client.get(f"/adapters/{info['id']}").json() == info == client.get("/adapters/alice").json()
+    assert info["target_modules"]  # the details
     assert client.delete("/adapters/alice").status_code == 204
     assert error_of(client.get(f"/adapters/{info['id']}")) == (404, "adapter_not_found")
     assert error_of(client.delete(f"/adapters/{info['id']}")) == (404, "adapter_not_found")

@@ -52,6 +52,7 @@ def stream_rate(sr: int, model_sr: int) -> int:
 
 def convert_realtime(args: argparse.Namespace) -> int:
     """Run the realtime algorithm locally over the input file and write the blocks it emits."""
+    from rvc_lora.cli_convert import output_format
     from rvc_lora.pipeline.audio import decode_audio, encode_audio, resample
     from rvc_lora.pipeline.converter import VoiceConverter
     from rvc_lora.stream.converter import StreamConverter
@@ -68,8 +69,7 @@ def convert_realtime(args: argparse.Namespace) -> int:
     out = stream.convert(audio)
     spent = time.perf_counter() - start
     dst = Path(args.output)
-    suffix = dst.suffix.lstrip(".").lower()
-    fmt: Any = args.format or (suffix if suffix in ("wav", "flac", "ogg") else "wav")
+    fmt: Any = output_format(dst, args.format)  # checked before the model loaded (rvc_lora.cli_convert)
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.write_bytes(encode_audio(out, rate, fmt, "FLOAT" if args.float else "PCM_16"))
     os.replace(tmp, dst)

@@ -14,7 +14,7 @@ from service.deps import ExtractorDep, SettingsDep, SingleValuedForm, StoreDep, 
 from service.errors import InvalidRequest, relabel
 from service.extraction import DEFAULT_RANK
 from service.ingest import ingest_staged, stage_upload
-from service.schemas import AdapterForm, AdapterList, AdapterOut, AdapterUpload, error_responses
+from service.schemas import AdapterForm, AdapterList, AdapterOut, AdapterSummary, AdapterUpload, error_responses
 from service.store import check_name
 
 router = APIRouter(tags=["adapters"], dependencies=[Security(bearer_scheme)])
@@ -79,15 +79,17 @@ async def list_adapters(store: StoreDep,
                         limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = PAGE,
                         offset: Annotated[int, Query(ge=0, description="adapters to skip")] = 0) -> AdapterList:
     """Stored adapters, a page at a time (a store holds thousands): follow `next_offset` until it is null.
+    Each entry is brief (id, name, label, rank, index, size, date); `GET /adapters/{ref}` gives the details.
     An adapter deleted between two pages shifts the later ones by one."""
     page, total = store.page(offset, limit)
     after = offset + len(page)
-    return AdapterList(adapters=[AdapterOut.of(rec) for rec in page], total=total,
+    return AdapterList(adapters=[AdapterSummary.of(rec) for rec in page], total=total,
                        next_offset=after if after < total else None)
 
 
 @router.get("/adapters/{ref}", response_model=AdapterOut, responses=error_responses(401, 404, 422))
 async def get_adapter(ref: Ref, store: StoreDep) -> AdapterOut:
+    """Every detail of one adapter: checksums, LoRA rank and alpha, target modules, base model, index."""
     return AdapterOut.of(store.resolve(ref))
 
 
