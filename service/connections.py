@@ -83,7 +83,9 @@ class Connections:
 
     def _close(self, conn: Any, reason: str) -> None:
         self.busy(conn)
+        self._open.discard(conn)  # now: its transport reports the loss a loop turn later
         self._metrics.connections_closed.labels(reason=reason).inc()
+        self._metrics.open_connections.set(len(self._open))
         conn.close_idle(reason)
 
 
