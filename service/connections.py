@@ -27,7 +27,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.errors import Overloaded
+from service.errors import HeadTooLarge, Overloaded
 from service.handlers import error_json
 from service.metrics import Metrics
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 OVERLOAD_RETRY_S = 1
+MAX_HEAD_BYTES, MAX_HEADERS = 16 * 1024, 100  # h11's own bound on an incomplete head; nginx's field count
 
 
 class Connections:
@@ -132,8 +133,10 @@ def protocol_class(connections: Connections) -> type[H11Protocol]:
 
 
 class ConnectionLimit:
-    """Past `limit` requests in progress, a request gets 503 `overloaded` at once, health routes excepted. Sits
-    inside `RequestContext`, so these refusals are logged and counted like any response."""
+    """Past `limit` requests in progress, a request gets 503 `overloaded` at once, health routes excepted; a request
+    head of more than `MAX_HEAD_BYTES` or `MAX_HEADERS` fields gets 431 (h11 bounds only a head that arrives in
+    pieces: one read of up to 256 KB was taken whole). Sits inside `RequestContext`, so these refusals are
+    logged and counted like any response."""
 
     def __init__(self, app: ASGIApp, connections: Connections, metrics: Metrics) -> None:
         self.app, self.connections, self.metrics = app, connections, metrics
@@ -143,6 +146,13 @@ class ConnectionLimit:
             await self.app(scope, receive, send)
             return
         conns = self.connections
+        head = scope["headers"]
+        if len(head) > MAX_HEADERS or sum(len(k) + len(v) for k, v in head) > MAX_HEAD_BYTES:
+            too_large = HeadTooLarge(f"request headers: {len(head)} fields, at most {MAX_HEADERS} fields and "
+                               f"{MAX_HEAD_BYTES} bytes are accepted")
+            await error_json(too_large.status, too_large.code, str(too_large), {"Connection": "close"})(
+                scope, receive, send)
+            return
         if conns.in_flight >= conns.limit and scope["path"] not in HEALTH_PATHS:
             self.metrics.rejected.labels(reason="connections").inc()
             exc = Overloaded(f"{conns.in_flight} requests are in progress, the limit is {conns.limit}; retry shortly")

@@ -51,6 +51,10 @@ class MalformedBody(ServiceError):
     code, status = "bad_request", 400
 
 
+class HeadTooLarge(ServiceError):
+    code, status = "header_too_large", 431
+
+
 class InvalidRequest(ServiceError):
     code, status = "invalid_request", 422
 

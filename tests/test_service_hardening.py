@@ -409,3 +409,13 @@ def test_a_key_no_header_can_carry_is_refused_at_start(key: str, monkeypatch: py
     with pytest.raises(ValidationError, match="visible ASCII"):
         Settings()
     assert Settings(api_key="s3cret-KEY_~!").api_key is not None
+
+
+# found attacking a live server again: a request head read in one piece was not bounded
+
+@pytest.mark.parametrize("headers", [{"X-Big": "a" * 100_000}, {f"X-{i}": "1" for i in range(500)}])
+def test_an_oversized_request_head_is_431(client_405: Any, headers: dict[str, str]) -> None:
+    """Was: a 100 KB header or 5000 header fields were parsed and served (h11 bounds only heads in pieces)."""
+    r = client_405.get("/healthz", headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (431, "header_too_large")
+    assert client_405.get("/healthz", headers={"X-Fine": "a" * 1000}).status_code == 200
