@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, *,
         extractor = Extractor(settings.max_waiting_extractions)
         app.state.store, app.state.worker, app.state.seeded = store, worker, asyncio.Event()
         app.state.extractor = extractor
+        app.state.decoding = anyio.CapacityLimiter(settings.max_decoding)
         worker.start()
         seeding = asyncio.create_task(_seed_adapters(app, settings, store, worker))
         try:

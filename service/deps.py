@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
+import anyio
 from fastapi import Depends, Request
 
-from service.errors import InvalidRequest
+from service.errors import DeadlineExceeded, InvalidRequest
 from service.extraction import Extractor
 from service.settings import Settings
 from service.store import AdapterStore
 from service.worker import Worker
+
+T = TypeVar("T")
 
 
 def _worker(request: Request) -> Worker:
@@ -38,6 +43,19 @@ WorkerDep = Annotated[Worker, Depends(_worker)]
 StoreDep = Annotated[AdapterStore, Depends(_store)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ExtractorDep = Annotated[Extractor, Depends(_extractor)]
+
+
+async def decode_upload(request: Request, settings: Settings, decode: Callable[[], T]) -> T:
+    """Run `decode` (an upload to arrays) in a thread, at most `max_decoding` at once: a few KB of FLAC can
+    decode to hundreds of MB, so concurrency, not the upload size, bounds that memory. Waiting for a slot
+    counts against the request's deadline (504 past it)."""
+    remaining = deadline(request, settings) - asyncio.get_running_loop().time()
+    try:
+        with anyio.fail_after(max(remaining, 0.0)):
+            return await anyio.to_thread.run_sync(decode, limiter=request.app.state.decoding)
+    except TimeoutError as exc:
+        raise DeadlineExceeded(f"the upload was not decoded within the deadline of {settings.request_timeout_s:g} s"
+                               ) from exc
 
 
 def request_id(request: Request) -> str:

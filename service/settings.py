@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_index_bytes: int = Field(default=1024 * MiB, gt=0, description="largest retrieval .index file")
     max_index_memory_bytes: int = Field(default=1024 * MiB, gt=0, description="largest retrieval index once loaded "
                                         "(every vector as float32: a compressed index takes far more than its file)")
+    max_decoding: int = Field(default=4, ge=1, description="audio and feature uploads decoded at once (a few KB of "
+                              "FLAC can decode to hundreds of MB); more wait, within their deadline")
     max_index_probes: int = Field(default=2, ge=1, description="uploaded indexes read at once (each in a child "
                                   "process of up to max_index_memory_bytes); more wait, then get 503")
     max_voice_bytes: int = Field(default=256 * MiB, gt=0,

@@ -419,3 +419,28 @@ def test_an_oversized_request_head_is_431(client_405: Any, headers: dict[str, st
     r = client_405.get("/healthz", headers=headers)
     assert (r.status_code, r.json()["error"]["code"]) == (431, "header_too_large")
     assert client_405.get("/healthz", headers={"X-Fine": "a" * 1000}).status_code == 200
+
+
+def test_uploads_are_decoded_at_most_max_decoding_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: every request decoded at once (up to anyio's 40 threads): 188 KB of 8-channel 192 kHz FLAC silence
+    took 190 MB and 4 s of CPU to decode, so 40 of them ~7.6 GB."""
+    from service import media
+
+    running, most = 0, 0
+    lock = threading.Lock()
+    real = media.read_audio
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(media, "read_audio", slow)
+    with running_app(tmp_path, max_decoding=2) as client, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: client.post("/convert", files={"audio": ("a.wav", sine_wav())}), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6 and most == 2

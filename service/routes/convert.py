@@ -14,7 +14,16 @@ from fastapi import APIRouter, Form, Request, Response, Security
 from rvc_lora.pipeline.f0 import f0_method_problem, preferred_f0_method
 from service import media
 from service.auth import bearer_scheme
-from service.deps import SettingsDep, SingleValuedForm, StoreDep, WorkerDep, deadline, disconnected, request_id
+from service.deps import (
+    SettingsDep,
+    SingleValuedForm,
+    StoreDep,
+    WorkerDep,
+    deadline,
+    decode_upload,
+    disconnected,
+    request_id,
+)
 from service.engine import ModelInfo
 from service.errors import InvalidRequest
 from service.schemas import ConvertForm, error_responses
@@ -84,7 +93,7 @@ async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type
     worker.check_room()  # a full queue refuses before the upload is decoded: overload costs no decoding
     with store.lease(adapter):  # from the lookup on: a DELETE meanwhile (even while decoding) lets this finish
         start = time.perf_counter()
-        audio16k = await anyio.to_thread.run_sync(lambda: media.read_audio(
+        audio16k = await decode_upload(request, settings, lambda: media.read_audio(
             form.audio.file, limit=settings.max_audio_bytes, max_s=settings.max_audio_s, work_dir=settings.work_dir))
         decode_s = time.perf_counter() - start
         options = dataclasses.replace(form.options(), f0_method=f0_method)

@@ -9,7 +9,16 @@ from fastapi import APIRouter, Form, Request, Response, Security
 
 from service import media
 from service.auth import bearer_scheme
-from service.deps import SettingsDep, SingleValuedForm, StoreDep, WorkerDep, deadline, disconnected, request_id
+from service.deps import (
+    SettingsDep,
+    SingleValuedForm,
+    StoreDep,
+    WorkerDep,
+    deadline,
+    decode_upload,
+    disconnected,
+    request_id,
+)
 from service.engine import FRAMES_PER_S
 from service.routes.convert import AUDIO_HEADERS, check_speaker, server_timing
 from service.schemas import InferForm, error_responses
@@ -34,7 +43,7 @@ async def infer(request: Request, form: Annotated[InferForm, Form(media_type="mu
     adapter = store.resolve(form.adapter) if form.adapter is not None else None
     worker.check_room()
     with store.lease(adapter):  # from the lookup on: a DELETE meanwhile lets this request finish
-        features = await anyio.to_thread.run_sync(lambda: media.read_features(
+        features = await decode_upload(request, settings, lambda: media.read_features(
             form.features.file, info=info, max_s=settings.max_audio_s, sid=form.sid, seed=form.seed))
         job = Job(request_id(request), features, len(features.phone) / FRAMES_PER_S, adapter,
                   deadline(request, settings))
