@@ -41,7 +41,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     ("Bearer ", False),
     ("Bearer", False),
     ("", False),
-    ("Bearer " + "k" * 100_000, False),
+    ("Bearer " + "k" * 10_000, False),  # (a head above 16 KB is 431 before any key check)
     (f"Bearer {KEY} {KEY}", False),
 ])
 def test_authorization_variants(client: TestClient, header: str, ok: bool) -> None:
