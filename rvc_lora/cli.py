@@ -155,6 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import serve
 
+    if args.demo:  # written here, with progress, rather than silently at the server's start
+        from rvc_lora.demo import ensure_demo_assets
+
+        with step("demo assets in demo-assets") as s:
+            ensure_demo_assets(Path("demo-assets"), on_step=s.note)
     serve(host=args.host, port=args.port, demo=args.demo)  # unset flags fall back to RVC_LORA_HOST / _PORT
     return 0
 

@@ -4,6 +4,9 @@ before any model loads, folder batches with one model load and a failure summary
 from __future__ import annotations
 
 import argparse
+import io
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from rvc_lora.cli import build_parser, main
+from rvc_lora.cli_progress import step
 from rvc_lora.demo import speech_like
 from rvc_lora.pipeline.audio import decode_audio
 from rvc_lora.pipeline.audio_av import probe as av_probe
@@ -151,3 +155,24 @@ def test_every_option_has_help_and_shows_its_default() -> None:
                 line = sub._get_formatter()._get_help_string(action)
                 assert "default" in line or "(required)" in line, f"{name} {action.option_strings[0]}: {line}"
         assert "default: 20" in text if name == "train" else True
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_redrawn_on_a_terminal_and_listed_elsewhere() -> None:
+    tty, log = _Terminal(), io.StringIO()
+    with step("loading models", tty) as s:
+        s.note("content encoder")
+        time.sleep(1.2)
+    redraws = tty.getvalue().split("\r")
+    assert sum("loading models: content encoder ..." in r for r in redraws) >= 2  # at least one tick in 1.2 s
+    assert re.fullmatch(r"\x1b\[Kloading models: done in \d+\.\d s\n", redraws[-1])
+    with pytest.raises(KeyError), step("converting x.wav", log) as s:
+        s.note("chunk 1/2")
+        raise KeyError("boom")
+    assert log.getvalue().splitlines() == ["converting x.wav ...", "  converting x.wav: chunk 1/2",
+                                           log.getvalue().splitlines()[-1]]
+    assert re.fullmatch(r"converting x\.wav: stopped after \d+\.\d s", log.getvalue().splitlines()[-1])
