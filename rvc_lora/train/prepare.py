@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rvc_lora.config import SynthConfig
 from rvc_lora.errors import AudioError, ModelUnavailableError, ParameterError
-from rvc_lora.pipeline.audio import SR_16K, decode_audio, resample
+from rvc_lora.pipeline.audio import AUDIO_SUFFIXES, SR_16K, decode_audio, resample
 from rvc_lora.pipeline.content import ContentEncoder
 from rvc_lora.pipeline.f0 import F0_METHODS, F0Extractor, get_f0_extractor
 from rvc_lora.pipeline.f0.base import RMVPE_HINT
@@ -43,7 +43,6 @@ from rvc_lora.train.slicer import Slicer, segment
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"})
 HIGHPASS_ORDER, HIGHPASS_HZ = 5, 48
 PEAK_LIMIT = 2.5  # pieces louder than this are dropped (clipped or broken input)
 NORM_PEAK, NORM_ALPHA = 0.9, 0.75  # y = x / peak * (0.9 * 0.75) + (1 - 0.75) * x
@@ -172,12 +171,12 @@ def _audio_files(data_dir: Path) -> tuple[list[Path], list[SkippedFile]]:
     for p in sorted(data_dir.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(data_dir).parts):
             continue
-        if p.suffix.lower() in AUDIO_EXTENSIONS:
+        if p.suffix.lower() in AUDIO_SUFFIXES:
             files.append(p)
         else:
-            other.append(SkippedFile(str(p), f"not an audio file ({', '.join(sorted(AUDIO_EXTENSIONS))})"))
+            other.append(SkippedFile(str(p), f"not an audio file ({', '.join(sorted(AUDIO_SUFFIXES))})"))
     if not files:
-        raise TrainingDataError(f"{data_dir}: no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}) in this folder")
+        raise TrainingDataError(f"{data_dir}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
     return files, other
 
 
