@@ -180,3 +180,12 @@ def test_directory_and_missing_file_are_named(tmp_path) -> None:
         probe_audio(tmp_path)
     with pytest.raises(AudioError, match="does not exist"):
         probe_audio(tmp_path / "nope.m4a")
+
+
+def test_a_path_is_a_file_not_an_ffmpeg_protocol(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.webm").write_bytes(webm(3.0))
+    name = "concat:a.webm|b.webm"  # a file name that ffmpeg, given it, would read as its concat protocol
+    (tmp_path / name).write_bytes(webm(1.0))
+    audio, sr = decode_audio(name)
+    assert sr == 48000 and abs(len(audio) / sr - 1.0) < 0.05

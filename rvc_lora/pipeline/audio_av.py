@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -39,15 +40,17 @@ class StreamInfo:
     container: str
 
 
-def _source(source: bytes | str) -> str | io.BytesIO:
-    return io.BytesIO(source) if isinstance(source, bytes) else source
-
-
-def _open(source: bytes | str) -> av.container.InputContainer:
-    try:
-        return av.open(_source(source), mode="r", options=_OPEN_OPTIONS, metadata_errors="ignore")
-    except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
-        raise UnsupportedAudioError(f"ffmpeg: {exc}") from exc
+@contextmanager
+def _open(source: bytes | str) -> Iterator[av.container.InputContainer]:
+    """An input container on `source` (bytes or a path). A path is opened here and handed over as a file object:
+    given the name, ffmpeg would read `concat:a|b` or `http://...` as protocols."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
+        try:
+            container = av.open(f, mode="r", options=_OPEN_OPTIONS, metadata_errors="ignore")
+        except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
+            raise UnsupportedAudioError(f"ffmpeg: {exc}") from exc
+        with container:
+            yield container
 
 
 def _info(container: av.container.InputContainer) -> tuple[av.AudioStream, StreamInfo]:
