@@ -71,6 +71,9 @@ AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".
                             ".mka", ".mkv", ".aif", ".aiff", ".aifc", ".caf", ".wma", ".amr", ".wv", ".w64", ".au"})
 
 
+READABLE = "wav, flac, ogg, opus, mp3, m4a/aac, webm, mka, aiff, caf, wma, ..."
+
+
 def format_for_suffix(suffix: str) -> str | None:
     """The output format name whose file suffix is `suffix` ('.mp3' -> 'mp3'), None when no format has it."""
     return next((f.name for f in OUTPUT_FORMATS.values() if suffix.lower() in f.suffixes), None)
@@ -119,8 +122,8 @@ def _ffmpeg_info(data: bytes | str, name: str, sndfile_error: Exception) -> audi
     try:
         return audio_av.probe(data)
     except UnsupportedAudioError as exc:
-        raise UnsupportedAudioError(f"{name}: not a decodable audio file (libsndfile: {sndfile_error}; {exc})") \
-            from exc
+        raise UnsupportedAudioError(f"{name}: not a decodable audio file (read: {READABLE}; libsndfile: "
+                                    f"{sndfile_error}; {exc})") from exc
 
 
 def _check_header(name: str, sr: int, channels: int, duration_s: float | None, what: str) -> None:
