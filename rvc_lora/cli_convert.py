@@ -193,6 +193,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not src.exists():
         raise AudioError(f"input {str(src)!r} does not exist")
     if src.is_dir():
+        if args.realtime or args.f0_file:
+            raise ParameterError(f"{'--realtime' if args.realtime else '--f0-file'} applies to one file, and input "
+                                 f"{str(src)!r} is a folder")
         return _convert_folder(src, dst, args, params)
     job = plan_single(src, dst, args)
     if args.realtime:

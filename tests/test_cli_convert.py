@@ -81,6 +81,14 @@ def test_bad_requests_fail_before_any_model_loads(files: dict[str, Path], tmp_pa
         assert "does not exist" not in err
 
 
+@pytest.mark.usefixtures("no_model_load")
+def test_one_file_options_refuse_a_folder(files: dict[str, Path], tmp_path: Path,  # noqa: F811
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    assert main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), *models(files), "--realtime"]) == 2
+    assert "--realtime applies to one file" in capsys.readouterr().err
+
+
 def test_a_directory_input_file_is_not_called_missing(tmp_path: Path) -> None:
     from rvc_lora.cli_convert import plan_single
     from rvc_lora.errors import AudioError
