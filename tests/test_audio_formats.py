@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -189,3 +192,15 @@ def test_a_path_is_a_file_not_an_ffmpeg_protocol(tmp_path, monkeypatch: pytest.M
     (tmp_path / name).write_bytes(webm(1.0))
     audio, sr = decode_audio(name)
     assert sr == 48000 and abs(len(audio) / sr - 1.0) < 0.05
+
+
+def test_a_long_ogg_vorbis_is_encoded_without_crashing() -> None:
+    """libsndfile's Vorbis encoder crashes the process when handed ~2^21 frames in one call (50 s at 44.1 kHz);
+    run in a child process so that a regression fails this test instead of killing the test run."""
+    code = ("import numpy as np; from rvc_lora.pipeline.audio import encode_audio, decode_audio; "
+            "x = (0.3 * np.sin(np.arange(44100 * 55) / 10)).astype(np.float32); "
+            "a, sr = decode_audio(encode_audio(x, 44100, 'ogg')); print(len(a) / sr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) == pytest.approx(55.0, abs=0.01)

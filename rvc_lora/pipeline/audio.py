@@ -353,6 +353,10 @@ def encode_audio(
 
 
 def _sndfile_bytes(data: NDArray[np.int16] | NDArray[np.float32], sr: int, container: str, subtype: str) -> bytes:
+    """libsndfile's encoding, fed in blocks: given about 2^21 frames or more in one call, its Vorbis encoder
+    (libsndfile 1.2.2) crashes the process, and a converted minute of audio is past that."""
     buf = io.BytesIO()
-    sf.write(buf, data, sr, format=container, subtype=subtype)
+    with sf.SoundFile(buf, "w", sr, 1, format=container, subtype=subtype) as f:
+        for start in range(0, len(data), _BLOCK_FRAMES):
+            f.write(data[start : start + _BLOCK_FRAMES])
     return buf.getvalue()
