@@ -14,6 +14,7 @@ from typing import Any
 from rvc_lora import cli_convert, cli_inspect
 from rvc_lora.cli_progress import chunk_notes, step
 from rvc_lora.errors import RVCLoraError
+from rvc_lora.fetch import add_models_command
 from rvc_lora.pipeline.f0.base import F0_METHODS
 
 log = logging.getLogger("rvc_lora")
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrained discriminator, e.g. f0D40k.pth (default: a fresh one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train)
+
+    add_models_command(sub)
 
     p = sub.add_parser("serve", help="run the HTTP service")
     p.add_argument("--demo", action="store_true", help="serve the demo assets (generated on first start)")
