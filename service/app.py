@@ -27,7 +27,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 
 from rvc_lora.errors import RVCLoraError
-from service import handlers
+from service import handlers, streams
 from service.auth import BearerAuth
 from service.connections import ConnectionLimit, Connections, protocol_class
 from service.docs import install_docs
@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.settings, app.state.metrics, app.state.connections = settings, metrics, connections
     app.include_router(api_router)
     install_docs(app)  # /docs and /redoc with their assets served here: no CDN
+    streams.register(app)
     app.add_exception_handler(RVCLoraError, handlers.rvc_error)
     app.add_exception_handler(RequestValidationError, handlers.validation_error)
     app.add_exception_handler(HTTPException, handlers.http_error)

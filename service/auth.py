@@ -27,6 +27,11 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
 
 
+def token_matches(token: str, api_key: str) -> bool:
+    """Constant-time comparison of a presented token with the key (WebSocket clients send it in a message)."""
+    return hmac.compare_digest(_digest(token.strip()), _digest(api_key.strip()))
+
+
 class BearerAuth:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         if not api_key.strip():

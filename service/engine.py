@@ -310,6 +310,15 @@ class RVCEngine:
                 timings[stage] = timings.get(stage, 0.0) + seconds
         return Rendered(np.concatenate(pieces), self._info.sr, timings)
 
+    def open_stream(self, params: Any, sr: int, channels: int, voice: object | None) -> Any:
+        """A realtime `StreamConverter` over the resident model (on the device thread: it allocates there); it keeps
+        `voice` (adapter and index) for its whole life."""
+        from rvc_lora.stream.converter import StreamConverter
+
+        v = None if voice is None else _as_voice(voice)
+        return StreamConverter(self._vc, params, sr=sr, channels=channels, adapter=None if v is None else v.adapter,
+                               index=None if v is None else v.index)
+
     def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio
         cut points closer together: `shorter_chunks`), down to `MIN_CHUNK_S`; then 503. The worker lives on.

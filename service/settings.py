@@ -73,6 +73,12 @@ class Settings(BaseSettings):
                                  "health routes excepted)")
     header_timeout_s: float = Field(default=10.0, gt=0, description="a connection that has not sent a complete "
                                     "request head this long after connecting or after its last response is closed")
+    max_streams: int = Field(default=16, ge=0, description="open realtime streams (WebSocket /stream); more are "
+                             "closed with code 4429")
+    stream_buffer_s: float = Field(default=2.0, gt=0, description="audio a stream may have waiting for conversion; "
+                                   "a client sending faster than realtime past it is closed with 4413")
+    stream_send_timeout_s: float = Field(default=5.0, gt=0, description="a stream client that does not take an "
+                                         "output block within this is closed with 4408")
     max_bypass: int = Field(default=4, ge=0, description="times a job may be overtaken by same-adapter jobs")
 
     # operation

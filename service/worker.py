@@ -485,14 +485,7 @@ class Worker:
             assert self._engine is not None and self._cache is not None
             engine, voice, tier = self._engine, None, None
             if job.adapter is not None:
-                store, rec = self._store, job.adapter
-
-                def load() -> object:
-                    if not store.adapter_path(rec).is_file():  # deleted by another process sharing the store
-                        raise AdapterNotFoundError(f"adapter {rec.id} was deleted")
-                    return engine.load_voice(store.adapter_path(rec), store.index_path(rec))
-
-                voice, tier = self._cache.get(rec.cache_key, load)
+                voice, tier = self.voice(job.adapter)
             if isinstance(job.work, ConvertWork):
                 rendered = engine.convert(job.work.audio16k, job.work.options, voice)
             else:
@@ -513,6 +506,23 @@ class Worker:
         finally:
             STOP_REQUESTED.reset(stop_token)
             REQUEST_ID.reset(token)
+
+    def voice(self, rec: StoredAdapter) -> tuple[object, str]:
+        """On the device thread: `rec`'s voice on the device (through the cache) and the tier it came from."""
+        assert self._engine is not None and self._cache is not None
+        engine, store = self._engine, self._store
+
+        def load() -> object:
+            if not store.adapter_path(rec).is_file():  # deleted by another process sharing the store
+                raise AdapterNotFoundError(f"adapter {rec.id} was deleted")
+            return engine.load_voice(store.adapter_path(rec), store.index_path(rec))
+
+        return self._cache.get(rec.cache_key, load)
+
+    async def on_device(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the device thread, ahead of queued jobs: those go to the thread one at a time, so `fn`
+        waits at most for the job running now (realtime stream blocks use this)."""
+        return await asyncio.wrap_future(self._device.submit(fn))
 
     def _update_queue_gauges(self) -> None:
         self._metrics.queued_audio.set(self._sched.queued_audio_s)

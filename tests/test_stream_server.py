@@ -1,0 +1,262 @@
+"""WebSocket /stream against a real uvicorn on 127.0.0.1 with the real engine on tiny models: interleaved
+streams each equal to the same stream alone (and to the library), hot changes, limits and close codes, auth."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from rvc_lora.demo import speech_like
+from rvc_lora.stream import StreamParams
+from rvc_lora.stream.client import StreamClient, StreamError
+from tests.test_service_server import ROOT, _free_port
+
+SERVER = """
+import sys, json
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from service.app import create_app, run_server
+from service.logs import configure_logging
+from service.settings import Settings
+
+configure_logging("INFO")
+port, cfg = int(sys.argv[1]), json.loads(sys.argv[2])
+settings = Settings(**cfg)
+run_server(create_app(settings), "127.0.0.1", port, 2.0)
+"""
+KEY = "k3y"
+PARAMS = StreamParams(block_time=0.1, crossfade_time=0.05, extra_time=0.5, seed=5)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_service_assets: dict[str, Path | list[Path]],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("stream-server")
+    adapters = tiny_service_assets["adapters"]
+    assert isinstance(adapters, list)
+    cfg = {"model": str(tiny_service_assets["model"]), "hubert": str(tiny_service_assets["hubert"]),
+           "device": "cpu", "adapter_dir": str(tmp / "store"), "api_key": KEY, "max_streams": 4,
+           "stream_buffer_s": 0.5, "stream_send_timeout_s": 1.0, "warmup": False,
+           "seed_adapters": {f"voice{i}": str(p) for i, p in enumerate(adapters[:3])}}
+    script = tmp / "server.py"
+    script.write_text(SERVER.format(root=str(ROOT)))
+    port = _free_port()
+    log = (tmp / "server.log").open("ab")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), json.dumps(cfg)], cwd=ROOT, stdout=log,
+                            stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/adapters", headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=2)
+                if r.status_code == 200 and len(r.json()["adapters"]) == 3:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("server not ready: " + (tmp / "server.log").read_text()[-3000:])
+        yield f"ws://127.0.0.1:{port}/stream"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+
+
+def client(url: str, **kwargs: object) -> StreamClient:
+    return StreamClient(url, sample_rate=kwargs.pop("sample_rate", 16000), api_key=KEY, **kwargs)  # type: ignore[arg-type]
+
+
+STREAMS = [  # (adapter, params, sample rate, channels)
+    ("voice0", PARAMS, 16000, 1),
+    ("voice1", StreamParams(**{**PARAMS.to_dict(), "seed": 6, "f0_up_key": 4}), 48000, 2),
+    (None, StreamParams(**{**PARAMS.to_dict(), "seed": 7, "rms_mix_rate": 0.5}), 16000, 1),
+]
+
+
+def _input(i: int, sr: int, channels: int) -> np.ndarray:
+    x = speech_like(0.3, sr, seed=i).astype(np.float32)
+    return x if channels == 1 else np.stack([x, 0.5 * x], axis=1)
+
+
+def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
+    alone = []
+    for i, (adapter, params, sr, ch) in enumerate(STREAMS):
+        with client(service, adapter=adapter, params=params, sample_rate=sr, channels=ch) as c:
+            alone.append(c.convert(_input(i, sr, ch))[0])
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        adapter, params, sr, ch = STREAMS[i]
+        try:
+            with client(service, adapter=adapter, params=params, sample_rate=sr, channels=ch) as c:
+                results[i] = c.convert(_input(i, sr, ch), window=1)[0]  # one block in flight: streams interleave
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(STREAMS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i, want in enumerate(alone):
+        np.testing.assert_array_equal(results[i], want)
+    assert alone[1].shape[1] == 2 and not np.allclose(alone[0], alone[2][: len(alone[0])])
+
+
+def test_stream_equals_the_library(service: str, tiny_service_assets: dict[str, Path | list[Path]]) -> None:
+    from rvc_lora.pipeline.converter import VoiceConverter
+    from rvc_lora.stream import StreamConverter
+
+    adapters = tiny_service_assets["adapters"]
+    assert isinstance(adapters, list)
+    x = _input(0, 16000, 1)
+    with client(service, adapter="voice0", params=PARAMS) as c:
+        got, headers = c.convert(x)
+    vc = VoiceConverter.from_files(tiny_service_assets["model"], tiny_service_assets["hubert"],  # type: ignore[arg-type]
+                                   device="cpu")
+    local = StreamConverter(vc, PARAMS, sr=16000, adapter=adapters[0])
+    want = local.convert(x)
+    assert np.abs(got - want).max() <= 1e-4
+    assert [h["seq"] for h in headers] == list(range(len(headers)))
+    assert all({"offset", "server_ms", "compute_ms", "late_blocks"} <= h.keys() for h in headers)
+
+
+def test_hot_update_applies_from_the_next_block(service: str) -> None:
+    x = _input(3, 16000, 1)
+    with client(service, adapter="voice0", params=PARAMS) as c:
+        plain, _ = c.convert(x)
+    with client(service, adapter="voice0", params=PARAMS) as c:
+        b = c.block_samples
+        c.send(x[: 2 * b])
+        first = [c.receive(30).audio for _ in range(2)]
+        c.update(f0_up_key=7)
+        assert c._message(30)["params"]["f0_up_key"] == 7
+        c.update(block_time=0.2)  # cold: refused, the stream goes on
+        with pytest.raises(StreamError, match="block_time cannot change mid-stream"):
+            c._message(30)
+        c.send(x[2 * b : 3 * b])
+        third = c.receive(30).audio
+    np.testing.assert_array_equal(np.concatenate(first), plain[: 2 * b])
+    assert not np.allclose(third, plain[2 * b : 3 * b])
+
+
+def close_code(url: str, first: str | bytes, headers: dict[str, str] | None = None,
+               then: bytes | None = None) -> tuple[int | None, str]:
+    ws = connect(url, additional_headers=headers)
+    try:
+        ws.send(first)
+        if then is not None:
+            ws.recv(10)  # ready
+            ws.send(then)
+        while True:
+            ws.recv(10)
+    except Exception:  # noqa: BLE001 - the close is what we look at
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            ws.close()
+    rcvd = ws.protocol.close_rcvd
+    return (None, "") if rcvd is None else (rcvd.code, rcvd.reason)
+
+
+def config(**changes: object) -> str:
+    return json.dumps({"format": "float32", "sample_rate": 16000, "channels": 1, **PARAMS.to_dict(), **changes})
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize(("first", "headers", "code", "reason"), [
+    (config(), None, 4401, "missing or invalid API key"),
+    (config(token="wrong"), None, 4401, "missing or invalid API key"),
+    (config(), {"Authorization": "Bearer nope"}, 4401, "missing or invalid API key"),
+    ("{not json", AUTH, 4400, "config: not JSON"),
+    (config(sample_rate=22050), AUTH, 4400, "config.sample_rate"),
+    (config(block_time=9), AUTH, 4400, "block_time must be a number"),
+    (config(pitch=3), AUTH, 4400, "unknown stream parameter"),
+    (config(adapter="nobody"), AUTH, 4404, "no adapter with id or name 'nobody'"),
+    (b"\x00\x01", AUTH, 4400, "must be the JSON config"),
+])
+def test_refusals_close_with_a_clear_code(service: str, first: str | bytes, headers: dict[str, str] | None,
+                                          code: int, reason: str) -> None:
+    got_code, got_reason = close_code(service, first, headers)
+    assert got_code == code and reason in got_reason
+
+
+def test_token_in_the_config_message_authorizes(service: str) -> None:
+    with client(service, adapter="voice2", params=PARAMS, token_in_config=True) as c:
+        c.send(np.zeros(c.block_samples, np.float32))
+        assert c.receive(30).audio.shape == (c.block_samples,)
+
+
+def test_faster_than_realtime_past_the_buffer_is_closed(service: str) -> None:
+    code, reason = close_code(service, config(), AUTH, then=np.zeros(16000 * 5, np.float32).tobytes())
+    assert code == 4413 and "audio waiting" in reason
+
+
+def closed_count(url: str, code: int) -> float:
+    http = url.replace("ws://", "http://").replace("/stream", "/metrics")
+    for line in httpx.get(http, timeout=5).text.splitlines():
+        if line.startswith(f'rvc_lora_streams_closed_total{{code="{code}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_stops_reading_is_closed(service: str) -> None:
+    """A sans-I/O client on a socket with a small receive buffer: after the handshake and the ready message it
+    only writes, never reads, so the server's output backs up."""
+    from websockets.client import ClientProtocol
+    from websockets.protocol import State
+    from websockets.uri import parse_uri
+
+    before = closed_count(service, 4408)
+    protocol = ClientProtocol(parse_uri(service))
+    request = protocol.connect()
+    request.headers["Authorization"] = AUTH["Authorization"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small receive window
+    sock.connect(("127.0.0.1", int(service.split(":")[2].split("/")[0])))
+    try:
+        protocol.send_request(request)
+        sock.sendall(b"".join(protocol.data_to_send()))
+        while protocol.state is State.CONNECTING:  # read the handshake answer, then never again
+            protocol.receive_data(sock.recv(4096))
+        protocol.send_text(json.dumps({"format": "float32", "sample_rate": 192000, "channels": 8,
+                                       **{**PARAMS.to_dict(), "block_time": 1.5}}).encode())
+        sock.sendall(b"".join(protocol.data_to_send()))
+        block = np.zeros(288000 * 8, np.float32).tobytes()  # 9 MB out per block: more than the socket buffers
+        deadline = time.monotonic() + 60
+        while closed_count(service, 4408) == before and time.monotonic() < deadline:
+            protocol.send_binary(block)
+            sock.sendall(b"".join(protocol.data_to_send()))
+            time.sleep(6.0)  # slower than realtime, so input never piles up: only the output does
+        assert closed_count(service, 4408) == before + 1
+    finally:
+        sock.close()
+
+
+def test_too_many_streams(service: str) -> None:
+    held = [client(service, params=PARAMS) for _ in range(4)]
+    try:
+        code, reason = close_code(service, config(), AUTH)
+        assert code == 4429 and "limit is 4" in reason
+    finally:
+        for c in held:
+            c.close()
