@@ -1,4 +1,4 @@
-"""The `rvc-lora` command: convert, inspect, demo, demo-assets, extract, prepare, train, serve."""
+"""The `rvc-lora` command: convert, inspect, demo, demo-assets, extract, prepare, train, models, stream, serve."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rvc_lora.cli_progress import chunk_notes, step
 from rvc_lora.errors import RVCLoraError
 from rvc_lora.fetch import add_models_command
 from rvc_lora.pipeline.f0.base import F0_METHODS
+from rvc_lora.stream import cli as stream_cli
 
 log = logging.getLogger("rvc_lora")
 F0_HELP = "pitch extractor (default: rmvpe when --rmvpe is given, else fcpe when torchfcpe is installed, else pm)"
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     add_models_command(sub)
+
+    stream_cli.add_stream_command(sub)
 
     p = sub.add_parser("serve", help="run the HTTP service")
     p.add_argument("--demo", action="store_true", help="serve the demo assets (generated on first start)")

@@ -364,8 +364,20 @@ class StreamSession:
         await self.ws.send_json({"type": "updated", "params": params.to_dict()})
 
 
+OPENAPI_NOTE = """
+
+**Realtime streams: `WebSocket /stream`** (OpenAPI cannot describe WebSockets; the README has the full protocol).
+First message: JSON config (`adapter`, `format` pcm16|float32, `sample_rate`, `channels`, RVC's realtime parameters,
+`token` when no `Authorization` header can be sent); the server answers `{"type": "ready", ...}`. Then binary audio
+frames of any size in; per block a JSON header (`seq`, `offset`, `server_ms`, `compute_ms`, `late_blocks`) and one
+binary frame out. `{"type": "update", ...}` changes pitch, formant, index rate, gate or RMS mix from the next block.
+Close codes: 4400 malformed, 4401 unauthorized, 4404 unknown adapter, 4408 client not reading, 4413 sending faster
+than realtime past the buffer, 4429 too many streams, 4503 not ready."""
+
+
 def register(app: FastAPI) -> None:
     """Add `WebSocket /stream` to `app` (its settings, worker and store come from `app.state`)."""
+    app.description += OPENAPI_NOTE
     settings: Settings = app.state.settings
     hub = StreamHub(settings, StreamMetrics(app.state.metrics.registry))
     app.state.streams = hub

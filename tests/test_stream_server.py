@@ -260,3 +260,24 @@ def test_too_many_streams(service: str) -> None:
     finally:
         for c in held:
             c.close()
+
+
+def test_stream_command_writes_what_the_server_sends(service: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from rvc_lora.cli import main
+    from rvc_lora.pipeline.audio import decode_audio, encode_audio
+
+    x = _input(0, 16000, 1)
+    src, dst = tmp_path / "in.wav", tmp_path / "out.wav"
+    src.write_bytes(encode_audio(x, 16000, "wav", "FLOAT"))
+    assert main(["stream", str(src), str(dst), "--server", service, "--adapter", "voice0", "--api-key", KEY,
+                 "--fast", "--block-time", "0.1", "--extra-time", "0.5", "--seed", "5"]) == 0
+    assert "late blocks" in capsys.readouterr().out
+    got, sr = decode_audio(dst)
+    with client(service, adapter="voice0", params=PARAMS) as c:
+        want, _ = c.convert(x)
+    assert sr == 16000
+    np.testing.assert_array_equal(got, want)
+    assert main(["stream", str(src), str(dst), "--server", service, "--adapter", "nobody", "--api-key", KEY,
+                 "--fast"]) == 2
+    assert "4404" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rvc_lora.pipeline.f0.base import F0_METHODS
 from rvc_lora.stream.params import StreamParams
 
 _D = StreamParams()
@@ -77,4 +78,55 @@ def convert_realtime(args: argparse.Namespace) -> int:
     sys.stdout.write(f"wrote {dst} ({rate} Hz): {stream.blocks} blocks of {block_s * 1000:.0f} ms in {spent:.2f} s "
           f"({spent / stream.blocks * 1000:.0f} ms per block; realtime needs < {block_s * 1000:.0f} ms), "
           f"algorithmic latency {stream.sizes.latency_samples / rate * 1000:.0f} ms\n")
+    return 0
+
+
+def add_stream_command(sub: Any) -> None:
+    """`rvc-lora stream IN OUT --server ws://... [--adapter NAME] [--fast]`."""
+    p = sub.add_parser("stream", help="convert a file through a server's realtime WebSocket /stream")
+    p.add_argument("input", help="audio file (any format `convert` reads)")
+    p.add_argument("output", help="where to write what comes back (wav, flac or ogg by suffix)")
+    p.add_argument("--server", required=True, help="the stream URL, e.g. ws://127.0.0.1:8000/stream")
+    p.add_argument("--adapter", default=None, help="adapter id or name on the server (default: the base voice)")
+    p.add_argument("--api-key", default=os.environ.get("RVC_LORA_API_KEY"),
+                   help="bearer key (default: $RVC_LORA_API_KEY)")
+    p.add_argument("--fast", action="store_true", help="send as fast as the server takes it, not in realtime")
+    p.add_argument("--wire-format", choices=["float32", "pcm16"], default="float32",
+                   help="samples on the wire (default %(default)s)")
+    p.add_argument("--pitch", "--f0-up-key", dest="f0_up_key", type=int, default=_D.f0_up_key)
+    p.add_argument("--f0-method", default=_D.f0_method, choices=F0_METHODS,
+                   help="pitch method on the server (default %(default)s)")
+    p.add_argument("--index-rate", type=float, default=_D.index_rate)
+    p.add_argument("--rms-mix-rate", type=float, default=_D.rms_mix_rate)
+    p.add_argument("--seed", type=int, default=None)
+    _add_stream_times(p)
+    p.set_defaults(func=stream_file)
+
+
+def stream_file(args: argparse.Namespace) -> int:
+    """Send the file in blocks (realtime-paced unless --fast), write the blocks that come back."""
+    import numpy as np
+
+    from rvc_lora.pipeline.audio import decode_audio, encode_audio, resample
+    from rvc_lora.stream.client import StreamClient
+
+    audio, sr = decode_audio(Path(args.input))
+    rate = stream_rate(sr, 48000)
+    if rate != sr:
+        audio = resample(audio, sr, rate)
+    start = time.perf_counter()
+    with StreamClient(args.server, sample_rate=rate, adapter=args.adapter, params=stream_params(args),
+                      format=args.wire_format, api_key=args.api_key) as client:
+        out, headers = client.convert(audio, realtime=not args.fast)
+    spent = time.perf_counter() - start
+    dst = Path(args.output)
+    suffix = dst.suffix.lstrip(".").lower()
+    fmt: Any = suffix if suffix in ("wav", "flac", "ogg") else "wav"
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(encode_audio(out, rate, fmt, "FLOAT" if fmt == "wav" else "PCM_16"))
+    os.replace(tmp, dst)
+    server_ms = np.array([h["server_ms"] for h in headers])
+    late = headers[-1]["late_blocks"] if headers else 0
+    sys.stdout.write(f"wrote {dst} ({rate} Hz): {len(headers)} blocks in {spent:.2f} s; server time per block "
+                     f"median {np.median(server_ms):.0f} ms, max {server_ms.max():.0f} ms; {late} late blocks\n")
     return 0
