@@ -67,6 +67,8 @@ if [ $dry -eq 1 ]; then
     step gpu-checks 300 $py benchmarks/gpu_checks.py --assets $assets --device cpu --only precision,compile --swaps 6 --seconds 1
     step bench-pipeline 300 $py benchmarks/bench_pipeline.py --assets $assets --device cpu --seconds 2 \
         --f0-methods pm --repeats 1
+    step bench-stream 120 $py benchmarks/bench_stream.py --assets $assets --device cpu --models tiny --budget 30 \
+        --rounds 4 --max-streams 4
     echo "dry run done in $(($(date +%s) - start))s"
     exit 0
 fi
@@ -81,6 +83,8 @@ step bench-lora 45 $py benchmarks/bench_lora.py --device $dev --swaps 300 --relo
 step gpu-checks 120 $py benchmarks/gpu_checks.py --assets $assets --device $dev
 step bench-pipeline 60 $py benchmarks/bench_pipeline.py --assets $assets --device $dev --f0-methods pm,harvest \
     --repeats 3
+step bench-stream 90 $py benchmarks/bench_stream.py --assets $assets --device $dev --models full,tiny --budget 40 \
+    --rounds 8 --max-streams 256
 
 # The service against a reload-per-voice-change server, real HTTP on loopback, server on the GPU.
 port=8765
