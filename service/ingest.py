@@ -110,7 +110,7 @@ def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, stage
             raise relabel(exc, staged.path, "adapter file") from exc
         if meta.rank > settings.max_rank:
             raise AdapterError(f"adapter file: rank {meta.rank} exceeds this server's maximum rank {settings.max_rank}")
-        if check_output is not None:
+        if check_output is not None and not store.holds(staged.sha256):  # a re-upload costs no device time
             try:
                 check_output(staged.path)
             except RVCLoraError as exc:

@@ -308,6 +308,11 @@ class AdapterStore:
             raise AdapterNotFoundError(f"no adapter with id or name {ref[:64]!r}")
         return rec
 
+    def holds(self, sha256: str) -> bool:
+        """Whether these exact bytes are stored already (as far as this process knows)."""
+        rec = self._lookup(sha256[:16])
+        return rec is not None and rec.sha256 == sha256
+
     def _lookup(self, ref: str) -> StoredAdapter | None:
         with self._lock:
             adapter_id = ref if ID_RE.fullmatch(ref) else self._by_name.get(ref)

@@ -177,7 +177,11 @@ def test_an_adapter_that_cannot_convert_is_refused_at_upload(tmp_path: Path) -> 
         assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_adapter"), r.text
         assert "NaN or infinite" in r.json()["error"]["message"] and str(tmp_path) not in r.text
         assert client.get("/adapters").json()["total"] == 0
+        calls = len(engine.calls)
         assert upload(client, _adapter_with_alpha(tmp_path, 8.0)).status_code == 201
+        assert engine.calls[calls:] == ["infer"]  # the check: one short synthesis on the device ...
+        assert upload(client, _adapter_with_alpha(tmp_path, 8.0)).status_code == 200
+        assert engine.calls[calls:] == ["infer"]  # ... not repeated for bytes already stored
 
 
 def test_non_finite_model_output_names_the_adapter_not_the_audio(tmp_path: Path) -> None:
