@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None, *,
     """A new app. `engine_factory` runs on the device thread at startup (tests pass fakes)."""
     settings = settings or Settings()
     metrics = Metrics()
-    connections = Connections(settings.max_connections, settings.header_timeout_s, metrics)
+    connections = Connections(settings.max_connections, settings.header_timeout_s, metrics,
+                              settings.send_idle_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

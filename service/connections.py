@@ -6,6 +6,8 @@ neither the access log nor the metrics). Here instead:
 
 - a connection must deliver each request head within `head_timeout_s` of connecting or of its previous
   response, else it is closed (408 when it had sent part of a head); trickling header bytes does not reset it;
+- a client must read its response: one that takes nothing of it for `send_idle_timeout_s` is disconnected
+  (the unsent rest of a response, megabytes of audio, would otherwise stay in memory for as long as it likes);
 - past `limit` open connections, the oldest idle ones (waiting for a request head) are closed to make room,
   so idle sockets cannot lock anyone out;
 - past `limit` requests in progress, new requests get a JSON 503 `overloaded` with Retry-After, except the
@@ -41,8 +43,8 @@ MAX_HEAD_BYTES, MAX_HEADERS = 16 * 1024, 100  # h11's own bound on an incomplete
 class Connections:
     """Open connections (idle ones in arrival order) and requests in progress."""
 
-    def __init__(self, limit: int, head_timeout_s: float, metrics: Metrics) -> None:
-        self.limit, self.head_timeout_s = limit, head_timeout_s
+    def __init__(self, limit: int, head_timeout_s: float, metrics: Metrics, send_idle_timeout_s: float = 30.0) -> None:
+        self.limit, self.head_timeout_s, self.send_idle_timeout_s = limit, head_timeout_s, send_idle_timeout_s
         self.in_flight = 0
         self._open: set[Any] = set()
         self._idle: OrderedDict[Any, asyncio.TimerHandle] = OrderedDict()  # connection -> its head timer
@@ -67,10 +69,27 @@ class Connections:
         self._metrics.open_connections.set(len(self._open))
 
     def wait_for_head(self, conn: Any) -> None:
-        """`conn` waits for a request head (just connected, or its last response is out): idle, on a timer."""
-        if conn in self._open and conn not in self._idle:
+        """`conn` waits for a request head (just connected, or its last response is out): idle, on a timer.
+        While the last response is still being read, the client's reading is watched instead."""
+        if conn in self._open and conn not in self._idle and not conn.in_request():
             loop = asyncio.get_running_loop()
+            unsent = conn.unsent_bytes()
+            if unsent:
+                loop.call_later(self.send_idle_timeout_s, self._check_reading, conn, unsent)
+                return
             self._idle[conn] = loop.call_later(self.head_timeout_s, self._head_timed_out, conn)
+
+    def _check_reading(self, conn: Any, unsent_before: int) -> None:
+        if conn not in self._open or conn.in_request():  # read it all and asked again meanwhile
+            return
+        unsent = conn.unsent_bytes()
+        if unsent and unsent >= unsent_before:  # nothing read for send_idle_timeout_s
+            self._open.discard(conn)
+            self._metrics.connections_closed.labels(reason="send_stalled").inc()
+            self._metrics.open_connections.set(len(self._open))
+            conn.abort()
+        else:
+            self.wait_for_head(conn)
 
     def busy(self, conn: Any) -> None:
         """A request head arrived on `conn` (or it closed): no longer idle."""
@@ -116,6 +135,15 @@ def protocol_class(connections: Connections) -> type[H11Protocol]:
             super().on_response_complete()
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 connections.wait_for_head(self)
+
+        def in_request(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def unsent_bytes(self) -> int:
+            return 0 if self.transport.is_closing() else int(self.transport.get_write_buffer_size())
+
+        def abort(self) -> None:
+            self.transport.abort()  # close() would wait for the client to read what is buffered
 
         def close_idle(self, reason: str) -> None:
             """Close this connection, which has no request in progress; 408 if part of a head had arrived."""

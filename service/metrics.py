@@ -47,14 +47,15 @@ class Metrics:
         self.in_flight = Gauge("rvc_lora_http_in_flight_requests", "HTTP requests in progress", registry=r)
         self.connections_closed = Counter("rvc_lora_http_connections_closed_total", "connections the server closed: "
                                           "head_timeout (no complete request head in time), evicted (idle, to make "
-                                          "room past the limit)", ["reason"], registry=r)
+                                          "room past the limit), send_stalled (read none of its response in time)",
+                                          ["reason"], registry=r)
         self.host_cache_bytes = Gauge("rvc_lora_host_cache_bytes", "host memory held by cached adapters and their "
                                       "indexes (bounded by host_cache_bytes)", registry=r)
         self.ready = Gauge("rvc_lora_ready", "1 when models are loaded and warm", registry=r)
         self.cache.labels(result="hit", tier="device")
         for tier in ("host", "disk"):
             self.cache.labels(result="miss", tier=tier)
-        for reason in ("head_timeout", "evicted"):
+        for reason in ("head_timeout", "evicted", "send_stalled"):
             self.connections_closed.labels(reason=reason)
         for tier in ("device", "host"):
             self.resident.labels(tier=tier).set(0)

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=1000, ge=1, description="open connections (past it the oldest idle ones "
                                  "are closed) and requests in progress (past it new requests get 503 at once, "
                                  "health routes excepted)")
+    send_idle_timeout_s: float = Field(default=30.0, gt=0, description="a client that reads none of its response "
+                                       "for this long is disconnected (its unsent audio is dropped)")
     header_timeout_s: float = Field(default=10.0, gt=0, description="a connection that has not sent a complete "
                                     "request head this long after connecting or after its last response is closed")
     max_streams: int = Field(default=16, ge=0, description="open realtime streams (WebSocket /stream); more are "

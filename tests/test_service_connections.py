@@ -3,6 +3,7 @@ process with a low connection limit and a short request-head timeout, always kil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -205,3 +206,51 @@ def test_sigterm_answers_unfinished_requests_503_with_retry_after(tmp_path: Path
     assert len(statuses) == 4 and set(statuses) == {503}, statuses  # none could finish within the grace
     for r in answers:
         assert r is not None and r.json()["error"]["code"] == "shutting_down" and "Retry-After" in r.headers
+
+
+def _long_features(frames: int = 12_000) -> bytes:
+    """Features whose synthesis by the fake engine is `frames` * 400 samples: 9.6 MB of WAV at 12,000 frames."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, phone=np.zeros((frames, 768), np.float32), pitch=np.full(frames, 60),
+                        nsff0=np.full(frames, 150.0, np.float32))
+    return buf.getvalue()
+
+
+def test_a_client_that_reads_nothing_of_its_response_is_disconnected(tmp_path: Path) -> None:
+    """Was: the unsent rest of a response (MBs of audio) stayed in server memory for as long as the client did
+    not read it: closing the idle connection waited for the buffer to drain."""
+    from tests.test_service_hardening import MULTIPART, multipart
+
+    body = multipart({"features": _long_features()})
+    head = (f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART['content-type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with live_server(tmp_path, send_idle_timeout_s=1.0, header_timeout_s=30) as (_, url, port), ExitStack() as stack:
+        stalled = stack.enter_context(socket.socket())
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        stalled.connect(("127.0.0.1", port))
+        steady = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+        for s in (stalled, steady):
+            s.sendall(head + body)
+        received, deadline = 0, time.monotonic() + 60
+        steady.settimeout(5)
+        while received < 12_000 * 400 * 2 and time.monotonic() < deadline:  # a slow reader that keeps reading
+            chunk = steady.recv(256 * 1024)
+            assert chunk, "the steady reader was cut off"
+            received += len(chunk)
+            time.sleep(0.02)
+        assert received >= 12_000 * 400 * 2
+        deadline = time.monotonic() + 10
+        while metric(url, "rvc_lora_http_connections_closed_total", reason="send_stalled") < 1:
+            assert time.monotonic() < deadline, "the stalled reader was never disconnected"
+            time.sleep(0.2)
+        stalled.settimeout(5)
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := stalled.recv(1 << 20):  # what the kernels had buffered, then the end
+                got += len(chunk)
+        assert got < 12_000 * 400 * 2  # the rest was dropped, not kept for it
+        assert metric(url, "rvc_lora_http_connections_closed_total", reason="send_stalled") == 1  # not the reader
