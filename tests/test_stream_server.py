@@ -281,3 +281,22 @@ def test_stream_command_writes_what_the_server_sends(service: str, tmp_path: Pat
     assert main(["stream", str(src), str(dst), "--server", service, "--adapter", "nobody", "--api-key", KEY,
                  "--fast"]) == 2
     assert "4404" in capsys.readouterr().err
+
+
+def test_an_adapter_deleted_mid_stream_keeps_its_voice(service: str) -> None:
+    x = _input(4, 16000, 1)
+    with client(service, adapter="voice2", params=PARAMS) as c:
+        want, _ = c.convert(x)
+    http = service.replace("ws://", "http://").replace("/stream", "")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with client(service, adapter="voice2", params=PARAMS) as c:
+        b = c.block_samples
+        c.send(x[:b])
+        first = c.receive(30).audio
+        adapters = httpx.get(f"{http}/adapters", headers=headers, timeout=10).json()["adapters"]
+        voice = next(a for a in adapters if a["name"] == "voice2")
+        assert httpx.delete(f"{http}/adapters/{voice['id']}", headers=headers, timeout=10).status_code in (200, 204)
+        rest, _ = c.convert(x[b:])  # the same stream goes on with the voice it opened with
+    np.testing.assert_array_equal(first, want[:b])
+    np.testing.assert_array_equal(rest[: len(want) - b], want[b:])
+    assert close_code(service, config(adapter="voice2"), AUTH)[0] == 4404  # a new stream cannot open it
