@@ -290,3 +290,19 @@ def test_convert_emits_every_input_sample(voice: VoiceConverter) -> None:
     y = stream.convert(x)
     latency = stream.sizes.latency_samples
     assert len(y) == -(-(len(x) + latency) // stream.block_frame) * stream.block_frame
+
+
+def test_index_blends_from_the_first_block_it_is_on(voice: VoiceConverter, tmp_path: Path) -> None:
+    from rvc_lora.pipeline.index import build_index
+
+    path = build_index(np.random.default_rng(0).standard_normal((400, 256)).astype(np.float32), tmp_path / "v.index")
+    off, on, later = (StreamConverter(voice, SHORT, index=path) for _ in range(3))
+    on.update(index_rate=0.75)
+    x = blocks(off, 4)
+    a, _ = run(off, x[:2])
+    b, _ = run(on, x[:2])
+    c, _ = run(later, x[:2])
+    assert not np.allclose(a, b)  # with one IVF list every neighbour exists: the block is blended
+    np.testing.assert_array_equal(a, c)
+    later.update(index_rate=0.75)  # the index is read now, the stream keeps its state
+    assert later.blocks == 2 and not np.allclose(later.process(x[2]).audio, off.process(x[2]).audio)
