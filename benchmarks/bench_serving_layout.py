@@ -18,8 +18,8 @@ import torch
 
 from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
 from rvc_lora.demo import ensure_demo_assets
-from rvc_lora.extract import fixed_inputs, serving_lora_config
-from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, SynthesizerLoRA
+from rvc_lora.extract import fixed_inputs
+from rvc_lora.voice import LIBRARY_LAYOUT, SynthesizerLoRA, serving_layout
 
 
 def median_s(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
@@ -46,8 +46,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     manifest = ensure_demo_assets(args.assets)
     raw = read_rvc_checkpoint(args.assets / manifest["model"])
-    layouts = {"ups+resblocks (old default)": DEFAULT_LORA_CONFIG,
-               "serving (all targets + full deltas)": serving_lora_config(raw.config, args.max_rank)}
+    layouts = {"ups+resblocks (old default)": LIBRARY_LAYOUT.lora,
+               "serving (all targets + full deltas)": serving_layout(raw.config, args.max_rank).lora}
     models: dict[str, torch.nn.Module] = {"no LoRA slots (plain RVC model)": build_from_raw(raw)}
     models.update({name: SynthesizerLoRA(build_from_raw(raw), cfg, max_rank=args.max_rank,
                                          fingerprint=raw.fingerprint).eval() for name, cfg in layouts.items()})

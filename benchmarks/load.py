@@ -107,11 +107,11 @@ def run_baseline(base: Path, hubert: Path, voices: int, requests: int, seconds: 
     the same size and load cost as full voice models."""
     import torch
 
-    from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, load_synthesizer_with_lora
     from rvc_lora.pipeline.audio import load_audio_16k
     from rvc_lora.pipeline.content import ContentEncoder
     from rvc_lora.pipeline.converter import VoiceConverter
     from rvc_lora.pipeline.params import ConvertParams
+    from rvc_lora.voice import LIBRARY_LAYOUT, load_synthesizer_with_lora
 
     workdir = Path(tempfile.mkdtemp(prefix="rvc-baseline-"))
     files = [shutil.copyfile(base, workdir / f"voice{i}.pth") for i in range(voices)]
@@ -127,7 +127,7 @@ def run_baseline(base: Path, hubert: Path, voices: int, requests: int, seconds: 
             t0 = time.monotonic()
             if i % voices != current:  # what RVC's get_vc does on a voice change
                 current, swaps = i % voices, swaps + 1
-                synth = load_synthesizer_with_lora(files[current], DEFAULT_LORA_CONFIG)
+                synth = load_synthesizer_with_lora(files[current], LIBRARY_LAYOUT.lora)
                 converter = VoiceConverter(synth, content, device=device)
             assert converter is not None
             converter.convert(pcm, 16000, ConvertParams(seed=i))
@@ -144,9 +144,8 @@ async def fill_adapters(client: httpx.AsyncClient, base: Path, n: int) -> None:
     """Upload `n` random rank-8 `ups`/`resblocks` adapters for `base` (as the demo's voices are made)."""
     import torch
 
-    from rvc_lora.adapters import save_adapter
     from rvc_lora.lora import LoRAConfig
-    from rvc_lora.models.synthesizer_lora import load_synthesizer_with_lora
+    from rvc_lora.voice import load_synthesizer_with_lora, save_adapter
 
     synth = load_synthesizer_with_lora(base, LoRAConfig(r=8, lora_alpha=8, target_modules=["ups", "resblocks"]))
     folder = Path(tempfile.mkdtemp(prefix="rvc-load-"))

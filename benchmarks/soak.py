@@ -51,13 +51,12 @@ def make_tiny_assets(folder: Path, n_adapters: int) -> dict[str, object]:
     """A tiny random v1 base, content encoder and `n_adapters` rank-4 adapters (ups + resblocks)."""
     import torch
 
-    from rvc_lora.adapters import save_adapter
     from rvc_lora.checkpoint import save_rvc_checkpoint
     from rvc_lora.config import SynthConfig
     from rvc_lora.lora import LoRAConfig
     from rvc_lora.models.synthesizer import build_synthesizer
-    from rvc_lora.models.synthesizer_lora import load_synthesizer_with_lora
     from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
+    from rvc_lora.voice import load_synthesizer_with_lora, save_adapter
 
     gen = torch.Generator().manual_seed(0)
     model = build_synthesizer(SynthConfig.from_list(TINY_CONFIG, version="v1", f0=True))

@@ -7,7 +7,7 @@ imported on first use: they pull in transformers and faiss, which a model-only u
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from rvc_lora.adapters import Adapter, AdapterInfo, load_adapter, save_adapter
+from rvc_lora.adapters import Adapter, AdapterInfo, load_adapter
 from rvc_lora.checkpoint import (
     RVCCheckpoint,
     base_fingerprint,
@@ -15,6 +15,7 @@ from rvc_lora.checkpoint import (
     read_rvc_checkpoint,
     save_rvc_checkpoint,
 )
+from rvc_lora.compat import GeneratorLoRA, create_synthesizer_lora_from_pretrained
 from rvc_lora.config import SynthConfig
 from rvc_lora.errors import (
     AdapterError,
@@ -42,7 +43,6 @@ from rvc_lora.lora import (
     unmerge_lora,
 )
 from rvc_lora.models.generator import Generator, GeneratorNSF
-from rvc_lora.models.generator_lora import GeneratorLoRA
 from rvc_lora.models.resblock import ResBlock1, ResBlock2
 from rvc_lora.models.synthesizer import (
     RVCSynthesizer,
@@ -52,10 +52,15 @@ from rvc_lora.models.synthesizer import (
     SynthesizerTrnMs768NSFsid_nono,
     build_synthesizer,
 )
-from rvc_lora.models.synthesizer_lora import (
+from rvc_lora.voice import (
+    LIBRARY_LAYOUT,
+    PreparedAdapter,
+    SlotLayout,
     SynthesizerLoRA,
-    create_synthesizer_lora_from_pretrained,
     load_synthesizer_with_lora,
+    load_voice_model,
+    save_adapter,
+    serving_layout,
 )
 
 _LAZY = {"VoiceConverter": "rvc_lora.pipeline.converter", "ConversionResult": "rvc_lora.pipeline.converter",
@@ -77,7 +82,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ConversionResult", "ConvertParams", "ExtractionReport", "ExtractionResult", "VoiceConverter", "extract_adapter",
     "Adapter", "AdapterError", "AdapterInfo", "AdapterMismatchError", "AdapterNotFoundError", "AudioError",
-    "CheckpointError", "ConfigError", "Generator", "GeneratorLoRA", "GeneratorNSF", "IndexFileError", "LoRAConfig",
+    "CheckpointError", "ConfigError", "LIBRARY_LAYOUT", "PreparedAdapter", "SlotLayout", "load_voice_model",
+    "serving_layout", "Generator", "GeneratorLoRA", "GeneratorNSF", "IndexFileError", "LoRAConfig",
     "LoRAConv1d", "LoRAConvTranspose1d", "LoRAEmbedding", "LoRALinear", "ModelUnavailableError", "ParameterError",
     "RVCCheckpoint", "RVCLoraError", "RVCSynthesizer", "ResBlock1", "ResBlock2", "SynthConfig", "SynthesizerLoRA",
     "SynthesizerTrnMs256NSFsid", "SynthesizerTrnMs256NSFsid_nono", "SynthesizerTrnMs768NSFsid",

@@ -15,13 +15,12 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from rvc_lora.errors import AdapterError, AdapterMismatchError
+from rvc_lora.errors import AdapterError
 from rvc_lora.lora.inject import FULL_DELTA_PREFIX
 
 FORMAT = "rvc-lora-adapter"
@@ -193,7 +192,8 @@ def _check_range(path: Path, info: AdapterInfo, tensors: Mapping[str, Tensor]) -
 def load_adapter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Adapter:
     """Read and validate an adapter file (format, metadata, keys, ranks, dtypes, finiteness).
 
-    Fit to a particular base model is checked by `SynthesizerLoRA.load_adapter` before anything is copied.
+    Fit to a particular base model is checked by `SynthesizerLoRA.prepare` (`rvc_lora.voice`) before anything
+    is copied.
     """
     path = Path(path)
     if not path.is_file():
@@ -252,48 +252,3 @@ def adapter_file_bytes(tensors: Mapping[str, Tensor], info: AdapterInfo, dtype: 
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
-
-
-def check_adapter_fits(info: AdapterInfo, *, fingerprint: str, sr: int, version: str, f0: bool,
-                       slots: Mapping[str, int], full_delta: set[str], source: str = "adapter") -> None:
-    """Raise `AdapterMismatchError` unless the adapter was made for this base and fits its LoRA slots.
-
-    slots: layer name -> resident rank; full_delta: parameter names that have full-delta slots.
-    """
-    if info.base_fingerprint != fingerprint:
-        raise AdapterMismatchError(f"{source}: made for base {info.base_fingerprint[:16]}, the resident base is "
-                                   f"{fingerprint[:16]}")
-    if (info.sr, info.version, info.f0) != (sr, version, f0):
-        raise AdapterMismatchError(f"{source}: for a {info.version} {info.sr} Hz f0={info.f0} model, the resident "
-                                   f"model is {version} {sr} Hz f0={f0}")
-    for layer in info.target_modules:
-        if layer not in slots:
-            raise AdapterMismatchError(f"{source}: adapts layer {layer!r}, which has no LoRA slot in the resident "
-                                       "model (build it with matching target_modules)")
-        if info.r > slots[layer]:
-            raise AdapterMismatchError(f"{source}: rank {info.r} exceeds the resident slots' rank {slots[layer]}")
-    for name in info.full_delta:
-        if name not in full_delta:
-            raise AdapterMismatchError(f"{source}: carries a full delta for {name!r}, which has no full-delta slot "
-                                       "in the resident model")
-
-
-def save_adapter(path: str | os.PathLike[str], model: SynthesizerLoRA, *, name: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
-    """Write the resident adapter of `model` (trimmed to its configured rank) with its base's metadata.
-
-    Resident tensors already hold `alpha/r * B`, so the file says `lora_alpha = r` (scale 1) and loading
-    it back reproduces the resident values exactly.
-    """
-    state = model.get_lora_state_dict(rank=model.lora_config.r)
-    layers = sorted({k.rsplit(".", 1)[0] for k in state if not k.startswith(FULL_DELTA_PREFIX)})
-    fulls = sorted(k.removeprefix(FULL_DELTA_PREFIX) for k in state if k.startswith(FULL_DELTA_PREFIX))
-    cfg = model.cfg
-    info = AdapterInfo(name=name or Path(path).stem, r=model.lora_config.r, lora_alpha=float(model.lora_config.r),
-                       target_modules=tuple(layers), base_fingerprint=model.fingerprint, sr=cfg.sr,
-                       version=cfg.version, f0=cfg.f0, full_delta=tuple(fulls))
-    return save_adapter_tensors(path, state, info, dtype)
-
-
-if TYPE_CHECKING:
-    from rvc_lora.models.synthesizer_lora import SynthesizerLoRA

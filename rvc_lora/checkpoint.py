@@ -210,6 +210,12 @@ def read_rvc_checkpoint(path: str | os.PathLike[str], *, allow_unsafe_pickle: bo
     return RawCheckpoint(path, weights, config, str(info), base_fingerprint(weights))
 
 
+def folded_names(weights: Mapping[str, Any]) -> list[str]:
+    """Parameter names once weight norm is folded (`X.weight_g`/`X.weight_v` -> `X.weight`), `enc_q` left out."""
+    out = [k[: -len("_v")] if k.endswith(".weight_v") else k for k in weights if not k.endswith(".weight_g")]
+    return [k for k in out if not k.startswith(POSTERIOR_PREFIX)]
+
+
 def build_from_raw(raw: RawCheckpoint, device: str | torch.device = "cpu", *,
                    sinegen_variant: SineGenVariant = "B") -> RVCSynthesizer:
     """The synthesizer for `raw`, weights loaded strictly (fp16 upcast to fp32 first), eval mode."""

@@ -17,6 +17,7 @@ from rvc_lora.errors import RVCLoraError
 from rvc_lora.fetch import add_models_command
 from rvc_lora.pipeline.f0.base import F0_METHODS
 from rvc_lora.stream import cli as stream_cli
+from rvc_lora.voice.layout import DEFAULT_EXTRACT_RANK, DEFAULT_EXTRACT_TARGETS, EXTRACT_TARGETS
 
 log = logging.getLogger("rvc_lora")
 F0_HELP = "pitch extractor (default: rmvpe when --rmvpe is given, else fcpe when torchfcpe is installed, else pm)"
@@ -106,10 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with step(f"demo assets in {folder}") as s:
         manifest = ensure_demo_assets(folder, on_step=s.note)
     with step("loading models (demo base, demo content encoder)") as s:
-        vc = VoiceConverter.from_files(folder / manifest["model"], folder / manifest["hubert"], device=args.device)
+        adapters = {n: folder / f for n, f in manifest["adapters"].items()}
+        vc = VoiceConverter.from_files(folder / manifest["model"], folder / manifest["hubert"], device=args.device,
+                                       adapters=adapters.values())
     load_s = s.elapsed_s
     src = folder / manifest["input"]
-    voices: dict[str, Any] = {"base": None} | {n: folder / f for n, f in manifest["adapters"].items()}
+    voices: dict[str, Any] = {"base": None} | adapters
     for name, adapter in voices.items():
         index = folder / manifest["indexes"][name] if name in manifest.get("indexes", {}) else None
         job = cli_convert.Job(src, folder / f"converted-{name}.wav", "wav")
@@ -188,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="turn a full RVC voice .pth into a LoRA adapter over its base")
     p.add_argument("--base", required=True, help="the base .pth the voice was fine-tuned from")
     p.add_argument("--voice", required=True, help="the full voice .pth")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (the cap per layer with --energy)")
+    p.add_argument("--rank", type=int, default=DEFAULT_EXTRACT_RANK,
+                   help="LoRA rank (the cap per layer with --energy); default %(default)s, as the server extracts")
     p.add_argument("--energy", type=float, default=None, help="smallest rank per layer keeping this share of the "
                    "delta's energy (e.g. 0.95; default: --rank everywhere)")
-    p.add_argument("--targets", choices=["dec", "all"], default="dec",
-                   help="layers to adapt: the decoder only, or every layer")
+    p.add_argument("--targets", choices=list(EXTRACT_TARGETS), default=DEFAULT_EXTRACT_TARGETS,
+                   help="layers to adapt: the decoder only, or every layer (default %(default)s, as the server "
+                   "extracts)")
     p.add_argument("--out", required=True, help="adapter .safetensors to write")
     p.set_defaults(func=cmd_extract)
 

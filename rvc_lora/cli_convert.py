@@ -170,7 +170,7 @@ def load_converter(args: argparse.Namespace) -> tuple[VoiceConverter, float]:
 
     with step(f"loading models ({Path(args.model).name}, {Path(args.hubert).name})") as s:
         vc = VoiceConverter.from_files(args.model, args.hubert, device=args.device, rmvpe=args.rmvpe,
-                                       max_rank=args.max_rank)
+                                       max_rank=args.max_rank, adapters=[args.adapter] if args.adapter else [])
     return vc, s.elapsed_s
 
 

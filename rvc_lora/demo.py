@@ -20,7 +20,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from rvc_lora.adapters import save_adapter
+from rvc_lora.voice import save_adapter
 from rvc_lora.config import SynthConfig
 from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
@@ -109,7 +109,7 @@ def write_demo_assets(folder: str | os.PathLike[str], on_step: Callable[[str], N
     """Write every demo asset into `folder` and return the manifest (paths relative to `folder`); `on_step` is told
     what is being written (it takes about a minute on 2 CPU cores)."""
     from rvc_lora.checkpoint import rvc_state_dict, save_rvc_checkpoint
-    from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
+    from rvc_lora.voice import SynthesizerLoRA
     from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
     from rvc_lora.pipeline.index import build_index
 
@@ -135,8 +135,7 @@ def write_demo_assets(folder: str | os.PathLike[str], on_step: Callable[[str], N
     save_rvc_checkpoint(out / FILES["voice_model"], voice, info="rvc-lora demo voice (random weights)")
 
     note("adapters")
-    lora = SynthesizerLoRA(demo_base_model(), DEMO_LORA)
-    lora.fingerprint = _fingerprint_of(out / FILES["model"])
+    lora = SynthesizerLoRA(demo_base_model(), DEMO_LORA, fingerprint=_fingerprint_of(out / FILES["model"]))
     adapters = {}
     for name, (file, seed) in ADAPTERS.items():
         rng = np.random.default_rng(seed)

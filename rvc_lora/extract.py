@@ -33,31 +33,32 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rvc_lora.adapters import Adapter, AdapterInfo, adapter_file_bytes, save_adapter_tensors
-from rvc_lora.checkpoint import POSTERIOR_PREFIX, RawCheckpoint, build_from_raw, read_rvc_checkpoint
+from rvc_lora.checkpoint import POSTERIOR_PREFIX, RawCheckpoint, build_from_raw, folded_names, read_rvc_checkpoint
 from rvc_lora.config import SynthConfig
 from rvc_lora.errors import AdapterError, AdapterMismatchError, ConfigError
-from rvc_lora.lora import FULL_DELTA_PREFIX, LoRAConfig, name_matches
+from rvc_lora.lora import FULL_DELTA_PREFIX, name_matches
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
-from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
 from rvc_lora.pipeline.steps import f0_to_coarse
+from rvc_lora.voice import (
+    DEFAULT_EXTRACT_RANK,
+    DEFAULT_EXTRACT_TARGETS,
+    EXTRACT_TARGETS,
+    FULL_DELTA_PATTERNS,
+    SynthesizerLoRA,
+    Targets,
+    adapter_layout,
+    build_voice_model,
+)
 
 log = logging.getLogger(__name__)
 
-Targets = Literal["dec", "all"]
-EXTRACT_TARGETS_DEC: tuple[str, ...] = ("dec.conv_pre", "dec.ups", "dec.resblocks", "dec.cond")
-EXTRACT_TARGETS_ALL: tuple[str, ...] = EXTRACT_TARGETS_DEC + ("flow", "enc_p.emb_phone", "enc_p.encoder", "enc_p.proj")
-FULL_DELTA_PATTERNS: tuple[str, ...] = (
-    "emb_g.weight", "enc_p.emb_pitch.weight", "enc_p.*.bias", "enc_p.*.gamma", "enc_p.*.beta", "enc_p.*.emb_rel_k",
-    "enc_p.*.emb_rel_v", "flow.*.bias", "dec.*.bias", "dec.conv_post.weight", "dec.noise_convs.*.weight",
-    "dec.m_source.l_linear.weight")
-DEFAULT_SERVING_RANK = 32
 LOW_RANK_KINDS = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
 
 
@@ -67,9 +68,9 @@ def _meta_model(cfg: SynthConfig) -> RVCSynthesizer:
         return build_synthesizer(cfg, with_posterior=False)
 
 
-def extraction_layout(cfg: SynthConfig, targets: Targets = "all") -> tuple[list[str], list[str]]:
+def extraction_layout(cfg: SynthConfig, targets: Targets = DEFAULT_EXTRACT_TARGETS) -> tuple[list[str], list[str]]:
     """(LoRA layer names, full-delta parameter names), in model order, that extraction can produce for `cfg`."""
-    if targets not in ("dec", "all"):
+    if targets not in EXTRACT_TARGETS:
         raise ConfigError(f"targets must be 'dec' or 'all', got {targets!r}")
     layers, full = _layout(_meta_model(cfg), targets)
     return list(layers), full
@@ -77,7 +78,7 @@ def extraction_layout(cfg: SynthConfig, targets: Targets = "all") -> tuple[list[
 
 def _layout(model: RVCSynthesizer, targets: Targets) -> tuple[dict[str, str], list[str]]:
     """({LoRA layer name: its kind}, full-delta parameter names) for a (meta) model, in model order."""
-    patterns = EXTRACT_TARGETS_DEC if targets == "dec" else EXTRACT_TARGETS_ALL
+    patterns = EXTRACT_TARGETS[targets]
     layers = {n: type(m).__name__ for n, m in model.named_modules()
               if isinstance(m, LOW_RANK_KINDS) and any(name_matches(p, n) for p in patterns)}
     params = folded_names(model.state_dict())
@@ -85,28 +86,6 @@ def _layout(model: RVCSynthesizer, targets: Targets) -> tuple[dict[str, str], li
             and (targets == "all" or n.startswith("dec."))]
     assert not {f"{n}.weight" for n in layers} & set(full), "a weight is both a LoRA layer and a full delta"
     return layers, full
-
-
-def folded_names(weights: Mapping[str, Any]) -> list[str]:
-    """Parameter names once weight norm is folded (`X.weight_g`/`X.weight_v` -> `X.weight`), `enc_q` left out."""
-    out = [k[: -len("_v")] if k.endswith(".weight_v") else k for k in weights if not k.endswith(".weight_g")]
-    return [k for k in out if not k.startswith(POSTERIOR_PREFIX)]
-
-
-def serving_lora_config(cfg: SynthConfig, max_rank: int = DEFAULT_SERVING_RANK) -> LoRAConfig:
-    """Slots for every adapter extraction can produce for this architecture (`targets="all"`, any rank up
-    to `max_rank`): build the resident model with it (`load_synthesizer_with_lora(..., max_rank=max_rank)`)."""
-    params = folded_names(_meta_model(cfg).state_dict())
-    full = [p for p in FULL_DELTA_PATTERNS if any(name_matches(p, n) for n in params)]  # no-f0: no emb_pitch
-    return LoRAConfig(r=max_rank, lora_alpha=float(max_rank), target_modules=EXTRACT_TARGETS_ALL,
-                      full_delta_modules=full)
-
-
-def lora_config_for(info: AdapterInfo) -> LoRAConfig:
-    """The smallest `LoRAConfig` an adapter loads into: its exact layer and full-delta names, its rank."""
-    # LoRAConfig needs one target: a full-delta-only adapter gets an (unused, zero) slot on conv_pre
-    targets = info.target_modules or EXTRACT_TARGETS_DEC[:1]
-    return LoRAConfig(r=info.r, lora_alpha=info.lora_alpha, target_modules=targets, full_delta_modules=info.full_delta)
 
 
 # --- reading and checking the two models -----------------------------------------------------------------------------
@@ -308,7 +287,8 @@ class ExtractionResult:
 
 # --- extraction ------------------------------------------------------------------------------------------------------
 def extract_adapter(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathLike[str] | RawCheckpoint, *,
-                    rank: int | None = 8, energy: float | None = None, targets: Targets = "dec",
+                    rank: int | None = DEFAULT_EXTRACT_RANK, energy: float | None = None,
+                    targets: Targets = DEFAULT_EXTRACT_TARGETS,
                     name: str | None = None, dtype: torch.dtype = torch.float16, progress: bool = True,
                     evaluate: bool = True, eval_frames: int = 32, eval_seed: int = 0,
                     threads: int | None = 1) -> ExtractionResult:
@@ -332,7 +312,7 @@ def extract_adapter(base: str | os.PathLike[str] | RawCheckpoint, voice: str | o
         raise ConfigError(f"energy must be in (0, 1], got {energy!r}")
     if not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating point type, got {dtype}")
-    if targets not in ("dec", "all"):
+    if targets not in EXTRACT_TARGETS:
         raise ConfigError(f"targets must be 'dec' or 'all', got {targets!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be an int >= 1 or None, got {threads!r}")
@@ -467,8 +447,7 @@ def evaluate_adapter(base: RawCheckpoint, voice: RawCheckpoint, adapter: Adapter
 
     inputs = fixed_inputs(base.config, frames, seed)
     reference = _audio(build_from_raw(without_posterior(voice)), inputs, seed)
-    model = SynthesizerLoRA(build_from_raw(without_posterior(base)), lora_config_for(adapter.info),
-                            fingerprint=base.fingerprint).eval()
+    model = build_voice_model(without_posterior(base), adapter_layout(adapter.info))
     model.load_adapter(adapter)
     adapted = _audio(model, inputs, seed)
     model.reset_adapter()
@@ -476,7 +455,8 @@ def evaluate_adapter(base: RawCheckpoint, voice: RawCheckpoint, adapter: Adapter
 
 
 def run_extract(base: str | os.PathLike[str], voice: str | os.PathLike[str], rank: int | None,
-                out: str | os.PathLike[str], targets: Targets = "dec", energy: float | None = None) -> ExtractionReport:
+                out: str | os.PathLike[str], targets: Targets = DEFAULT_EXTRACT_TARGETS,
+                energy: float | None = None) -> ExtractionReport:
     """What `rvc-lora extract` does: extract, write `out`, return the report (print it with `.format()`)."""
     result = extract_adapter(base, voice, rank=rank, energy=energy, targets=targets, name=Path(voice).stem)
     result.save(out)

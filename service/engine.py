@@ -156,42 +156,41 @@ def load_engine(settings: Settings) -> Engine:
 
 @dataclass(frozen=True)
 class _Voice:
-    adapter: Any  # rvc_lora.adapters.Adapter
+    adapter: Any  # rvc_lora.adapters.Adapter (host tier) or rvc_lora.voice.PreparedAdapter (device tier)
     index: Any  # rvc_lora.pipeline.index.RetrievalIndex | None
 
 
 class RVCEngine:
     """`VoiceConverter` behind the `Engine` protocol.
 
-    The resident model has the serving slot layout (`serving_lora_config`): LoRA slots on every layer that
+    The resident model has the serving slot layout (`serving_layout`): LoRA slots on every layer that
     extraction produces (enc_p, flow, dec) and full-delta slots for the small tensors, all at `max_rank`. So
     adapters extracted from full voice models load, and so do adapters trained on the usual `ups`/`resblocks`
     layout (a subset of it). The base `.pth` is read once; its `RawCheckpoint` (CPU, as stored) stays in memory
     for extraction, which never touches the device model."""
 
     def __init__(self, settings: Settings) -> None:
-        from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
-        from rvc_lora.extract import serving_lora_config
-        from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
+        from rvc_lora.checkpoint import read_rvc_checkpoint
         from rvc_lora.pipeline.content import ContentEncoder
         from rvc_lora.pipeline.converter import VoiceConverter
         from rvc_lora.pipeline.f0 import available_f0_methods
+        from rvc_lora.voice import build_voice_model, serving_layout
 
         if settings.model is None or settings.hubert is None:
             raise ModelUnavailableError("RVC_LORA_MODEL and RVC_LORA_HUBERT must name the base checkpoint and the "
                                         "content encoder")
         self._base_raw = read_rvc_checkpoint(settings.model)
         cfg = self._base_raw.config
-        lora_config = serving_lora_config(cfg, settings.max_rank)
-        synth = SynthesizerLoRA(build_from_raw(self._base_raw), lora_config, max_rank=settings.max_rank,
-                                fingerprint=self._base_raw.fingerprint).eval()
+        layout = serving_layout(cfg, settings.max_rank, setting=f"start the server with RVC_LORA_MAX_RANK >= the "
+                                f"adapter's rank (now {settings.max_rank})")
+        synth = build_voice_model(self._base_raw, layout)
         self._vc = VoiceConverter(synth, ContentEncoder.from_path(settings.hubert),
                                   device=_resolve_device(settings.device), is_half=settings.half,
                                   rmvpe_path=settings.rmvpe)
         model = self._vc.model
         self._info = ModelInfo(fingerprint=model.fingerprint, version=cfg.version, f0=cfg.f0, sr=cfg.sr,
                                n_speakers=int(model.base.emb_g.num_embeddings), content_dim=cfg.content_dim,
-                               max_rank=settings.max_rank, target_modules=tuple(lora_config.target_modules),
+                               max_rank=settings.max_rank, target_modules=tuple(layout.lora.target_modules),
                                f0_methods=available_f0_methods(settings.rmvpe), device=str(self._vc.device))
         self._max_index_bytes = settings.max_index_memory_bytes
 
@@ -203,32 +202,11 @@ class RVCEngine:
         from rvc_lora.adapters import load_adapter
 
         adapter = load_adapter(path)
-        self._check_fit(adapter)
+        self._vc.model.check_adapter(adapter)  # base, slots and every tensor's shape: what a swap would refuse
         info = adapter.info
         return AdapterMeta(label=info.name, rank=info.r, lora_alpha=info.lora_alpha,
                            target_modules=tuple(info.target_modules), base_fingerprint=info.base_fingerprint,
                            sr=info.sr, version=info.version, f0=info.f0)
-
-    def _check_fit(self, adapter: Any) -> None:
-        """Base, slots and every tensor's shape, read-only: what `load_adapter` would refuse, refused now."""
-        from rvc_lora.errors import AdapterMismatchError
-        from rvc_lora.lora.inject import FULL_DELTA_PREFIX, full_delta_slots, lora_layers
-
-        model = self._vc.model
-        model.check_adapter(adapter.info, source=str(adapter.info.name))  # fingerprint, sr/version/f0, slot ranks
-        layers, slots = lora_layers(model.base), full_delta_slots(model.base)
-        for name in adapter.info.target_modules:
-            a, b = adapter.tensors[f"{name}.lora_A"], adapter.tensors[f"{name}.lora_B"]
-            if (problem := layers[name].adapter_problem(a, b)) is not None:
-                leaf, error = problem
-                raise type(error)(f"adapter key '{name}.{leaf}' {error}")
-        for name in adapter.info.full_delta:
-            assert slots is not None  # check_adapter refused full deltas without slots
-            want = slots.base(slots.index[name]).shape
-            got = adapter.tensors[FULL_DELTA_PREFIX + name].shape
-            if got != want:
-                raise AdapterMismatchError(f"adapter key {FULL_DELTA_PREFIX + name!r} has shape {tuple(got)}, "
-                                           f"expected {tuple(want)}")
 
     def check_index(self, path: Path) -> None:
         from rvc_lora.pipeline.index import probe_index_file
@@ -249,12 +227,15 @@ class RVCEngine:
         return Extracted(result.to_bytes(), report)
 
     def load_voice(self, adapter: Path, index: Path | None) -> object:
+        """The host tier: the adapter file read, checked against the model, in the model dtype (pinned on CUDA,
+        so that the host -> device copy is a plain DMA), unpadded (compact)."""
         from rvc_lora.adapters import load_adapter
         from rvc_lora.pipeline.index import RetrievalIndex
 
         loaded = load_adapter(adapter)
-        if self._vc.device.type == "cuda":  # pinned host copies make the host -> device copy a plain DMA ...
-            dtype = self._vc.dtype  # ... if already in the model dtype: a blocking .to() casts into unpinned memory
+        self._vc.model.check_adapter(loaded)
+        if self._vc.device.type == "cuda":
+            dtype = self._vc.dtype
             loaded = type(loaded)(loaded.info, {k: v.to(dtype).pin_memory() for k, v in loaded.tensors.items()})
         retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim,
                                                                         max_bytes=self._max_index_bytes)
@@ -266,8 +247,10 @@ class RVCEngine:
         return tensors + (0 if host.index is None else host.index.nbytes)
 
     def to_device(self, voice: object) -> object:
+        """The device tier: the adapter prepared for the resident slots (padded, scaled, on the device), so a
+        swap is one fused copy."""
         host = _as_voice(voice)
-        return _Voice(host.adapter.to(self._vc.device, self._vc.dtype), host.index)
+        return _Voice(self._vc.model.prepare(host.adapter), host.index)
 
     def warmup(self) -> float:
         seconds = 1.0

@@ -104,10 +104,9 @@ TINY_HUBERT_V1 = {"hidden_size": 64, "num_hidden_layers": 9, "num_attention_head
 def tiny_service_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[Path]]:
     """A v1 f0 base (ResBlock2: cheap on CPU), a 9-layer 64-wide HuBERT, four rank-4 adapters for the base
     and one adapter made for another base."""
-    from rvc_lora.adapters import save_adapter
     from rvc_lora.checkpoint import save_rvc_checkpoint
-    from rvc_lora.models.synthesizer_lora import load_synthesizer_with_lora
     from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
+    from rvc_lora.voice import load_synthesizer_with_lora, save_adapter
 
     root = tmp_path_factory.mktemp("service-assets")
     lora = LoRAConfig(r=4, lora_alpha=4, target_modules=["ups", "resblocks"])

@@ -24,20 +24,18 @@ from rvc_lora import (
     load_synthesizer_with_lora,
     save_rvc_checkpoint,
 )
-from rvc_lora.checkpoint import RawCheckpoint, base_fingerprint
+from rvc_lora.checkpoint import RawCheckpoint, base_fingerprint, folded_names
 from rvc_lora.extract import (
     extract_adapter,
     extraction_layout,
     factorize,
-    folded_names,
     folded_weights,
-    lora_config_for,
     make_synthetic_voice,
     run_extract,
-    serving_lora_config,
     snr_db,
 )
 from rvc_lora.lora import FULL_DELTA_PREFIX
+from rvc_lora.voice import adapter_layout, serving_layout
 from tests.conftest import randomize_, run_infer, tiny_config, tiny_inputs, tiny_model
 
 V2_40K = [1025, 32, 192, 192, 768, 2, 6, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3, [10, 10, 2, 2], 512,
@@ -94,7 +92,7 @@ def test_layout_covers_every_parameter_and_the_serving_config_fits(version: str,
     assert sorted({f"{n}.weight" for n in layers} | set(full)) == sorted(names)
     dec_layers, dec_full = extraction_layout(cfg, "dec")
     assert all(n.startswith("dec.") for n in dec_layers + dec_full) and set(dec_layers) < set(layers)
-    model = SynthesizerLoRA(build_synthesizer(cfg, with_posterior=False), serving_lora_config(cfg, 8), max_rank=8)
+    model = SynthesizerLoRA(build_synthesizer(cfg, with_posterior=False), serving_layout(cfg, 8).lora, max_rank=8)
     assert set(model.slot_ranks()) == set(layers) and model.full_delta_names() == set(full)
 
 
@@ -191,7 +189,7 @@ def test_full_deltas_are_stored_whole_and_applied_exactly() -> None:
     assert info.target_modules == () and sorted(info.full_delta) == sorted(FULL_DELTA_PARAMS)
     for name in FULL_DELTA_PARAMS:
         assert torch.equal(tensors[FULL_DELTA_PREFIX + name], voice.get_parameter(name) - base.get_parameter(name))
-    model = SynthesizerLoRA(copy_of(base), lora_config_for(info), fingerprint=info.base_fingerprint)
+    model = SynthesizerLoRA(copy_of(base), adapter_layout(info).lora, fingerprint=info.base_fingerprint)
     model.load_adapter(result.adapter)
     adapted = dict(model.base.named_parameters())
     for name in FULL_DELTA_PARAMS:  # none of them inside a wrapped layer: same names as in the voice
@@ -275,10 +273,10 @@ def test_end_to_end_base_plus_adapter_sounds_like_the_voice(voice_files: tuple[P
     voice = load_rvc_checkpoint(voice_path).model
     inputs = tiny_inputs(voice, frames=20)
     expected = run_infer(voice, inputs)[0]
-    exact = load_synthesizer_with_lora(base_path, lora_config_for(adapter.info))
+    exact = load_synthesizer_with_lora(base_path, adapter_layout(adapter.info).lora)
     exact.load_adapter(out)
     assert snr_db(expected, run_infer(exact, inputs)[0]) >= 30
-    serving = load_synthesizer_with_lora(base_path, serving_lora_config(voice.cfg, 16), max_rank=16)
+    serving = load_synthesizer_with_lora(base_path, serving_layout(voice.cfg, 16).lora, max_rank=16)
     serving.load_adapter(out)  # one resident layout for any extracted adapter
     torch.testing.assert_close(run_infer(serving, inputs)[0], run_infer(exact, inputs)[0], atol=1e-5, rtol=1e-4)
     assert set(serving.slot_ranks()) >= set(adapter.info.target_modules)

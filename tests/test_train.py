@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from rvc_lora import LoRAConfig, SynthConfig, build_synthesizer, load_adapter, save_rvc_checkpoint
 from rvc_lora.errors import CheckpointError
 from rvc_lora.lora import base_state_dict
-from rvc_lora.models.synthesizer_lora import SynthesizerLoRA, load_synthesizer_with_lora
 from rvc_lora.pipeline.content import ContentEncoder, build_random_hubert
 from rvc_lora.train import (
     LoRATraining,
@@ -42,6 +41,7 @@ from rvc_lora.train.prepare import highpass, normalize
 from rvc_lora.train.pretrained import VARIANTS, TrainParams
 from rvc_lora.train.slicer import Slicer, segment
 from rvc_lora.train.step import lora_param_groups
+from rvc_lora.voice import SynthesizerLoRA, load_synthesizer_with_lora
 from tests.conftest import randomize_
 
 SR = 8000  # 80 samples per 10 ms frame: the decoder is two upsample stages, so a step takes milliseconds

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +24,15 @@ from rvc_lora.adapters import Adapter, load_adapter
 from rvc_lora.errors import ParameterError
 from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.generator import GeneratorNSF
-from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, SynthesizerLoRA, load_synthesizer_with_lora
 from rvc_lora.pipeline import steps
 from rvc_lora.pipeline.audio import SR_16K, AudioSource, decode_audio, prepare_16k, resample, to_int16
 from rvc_lora.pipeline.content import ContentEncoder
 from rvc_lora.pipeline.f0 import default_f0_method, get_f0_extractor, overlay_f0, read_f0_file
 from rvc_lora.pipeline.index import RetrievalIndex
 from rvc_lora.pipeline.params import ConvertParams
+from rvc_lora.voice import LIBRARY_LAYOUT, PreparedAdapter, SlotLayout, SynthesizerLoRA, load_voice_model
 
-AdapterArg = Adapter | str | os.PathLike[str] | None
+AdapterArg = PreparedAdapter | Adapter | str | os.PathLike[str] | None
 IndexArg = RetrievalIndex | str | os.PathLike[str] | None
 Progress = Callable[[int, int], None]  # (chunks done, chunks in all)
 STAGES = ("decode", "f0", "features", "index", "synth", "postprocess")
@@ -103,17 +103,26 @@ class VoiceConverter:
         self.content = content.to(self.device, dtype).eval()
         self.rmvpe_path = Path(rmvpe_path) if rmvpe_path else None
         self.pad = pad or steps.PadConfig.select(is_half=self.is_half, gpu_mem_gib=_gpu_mem_gib(self.device))
-        self._resident: Adapter | None = None
+        self._resident: PreparedAdapter | None = None
+        self._last_prepared: tuple[Adapter, PreparedAdapter] | None = None
         self._indexes: dict[Path, RetrievalIndex] = {}
 
     @classmethod
     def from_files(cls, model: str | os.PathLike[str], hubert: str | os.PathLike[str], *, device: str | None = None,
-                   rmvpe: str | os.PathLike[str] | None = None, lora_config: LoRAConfig | None = None,
+                   rmvpe: str | os.PathLike[str] | None = None, layout: SlotLayout | None = None,
+                   adapters: Iterable[Adapter | str | os.PathLike[str]] = (), lora_config: LoRAConfig | None = None,
                    max_rank: int | None = None, is_half: bool | None = None) -> VoiceConverter:
-        """Load the base `.pth` (with LoRA slots: `lora_config`, default r=8 on ups+resblocks, allocated at
-        `max_rank`) and the content encoder (fairseq `hubert_base.pt` or a Hugging Face folder)."""
+        """Load the base `.pth` and the content encoder (fairseq `hubert_base.pt` or a Hugging Face folder).
+
+        The LoRA slots: `layout` (default `LIBRARY_LAYOUT`, or `lora_config` at `max_rank`), grown so that
+        every adapter in `adapters` (files or loaded) loads: give the adapters you will convert with."""
         device = device or _default_device()
-        synth = load_synthesizer_with_lora(model, lora_config or DEFAULT_LORA_CONFIG, max_rank=max_rank)
+        if layout is None:
+            lora = lora_config or LIBRARY_LAYOUT.lora
+            rank = max(max_rank or lora.r, lora.r)
+            layout = LIBRARY_LAYOUT if lora_config is None and max_rank is None else SlotLayout("custom", lora, rank)
+        infos = [(a if isinstance(a, Adapter) else load_adapter(a)).info for a in adapters]
+        synth = load_voice_model(model, layout, adapters=infos)
         return cls(synth, ContentEncoder.from_path(Path(hubert)), device=device, is_half=is_half, rmvpe_path=rmvpe)
 
     @property
@@ -129,16 +138,25 @@ class VoiceConverter:
         return torch.float16 if self.is_half else torch.float32
 
     # --- adapters and indexes ---------------------------------------------------------------------
+    def prepare(self, adapter: Adapter | str | os.PathLike[str]) -> PreparedAdapter:
+        """Check an adapter against the resident model once; `use_adapter` then swaps it in at copy speed."""
+        return self.model.prepare(adapter)
+
+    def _remember(self, adapter: Adapter) -> PreparedAdapter:
+        prepared = self.prepare(adapter)
+        self._last_prepared = (adapter, prepared)
+        return prepared
+
     def use_adapter(self, adapter: AdapterArg) -> bool:
         """Make `adapter` resident (None = the base voice); returns whether the slots were rewritten."""
-        if adapter is not None and not isinstance(adapter, Adapter):
-            adapter = load_adapter(adapter)
+        if isinstance(adapter, Adapter):  # the same object again: prepared already
+            last = self._last_prepared
+            adapter = last[1] if last is not None and last[0] is adapter else self._remember(adapter)
+        elif adapter is not None and not isinstance(adapter, PreparedAdapter):
+            adapter = self.prepare(adapter)
         if adapter is self._resident and adapter is not None:
             return False
-        if adapter is None:
-            self.model.reset_adapter()
-        else:
-            self.model.load_adapter(adapter.to(self.device))
+        self.model.swap(adapter)
         self._resident = adapter
         return True
 

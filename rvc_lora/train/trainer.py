@@ -24,16 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from rvc_lora.adapters import save_adapter
 from rvc_lora.config import SynthConfig
 from rvc_lora.lora import LoRAConfig, lora_layers
-from rvc_lora.models.synthesizer_lora import SynthesizerLoRA
 from rvc_lora.pipeline.audio import encode_audio
 from rvc_lora.train.data import BucketBatchSampler, PreparedInfo, Sample, SegmentDataset, collate, load_segment
 from rvc_lora.train.discriminators import MultiPeriodDiscriminator, load_discriminator
 from rvc_lora.train.errors import TrainingDataError, TrainingStateError
 from rvc_lora.train.pretrained import TrainParams, load_pretrained_base, train_params
 from rvc_lora.train.step import GANTrainer, lora_param_groups
+from rvc_lora.voice import SynthesizerLoRA, save_adapter
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""`GeneratorLoRA`: the HiFi-GAN decoder with LoRA in its upsamplers and residual blocks (seed API)."""
+"""The seed's API names (phase-2 model integration), kept importable from `rvc_lora`.
+
+`GeneratorLoRA` (the HiFi-GAN decoder with LoRA built in) and `create_synthesizer_lora_from_pretrained`
+predate the voice model (`rvc_lora.voice`); new code builds models there.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from torch import Tensor
 
 from rvc_lora.lora import LoRAConfig, inject_lora
 from rvc_lora.models.generator import Generator
+from rvc_lora.models.synthesizer import RVCSynthesizer
+from rvc_lora.voice.model import SynthesizerLoRA
 
 
 class GeneratorLoRA(Generator):
@@ -28,3 +34,9 @@ class GeneratorLoRA(Generator):
     def forward(self, x: Tensor, g: Tensor | None = None, n_res: Tensor | int | None = None) -> Tensor:
         """x `[B, C_in, T]`, g `[B, gin, 1]` -> audio `[B, 1, T' * upp]`."""
         return super().forward(x, g, n_res)
+
+
+def create_synthesizer_lora_from_pretrained(pretrained_model: RVCSynthesizer,
+                                            lora_config: LoRAConfig | None = None) -> SynthesizerLoRA:
+    """Wrap an already-built synthesizer (its weight norm is folded in place)."""
+    return SynthesizerLoRA(pretrained_model, lora_config)

@@ -1,0 +1,34 @@
+"""The voice model: the LoRA-wrapped synthesizer, its slot layouts, fit checks, loaders and fast swaps.
+
+Everything that builds a model with LoRA slots (the CLI, `VoiceConverter.from_files`, extraction, training,
+the service) builds it here, so that what one writes the others load.
+"""
+
+from rvc_lora.voice.layout import (
+    DEFAULT_EXTRACT_RANK,
+    DEFAULT_EXTRACT_TARGETS,
+    DEFAULT_SERVING_RANK,
+    EXTRACT_TARGETS,
+    FULL_DELTA_PATTERNS,
+    LIBRARY_LAYOUT,
+    SlotLayout,
+    Targets,
+    adapter_layout,
+    layout_holding,
+    serving_layout,
+)
+from rvc_lora.voice.model import (
+    SynthesizerLoRA,
+    build_voice_model,
+    load_synthesizer_with_lora,
+    load_voice_model,
+    save_adapter,
+)
+from rvc_lora.voice.slots import PreparedAdapter, ResidentSlots, SlotKey
+
+__all__ = [
+    "DEFAULT_EXTRACT_RANK", "DEFAULT_EXTRACT_TARGETS", "DEFAULT_SERVING_RANK", "EXTRACT_TARGETS",
+    "FULL_DELTA_PATTERNS", "LIBRARY_LAYOUT", "PreparedAdapter", "ResidentSlots", "SlotKey", "SlotLayout",
+    "SynthesizerLoRA", "Targets", "adapter_layout", "build_voice_model", "layout_holding", "load_synthesizer_with_lora",
+    "load_voice_model", "save_adapter", "serving_layout",
+]
