@@ -18,7 +18,6 @@ from service.errors import QueueFull
 from service.worker import DeviceThread
 
 T = TypeVar("T")
-DEFAULT_RANK = 32
 
 
 class Extractor:

@@ -247,7 +247,7 @@ def test_service_engine_in_half_precision(engines: tuple[Any, Any], tiny_service
     assert fp16.info == fp32.info  # precision is not part of the model's identity
     fp32._vc.pad = PAD_FP16  # chunk alike, as RVC's fp16 padding does
     voices = [(e, e.to_device(e.load_voice(tiny_service_assets["adapters"][0], None))) for e in engines]
-    assert {t.dtype for t in voices[1][1].adapter.tensors.values()} == {torch.float16}
+    assert {t.dtype for t in voices[1][1].adapter.tensors} == {torch.float16}
     audio = speech_like(SECONDS, 16000, seed=3)
     options = ConvertOptions(f0_method="pm", seed=2)
     (want, want_voiced), (got, got_voiced) = [(e.convert(audio, options, None), e.convert(audio, options, v))

@@ -9,10 +9,10 @@ import anyio
 from fastapi import APIRouter, Form, Path, Query, Response, Security
 
 from rvc_lora.errors import RVCLoraError
+from rvc_lora.voice.layout import DEFAULT_EXTRACT_RANK
 from service.auth import bearer_scheme
 from service.deps import ExtractorDep, SettingsDep, SingleValuedForm, StoreDep, WorkerDep
 from service.errors import InvalidRequest, relabel
-from service.extraction import DEFAULT_RANK
 from service.ingest import ingest_staged, stage_upload
 from service.schemas import AdapterForm, AdapterList, AdapterOut, AdapterSummary, AdapterUpload, error_responses
 from service.store import check_name
@@ -50,7 +50,7 @@ async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart
     extraction = None
     try:
         if kind == "voice":
-            rank = DEFAULT_RANK if form.rank is None else form.rank
+            rank = DEFAULT_EXTRACT_RANK if form.rank is None else form.rank
             if form.rank is None:
                 rank = min(rank, settings.max_rank)
             elif rank > settings.max_rank:
