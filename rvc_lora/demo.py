@@ -20,10 +20,10 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from rvc_lora.voice import save_adapter
 from rvc_lora.config import SynthConfig
 from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
+from rvc_lora.voice import save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ def write_demo_assets(folder: str | os.PathLike[str], on_step: Callable[[str], N
     """Write every demo asset into `folder` and return the manifest (paths relative to `folder`); `on_step` is told
     what is being written (it takes about a minute on 2 CPU cores)."""
     from rvc_lora.checkpoint import rvc_state_dict, save_rvc_checkpoint
-    from rvc_lora.voice import SynthesizerLoRA
     from rvc_lora.pipeline.content import build_random_hubert, save_fairseq_hubert
     from rvc_lora.pipeline.index import build_index
+    from rvc_lora.voice import SynthesizerLoRA
 
     note = on_step or (lambda _: None)
     out = Path(folder)
