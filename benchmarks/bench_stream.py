@@ -43,12 +43,12 @@ def load(kind: str, assets: Path, device: str) -> VoiceConverter:
         return VoiceConverter.from_files(assets / manifest["model"], assets / manifest["hubert"], device=device)
     from rvc_lora.config import SynthConfig
     from rvc_lora.models.synthesizer import build_synthesizer
-    from rvc_lora.models.synthesizer_lora import DEFAULT_LORA_CONFIG, SynthesizerLoRA
     from rvc_lora.pipeline.content import build_random_hubert
+    from rvc_lora.voice import LIBRARY_LAYOUT, SynthesizerLoRA
 
     torch.manual_seed(0)
     synth = build_synthesizer(SynthConfig.from_list(TINY, version="v1", f0=True), with_posterior=False)
-    return VoiceConverter(SynthesizerLoRA(synth, DEFAULT_LORA_CONFIG), build_random_hubert(TINY_HUBERT, seed=0),
+    return VoiceConverter(SynthesizerLoRA(synth, LIBRARY_LAYOUT.lora), build_random_hubert(TINY_HUBERT, seed=0),
                           device=device)
 
 

@@ -61,7 +61,7 @@ def convert_realtime(args: argparse.Namespace) -> int:
     params = stream_params(args)
     audio, sr = decode_audio(Path(args.input))
     vc = VoiceConverter.from_files(args.model, args.hubert, device=args.device, rmvpe=args.rmvpe,
-                                   max_rank=args.max_rank)
+                                   max_rank=args.max_rank, adapters=[args.adapter] if args.adapter else [])
     rate = stream_rate(sr, vc.sr)
     if rate != sr:
         audio = resample(audio, sr, rate)

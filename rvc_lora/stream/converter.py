@@ -25,7 +25,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
-from rvc_lora.adapters import Adapter, load_adapter
+from rvc_lora.adapters import Adapter
 from rvc_lora.errors import AudioError, ParameterError
 from rvc_lora.models.generator import GeneratorNSF
 from rvc_lora.pipeline.converter import VoiceConverter
@@ -35,6 +35,7 @@ from rvc_lora.stream import dsp
 from rvc_lora.stream.f0 import F0Cache, window_f0
 from rvc_lora.stream.params import StreamParams
 from rvc_lora.stream.sizes import HOP_16K, SR_16K, StreamSizes
+from rvc_lora.voice import PreparedAdapter
 
 STAGES = ("f0", "features", "index", "synth", "postprocess")
 MAX_CHANNELS = 8
@@ -60,7 +61,7 @@ class StreamConverter:
     (object or path), read when `index_rate > 0`."""
 
     def __init__(self, voice: VoiceConverter, params: StreamParams | None = None, *, sr: int | None = None,
-                 channels: int = 1, adapter: Adapter | str | os.PathLike[str] | None = None,
+                 channels: int = 1, adapter: PreparedAdapter | Adapter | str | os.PathLike[str] | None = None,
                  index: RetrievalIndex | str | os.PathLike[str] | None = None) -> None:
         if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
             raise ParameterError(f"channels must be an integer in [1, {MAX_CHANNELS}], got {channels!r}")
@@ -68,7 +69,9 @@ class StreamConverter:
         self.params = params or StreamParams()
         self.channels = channels
         self.sizes = StreamSizes.derive(self.params, voice.sr if sr is None else sr, voice.sr)
-        self.adapter = load_adapter(adapter) if adapter is not None and not isinstance(adapter, Adapter) else adapter
+        # checked against the model once, here; every block then swaps it in by one fused copy (if another
+        # stream's adapter is resident)
+        self.adapter = adapter if adapter is None or isinstance(adapter, PreparedAdapter) else voice.prepare(adapter)
         self._index_source = index
         self._index: RetrievalIndex | None = None
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
