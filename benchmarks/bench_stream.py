@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rvc_lora.adapters import save_adapter
+from rvc_lora import save_adapter
 from rvc_lora.demo import ensure_demo_assets, speech_like
 from rvc_lora.pipeline.converter import VoiceConverter
 from rvc_lora.stream import StreamConverter, StreamParams
