@@ -30,6 +30,7 @@ from rvc_lora.errors import RVCLoraError
 from service import handlers, streams
 from service.auth import BearerAuth
 from service.connections import ConnectionLimit, Connections, protocol_class
+from service.console import mount_console
 from service.docs import install_docs
 from service.engine import Engine, load_engine
 from service.extraction import Extractor
@@ -51,7 +52,7 @@ DESCRIPTION = """One resident RVC base synthesizer, many voices as LoRA adapters
 
 Errors are `{"error": {"code", "message"}}` with a stable `code`. Every response carries `X-Request-Id`.
 When `RVC_LORA_API_KEY` is set, every route except `/healthz`, `/readyz` and `/metrics` needs
-`Authorization: Bearer <key>`."""
+`Authorization: Bearer <key>`. `GET /` is a web console (static files under `/console/`), a client of this API."""
 
 
 def body_limits(settings: Settings) -> Callable[[str, str], int]:
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(api_router)
     install_docs(app)  # /docs and /redoc with their assets served here: no CDN
     streams.register(app)
+    mount_console(app)
     app.add_exception_handler(RVCLoraError, handlers.rvc_error)
     app.add_exception_handler(RequestValidationError, handlers.validation_error)
     app.add_exception_handler(HTTPException, handlers.http_error)
@@ -135,7 +137,8 @@ def create_app(settings: Settings | None = None, *,
     if settings.api_key is not None:
         app.add_middleware(BearerAuth, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Server-Timing", "X-Adapter", "X-Adapter-Cache"])
     app.add_middleware(ConnectionLimit, connections=connections, metrics=metrics)

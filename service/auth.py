@@ -1,4 +1,5 @@
-"""API-key check: `Authorization: Bearer <key>` on every route but health, readiness and metrics.
+"""API-key check: `Authorization: Bearer <key>` on every route but health, readiness, metrics and the web
+console's static files (the page asks for the key and sends it with its API calls).
 
 It runs as ASGI middleware, before the body is read: an unauthenticated upload is refused without
 being received. Keys are compared as sha256 digests with `hmac.compare_digest`: constant time, and
@@ -18,6 +19,14 @@ from service.errors import Unauthorized
 from service.handlers import error_json
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# the web console's page and static files, to read only: no data in them, and the page asks for the key itself
+CONSOLE_PAGE, CONSOLE_PREFIX = "/", "/console/"
+READ = frozenset({"GET", "HEAD"})
+
+
+def is_open(scope: Scope) -> bool:
+    path: str = scope["path"]
+    return path in OPEN_PATHS or (scope["method"] in READ and (path == CONSOLE_PAGE or path.startswith(CONSOLE_PREFIX)))
 
 # documents the scheme in OpenAPI; the check itself is `BearerAuth` below
 bearer_scheme = HTTPBearer(auto_error=False, description="required when RVC_LORA_API_KEY is set")
@@ -45,7 +54,7 @@ class BearerAuth:
         return hmac.compare_digest(presented, self._key_digest)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope):
             await self.app(scope, receive, send)
             return
         if self.authorized(Headers(scope=scope).get("authorization")):

@@ -25,6 +25,7 @@ from rvc_lora.pipeline.params import ConvertParams
 from service.errors import DeviceOutOfMemory, JobCancelled, relabel
 
 if TYPE_CHECKING:
+    from rvc_lora.pipeline.converter import F0Track
     from rvc_lora.pipeline.steps import PadConfig
     from service.settings import Settings
 
@@ -92,11 +93,13 @@ class Features:
 
 @dataclass(frozen=True)
 class Rendered:
-    """Audio out of the engine: mono float32 `[N]` at `sr` Hz and per-stage seconds."""
+    """Audio out of the engine: mono float32 `[N]` at `sr` Hz, per-stage seconds, and for conversions with an
+    f0 model the pitch track used (`F0Track`: Hz per 10 ms frame of the input)."""
 
     audio: NDArray[np.float32]
     sr: int
     timings: Mapping[str, float]
+    f0: F0Track | None = None
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ class RVCEngine:
         result = self._in_shorter_chunks_on_oom(lambda: self._vc.convert(
             audio16k, SR_16K, options, adapter=adapter, index=index, progress=lambda *_: stop_if_requested()))
         timings = {k: v for k, v in result.timings.items() if k != "decode"}  # decoding is the handler's
-        return Rendered(result.audio, result.sr, timings)
+        return Rendered(result.audio, result.sr, timings, result.f0)
 
     def infer(self, features: Features, voice: object | None) -> Rendered:
         """`INFER_CHUNK_FRAMES` frames at a time (memory and device time per step stay bounded, and an abandoned

@@ -6,6 +6,8 @@ id is unbounded, so it is never a label.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -14,6 +16,7 @@ RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 
 class Metrics:
     def __init__(self) -> None:
+        self.started = time.monotonic()  # uptime in /status
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("rvc_lora_http_requests_total", "HTTP requests by route template, method and status",

@@ -254,3 +254,61 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             entry["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
         out[status] = entry
     return out
+
+
+# --- the web console's additions: POST /convert?include=f0, GET /status, PATCH /adapters/{ref} ---
+
+class AudioData(BaseModel):
+    model_config = BODY
+    media_type: str = Field(description="of the decoded `data`: audio/wav, audio/flac or audio/ogg (`format`)")
+    sr: int = Field(description="sample rate, Hz")
+    samples: int
+    duration_s: float
+    data: str = Field(description="the encoded audio file, base64 (RFC 4648, with padding)")
+
+
+class F0Out(BaseModel):
+    model_config = BODY
+    frame_s: float = Field(description="seconds per frame: value i is the pitch of the input at i * frame_s")
+    f0_method: str
+    f0_up_key: int
+    source_hz: list[float] = Field(description="f0 extracted from the input, Hz per frame; 0 = unvoiced")
+    used_hz: list[float] = Field(description="f0 fed to the synthesizer: source_hz * 2^(f0_up_key/12); 0 = unvoiced")
+
+
+class ConvertedWithF0(BaseModel):
+    """`POST /convert?include=f0`: the converted audio and the pitch track it was made with, in one JSON body."""
+
+    model_config = BODY
+    audio: AudioData
+    f0: F0Out | None = Field(description="null when the base model does not use f0")
+
+
+class AdapterRename(BaseModel):
+    model_config = BODY
+    name: str | None = Field(pattern=NAME_PATTERN, description="the new unique name; null removes the name")
+
+
+class QueueStatus(BaseModel):
+    model_config = BODY
+    jobs: int = Field(description="requests waiting for the device")
+    audio_s: float = Field(description="seconds of audio waiting (what admission is bounded by)")
+    max_audio_s: float = Field(description="the bound: beyond it requests get 503")
+    wait_s: float | None = Field(description="estimated seconds to clear the queue at the measured throughput")
+
+
+class Status(BaseModel):
+    """What the service is doing now, from the same numbers `/metrics` exports."""
+
+    model_config = BODY
+    state: Literal["loading", "ready", "draining", "stopped", "failed"]
+    uptime_s: float
+    model: ModelOut | None = Field(description="null while the models load (or after they failed)")
+    queue: QueueStatus
+    throughput: float | None = Field(description="seconds of audio converted per device second, recently measured")
+    rtf: float | None = Field(description="real-time factor: device seconds per second of audio (1 / throughput)")
+    rtf_mean: float | None = Field(description="mean real-time factor of the jobs since start")
+    jobs: dict[str, int] = Field(description="jobs since start by outcome (ok, error, failed, dropped, abandoned)")
+    adapters_stored: int
+    adapters_on_device: int = Field(description="adapters held on the device (LRU)")
+    adapters_in_host_memory: int = Field(description="adapters held in host memory (LRU)")

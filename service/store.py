@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -288,13 +288,18 @@ class AdapterStore:
     def all(self) -> list[StoredAdapter]:
         return self.page(0, sys.maxsize)[0]
 
-    def page(self, offset: int, limit: int) -> tuple[list[StoredAdapter], int]:
-        """Records `offset` to `offset + limit` in upload order (oldest first), and how many there are."""
+    def page(self, offset: int, limit: int, query: str | None = None) -> tuple[list[StoredAdapter], int]:
+        """Records `offset` to `offset + limit` in upload order (oldest first), and how many there are. With
+        `query`, only those whose name, id or label contains it (case-insensitive)."""
         self.refresh()
         with self._lock:
             if self._order is None:  # sorted once per change, not once per listing
                 self._order = sorted(self._by_id.values(), key=lambda r: (r.created_at, r.id))
-            return self._order[offset:offset + limit], len(self._order)
+            found = self._order
+        if query:
+            needle = query.casefold()
+            found = [r for r in found if needle in f"{r.name or ''}\n{r.id}\n{r.meta.label}".casefold()]
+        return found[offset:offset + limit], len(found)
 
     def resolve(self, ref: str) -> StoredAdapter:
         """An id (16 hex) or a name -> the stored adapter; AdapterNotFoundError otherwise. The disk has the last
@@ -379,6 +384,9 @@ class AdapterStore:
         if index is not None and index_path is not None:
             os.replace(index.path, index_path)
         _fsync_dir(self.objects)
+        self._write_record(rec)
+
+    def _write_record(self, rec: StoredAdapter) -> None:
         fd, name = tempfile.mkstemp(dir=self.meta_dir, prefix=f".{rec.id}-{self._tag}-", suffix=PART_SUFFIX)
         try:
             with os.fdopen(fd, "w") as out:
@@ -389,6 +397,30 @@ class AdapterStore:
         finally:
             Path(name).unlink(missing_ok=True)
         _fsync_dir(self.meta_dir)
+
+    def rename(self, adapter_id: str, name: str | None) -> StoredAdapter:
+        """Give a stored adapter another name (None: no name), rewriting its commit record atomically; 409 when
+        another adapter holds the name. Other processes sharing the folder keep the old name until they restart."""
+        if name is not None:
+            check_name(name)
+        with self._lock:
+            rec = self._by_id.get(adapter_id)
+            if rec is None:
+                raise AdapterNotFoundError(f"no adapter with id {adapter_id[:64]!r}")
+            holder = None if name is None else self._by_name.get(name)
+            if holder is not None and holder != adapter_id:
+                raise NameConflict(f"name {name!r} is taken by adapter {holder}")
+            if name == rec.name:
+                return rec
+            renamed = replace(rec, name=name)
+            try:
+                self._write_record(renamed)
+            except OSError as exc:
+                raise StorageError(f"cannot rename adapter {adapter_id}: {exc.strerror}") from exc
+            self._forget(adapter_id)
+            self._add(renamed)
+        log.info("adapter renamed", extra={"adapter": adapter_id})
+        return renamed
 
     def delete(self, adapter_id: str) -> StoredAdapter:
         """Forget an adapter now; jobs already holding it keep its files until they finish."""

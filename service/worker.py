@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,6 +40,9 @@ from service.logs import REQUEST_ID
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AdapterStore, StoredAdapter
+
+if TYPE_CHECKING:
+    from rvc_lora.pipeline.converter import F0Track
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +117,7 @@ class JobResult:
     sr: int
     timings: dict[str, float]  # seconds per stage, "queue" included
     cache: Literal["hit", "miss"] | None  # None for the base voice
+    f0: F0Track | None = None  # conversions with an f0 model: the pitch track used
 
 
 class Scheduler:
@@ -469,7 +473,8 @@ class Worker:
             if tier is not None:
                 self._metrics.cache.labels(result="hit" if tier == "device" else "miss", tier=tier).inc()
             job.future.set_result(JobResult(rendered.audio, rendered.sr, {"queue": queue_s, **rendered.timings},
-                                            None if tier is None else ("hit" if tier == "device" else "miss")))
+                                            None if tier is None else ("hit" if tier == "device" else "miss"),
+                                            rendered.f0))
         else:
             assert outcome.error is not None
             self._metrics.jobs.labels(outcome="failed" if isinstance(outcome.error, JobFailed) else "error").inc()

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from rvc_lora.adapters import AdapterInfo, load_adapter, save_adapter_tensors
 from rvc_lora.errors import AdapterMismatchError, CheckpointError, IndexFileError
+from rvc_lora.pipeline.converter import F0Track
 from rvc_lora.pipeline.f0 import default_f0_method
 from service.app import create_app
 from service.engine import AdapterMeta, ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered
@@ -63,6 +64,14 @@ def adapter_bytes(tmp_path: Path, seed: int = 0, **kwargs: Any) -> bytes:
     if key not in _ADAPTER_BYTES:
         _ADAPTER_BYTES[key] = make_adapter(tmp_path / f"adapter-{seed}.safetensors", seed, **kwargs).read_bytes()
     return _ADAPTER_BYTES[key]
+
+
+def fake_f0(audio16k: np.ndarray, f0_up_key: int) -> F0Track:
+    """A pitch track for the fake: 10 ms frames, the first quarter unvoiced, then 200 Hz rising by 1 Hz a frame."""
+    frames = len(audio16k) // 160
+    source = (200.0 + np.arange(frames)).astype(np.float32)
+    source[: frames // 4] = 0
+    return F0Track(source, (source * 2 ** (f0_up_key / 12)).astype(np.float32))
 
 
 class FakeEngine:
@@ -130,10 +139,11 @@ class FakeEngine:
     def warmup(self) -> float:
         return 1.0
 
-    def _render(self, signal: np.ndarray, voice: object | None, seed: int | None, sr: int) -> Rendered:
+    def _render(self, signal: np.ndarray, voice: object | None, seed: int | None, sr: int,
+                f0: F0Track | None = None) -> Rendered:
         self.slot = 1.0 if voice is None else float(voice)  # type: ignore[arg-type]
         noise = 0.0 if seed is None else np.random.default_rng(seed).normal(0, 0.01, len(signal))
-        return Rendered((signal * self.slot + noise).astype(np.float32), sr, {"f0": 0.001, "synth": 0.002})
+        return Rendered((signal * self.slot + noise).astype(np.float32), sr, {"f0": 0.001, "synth": 0.002}, f0)
 
     def convert(self, audio16k: np.ndarray, options: ConvertOptions, voice: object | None) -> Rendered:
         self.calls.append("convert")
@@ -142,7 +152,7 @@ class FakeEngine:
         if options.seed == OOM_SEED:
             raise DeviceOutOfMemory("the device ran out of memory for this request", retry_after=5)
         shifted = audio16k * (2 ** (options.f0_up_key / 12) if options.f0_up_key else 1.0)
-        return self._render(np.clip(shifted, -1, 1), voice, options.seed, 16000)
+        return self._render(np.clip(shifted, -1, 1), voice, options.seed, 16000, fake_f0(audio16k, options.f0_up_key))
 
     def infer(self, features: Features, voice: object | None) -> Rendered:
         self.calls.append("infer")

@@ -38,10 +38,20 @@ Progress = Callable[[int, int], None]  # (chunks done, chunks in all)
 STAGES = ("decode", "f0", "features", "index", "synth", "postprocess")
 
 
+@dataclass(frozen=True)
+class F0Track:
+    """The pitch a conversion used, one value per 10 ms frame of the 16 kHz input (frame i starts at i * 10 ms),
+    0 where unvoiced: `source_hz` `[T]` as extracted from the input, `used_hz` `[T]` as fed to the synthesizer
+    (transposed by `f0_up_key`, with a given f0 curve written over it). Both float32, T = samples // 160."""
+
+    source_hz: NDArray[np.float32]
+    used_hz: NDArray[np.float32]
+
+
 @dataclass
 class ConversionResult:
-    """Converted audio (float32 `[N]` in [-1, 1], before RVC's int16 step) at `sr`, stage timings (s), and the
-    f0 method that ran (None for a model without f0 input)."""
+    """Converted audio (float32 `[N]` in [-1, 1], before RVC's int16 step) at `sr`, stage timings (s), the
+    f0 method that ran and the pitch track the conversion used (both None for a model without f0 input)."""
 
     audio: NDArray[np.float32]
     sr: int
@@ -49,6 +59,7 @@ class ConversionResult:
     adapter: str | None = None
     adapter_swapped: bool = False
     f0_method: str | None = None
+    f0: F0Track | None = None
 
     def int16(self) -> NDArray[np.int16]:
         """RVC's output: peak above 0.99 scaled down, `* 32768`, truncated to int16."""
@@ -206,35 +217,42 @@ class VoiceConverter:
                                  f"{self.model.base.emb_g.num_embeddings} speakers")
         method = self.f0_method(params) if self.model.cfg.f0 else None
         with torch.inference_mode():
-            out = self._pipeline(audio16k, params, retrieval, f0_curve, clock, progress)
+            out, track = self._pipeline(audio16k, params, retrieval, f0_curve, clock, progress)
         name = None if self._resident is None else self._resident.info.name
-        return ConversionResult(out, steps.output_sr(self.sr, params.resample_sr), clock.times, name, swapped, method)
+        return ConversionResult(out, steps.output_sr(self.sr, params.resample_sr), clock.times, name, swapped, method,
+                                track)
 
     def f0_method(self, params: ConvertParams) -> str:
         """The f0 method `params` asks for, or the default for this converter's rmvpe.pt setting."""
         return params.f0_method or default_f0_method(self.rmvpe_path)
 
     def _pitch(self, audio_pad: NDArray[np.floating], p_len: int, params: ConvertParams,
-               f0_curve: ArrayLike | None) -> tuple[Tensor, Tensor]:
+               f0_curve: ArrayLike | None) -> tuple[Tensor, Tensor, F0Track]:
         extractor = get_f0_extractor(self.f0_method(params), device=str(self.device), rmvpe_path=self.rmvpe_path,
                                      is_half=self.is_half)
-        f0 = steps.transpose_f0(extractor(audio_pad, p_len, filter_radius=params.filter_radius), params.f0_up_key)
+        source = extractor(audio_pad, p_len, filter_radius=params.filter_radius)
+        f0 = steps.transpose_f0(source, params.f0_up_key)
+        skip = self.pad.t_pad // steps.WINDOW  # frames of the reflected padding before the input's first sample
         if f0_curve is not None:  # RVC's f0 file: after the transpose, starting at frame x_pad * 100
-            f0 = overlay_f0(f0, f0_curve, self.pad.t_pad // steps.WINDOW)
-        return steps.pitch_tensors(f0, p_len)
+            f0 = overlay_f0(f0, f0_curve, skip)
+        frames = (len(audio_pad) - 2 * self.pad.t_pad) // steps.WINDOW
+        track = F0Track(np.asarray(source[skip : skip + frames], dtype=np.float32),
+                        np.asarray(f0[skip : skip + frames], dtype=np.float32))
+        return (*steps.pitch_tensors(f0, p_len), track)
 
     def _pipeline(self, audio16k: NDArray[np.float32], params: ConvertParams, retrieval: RetrievalIndex | None,
-                  f0_curve: ArrayLike | None, clock: _Stopwatch, progress: Progress | None) -> NDArray[np.float32]:
+                  f0_curve: ArrayLike | None, clock: _Stopwatch,
+                  progress: Progress | None) -> tuple[NDArray[np.float32], F0Track | None]:
         pad, tgt_sr = self.pad, self.sr
         with clock.stage("postprocess"):
             audio = steps.highpass(audio16k)
             cuts = steps.find_cut_points(audio, pad.t_center, pad.t_query, pad.t_max)
             audio_pad = steps.reflect_pad(audio, pad.t_pad, pad.t_pad)
         p_len = len(audio_pad) // steps.WINDOW
-        pitch = pitchf = None
+        pitch = pitchf = track = None
         if self.model.cfg.f0:
             with clock.stage("f0"):
-                pitch, pitchf = self._pitch(audio_pad, p_len, params, f0_curve)
+                pitch, pitchf, track = self._pitch(audio_pad, p_len, params, f0_curve)
         sid = torch.tensor([params.sid], device=self.device)
         chunks = steps.plan_chunks(cuts, len(audio_pad), pad.t_pad)
         if params.seed is not None:
@@ -255,7 +273,7 @@ class VoiceConverter:
             sr_out = steps.output_sr(tgt_sr, params.resample_sr)
             if sr_out != tgt_sr:
                 out = resample(out, tgt_sr, sr_out).astype(np.float32)
-        return out
+        return out, track
 
     def _chunk(self, x: NDArray[np.floating], pitch: Tensor | None, pitchf: Tensor | None, sid: Tensor,
                params: ConvertParams, retrieval: RetrievalIndex | None, clock: _Stopwatch) -> NDArray[np.float32]:

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter
 
-from service.routes import adapters, convert, health, infer, model
+from service.routes import adapters, convert, health, infer, model, status
 
 api_router = APIRouter()
-for _module in (convert, infer, adapters, model, health):
+for _module in (convert, infer, adapters, model, status, health):
     api_router.include_router(_module.router)
 
 __all__ = ["api_router"]

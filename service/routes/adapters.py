@@ -14,7 +14,15 @@ from service.auth import bearer_scheme
 from service.deps import ExtractorDep, SettingsDep, SingleValuedForm, StoreDep, WorkerDep
 from service.errors import InvalidRequest, relabel
 from service.ingest import ingest_staged, stage_upload
-from service.schemas import AdapterForm, AdapterList, AdapterOut, AdapterSummary, AdapterUpload, error_responses
+from service.schemas import (
+    AdapterForm,
+    AdapterList,
+    AdapterOut,
+    AdapterRename,
+    AdapterSummary,
+    AdapterUpload,
+    error_responses,
+)
 from service.store import check_name
 
 router = APIRouter(tags=["adapters"], dependencies=[Security(bearer_scheme)])
@@ -77,11 +85,14 @@ async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart
 @router.get("/adapters", response_model=AdapterList, responses=error_responses(401, 422))
 async def list_adapters(store: StoreDep,
                         limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="adapters per page")] = PAGE,
-                        offset: Annotated[int, Query(ge=0, description="adapters to skip")] = 0) -> AdapterList:
+                        offset: Annotated[int, Query(ge=0, description="adapters to skip")] = 0,
+                        q: Annotated[str | None, Query(max_length=128, description="only adapters whose name, id "
+                                                       "or label contains this (case-insensitive)")] = None,
+                        ) -> AdapterList:
     """Stored adapters, a page at a time (a store holds thousands): follow `next_offset` until it is null.
     Each entry is brief (id, name, label, rank, index, size, date); `GET /adapters/{ref}` gives the details.
-    An adapter deleted between two pages shifts the later ones by one."""
-    page, total = store.page(offset, limit)
+    An adapter deleted between two pages shifts the later ones by one. `total` counts the matches of `q`."""
+    page, total = store.page(offset, limit, q)
     after = offset + len(page)
     return AdapterList(adapters=[AdapterSummary.of(rec) for rec in page], total=total,
                        next_offset=after if after < total else None)
@@ -99,3 +110,10 @@ async def delete_adapter(ref: Ref, store: StoreDep, worker: WorkerDep) -> Respon
     rec = store.delete(store.resolve(ref).id)
     worker.forget(rec)
     return Response(status_code=204)
+
+
+@router.patch("/adapters/{ref}", response_model=AdapterOut, responses=error_responses(400, 401, 404, 409, 422, 507))
+async def rename_adapter(ref: Ref, body: AdapterRename, store: StoreDep) -> AdapterOut:
+    """Rename an adapter (`{"name": null}` removes its name; it stays reachable by id). 409 when the name is
+    another adapter's."""
+    return AdapterOut.of(store.rename(store.resolve(ref).id, body.name))

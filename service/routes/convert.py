@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import time
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Form, Request, Response, Security
+from fastapi import APIRouter, Form, Query, Request, Response, Security
+from fastapi.responses import JSONResponse
 
 from rvc_lora.pipeline.f0 import f0_method_problem, preferred_f0_method
 from service import media
@@ -24,11 +26,11 @@ from service.deps import (
     disconnected,
     request_id,
 )
-from service.engine import ModelInfo
+from service.engine import FRAMES_PER_S, ConvertOptions, ModelInfo
 from service.errors import InvalidRequest
-from service.schemas import ConvertForm, error_responses
+from service.schemas import AudioData, ConvertedWithF0, ConvertForm, F0Out, error_responses
 from service.settings import Settings
-from service.worker import ConvertWork, Job
+from service.worker import ConvertWork, Job, JobResult
 
 router = APIRouter(tags=["convert"], dependencies=[Security(bearer_scheme)])
 
@@ -70,6 +72,17 @@ def resolve_f0_method(info: ModelInfo, asked: str | None, settings: Settings) ->
     return asked
 
 
+def with_f0(body: bytes, media_type: str, result: JobResult, options: ConvertOptions) -> ConvertedWithF0:
+    """The JSON answer of `?include=f0`: the encoded audio in base64 and the f0 track (Hz rounded to 0.01)."""
+    audio = AudioData(media_type=media_type, sr=result.sr, samples=len(result.audio),
+                      duration_s=round(len(result.audio) / result.sr, 6), data=base64.b64encode(body).decode())
+    f0 = None
+    if result.f0 is not None and options.f0_method is not None:
+        f0 = F0Out(frame_s=1 / FRAMES_PER_S, f0_method=options.f0_method, f0_up_key=options.f0_up_key,
+                   source_hz=result.f0.source_hz.round(2).tolist(), used_hz=result.f0.used_hz.round(2).tolist())
+    return ConvertedWithF0(audio=audio, f0=f0)
+
+
 def check_speaker(info: ModelInfo, sid: int) -> None:
     if sid >= info.n_speakers:
         raise InvalidRequest(f"sid: {sid} is out of range, the model has {info.n_speakers} speaker(s)")
@@ -79,12 +92,16 @@ def check_speaker(info: ModelInfo, sid: int) -> None:
     "/convert",
     dependencies=[SingleValuedForm],
     response_class=Response,
-    responses={200: {"content": {t: {} for t in media.MEDIA_TYPES.values()}, "description": "the converted audio",
+    responses={200: {"content": {t: {} for t in media.MEDIA_TYPES.values()}, "model": ConvertedWithF0,
+                     "description": "the converted audio; with `include=f0`, JSON holding it (base64) and the f0 track",
                      "headers": AUDIO_HEADERS},
                **error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504, 507)},
 )
 async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type="multipart/form-data")],
-                  worker: WorkerDep, store: StoreDep, settings: SettingsDep) -> Response:
+                  worker: WorkerDep, store: StoreDep, settings: SettingsDep,
+                  include: Annotated[Literal["f0"] | None, Query(
+                      description="f0: answer `application/json` (ConvertedWithF0) with the audio in base64 and the "
+                                  "pitch track used, 10 ms per value, for plotting")] = None) -> Response:
     """Convert `audio` to the voice of `adapter` (the base voice without one)."""
     info = (await worker.engine()).info
     check_speaker(info, form.sid)
@@ -107,4 +124,7 @@ async def convert(request: Request, form: Annotated[ConvertForm, Form(media_type
     headers = {"Server-Timing": server_timing(timings, {"f0": f0_method} if f0_method else None),
                "X-F0-Method": f0_method or "none", "X-Adapter": adapter.id if adapter else "base",
                "X-Adapter-Cache": result.cache or "hit"}
+    if include == "f0":
+        return JSONResponse(with_f0(body, media.MEDIA_TYPES[form.format], result, options).model_dump(),
+                            headers=headers)
     return Response(body, media_type=media.MEDIA_TYPES[form.format], headers=headers)
