@@ -1,7 +1,11 @@
-"""Adapter hot swap vs full checkpoint reload, LoRA overhead on `infer`, and file sizes.
+"""Adapter hot swap vs full checkpoint reload vs the raw copy floor, LoRA overhead on `infer`, and file sizes.
 
-Full-size RVC v2 40k f0 configuration with random weights. Run:
-    .venv/bin/python benchmarks/bench_lora.py [--device cpu|cuda] [--swaps 200] [--reloads 10]
+Full-size RVC v2 40k f0 configuration with random weights. A swap is `SynthesizerLoRA.swap` of a
+`PreparedAdapter` (validated once, when prepared), measured for two layouts: the library default (r=8 on
+ups+resblocks) and the serving layout (every layer extraction writes, rank 32, plus full deltas). The floor
+is `torch._foreach_copy_` of the same tensors into the same slots with nothing else around it; the reload is
+what a server without adapters does to change voice (`torch.load` + build + `load_state_dict`). Run:
+    .venv/bin/python benchmarks/bench_lora.py [--device cpu|cuda] [--swaps 300] [--reloads 10]
 Prints one table; every number comes from this single run.
 """
 
@@ -13,11 +17,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from rvc_lora import LoRAConfig, SynthConfig, SynthesizerLoRA, build_synthesizer, save_adapter, save_rvc_checkpoint
+from rvc_lora import SynthConfig, build_synthesizer, save_rvc_checkpoint
+from rvc_lora.adapters import Adapter
 from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
+from rvc_lora.voice import LIBRARY_LAYOUT, PreparedAdapter, SlotLayout, SynthesizerLoRA, save_adapter, serving_layout
 
 V2_40K = [1025, 32, 192, 192, 768, 2, 6, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3, [10, 10, 2, 2], 512,
           [16, 16, 4, 4], 109, 256, 40000]
@@ -46,10 +53,58 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+def random_adapter(model: SynthesizerLoRA, seed: int) -> Adapter:
+    """A random adapter filling every slot of `model` (LoRA pairs at the slot rank, every full delta)."""
+    from rvc_lora.adapters import AdapterInfo
+    from rvc_lora.lora import FULL_DELTA_PREFIX
+
+    gen = torch.Generator().manual_seed(seed)
+    slots = model.slots
+    tensors = {f"{n}.lora_A": torch.randn(layer.lora_A.shape, generator=gen) * 0.01
+               for n, layer in zip(slots.layer_names, slots.layers, strict=True)}
+    tensors |= {f"{n}.lora_B": torch.randn(layer.lora_B.shape, generator=gen) * 0.01
+                for n, layer in zip(slots.layer_names, slots.layers, strict=True)}
+    tensors |= {FULL_DELTA_PREFIX + n: torch.randn(b.shape, generator=gen) * 0.01
+                for n, b in zip(slots.delta_names, slots.bases, strict=True)}
+    r, cfg = model.layout.max_rank, model.cfg
+    info = AdapterInfo(name=f"random{seed}", r=r, lora_alpha=float(r), target_modules=slots.layer_names,
+                       base_fingerprint=model.fingerprint, sr=cfg.sr, version=cfg.version, f0=cfg.f0,
+                       full_delta=slots.delta_names)
+    return Adapter(info, tensors)
+
+
+def swap_rows(label: str, layout: SlotLayout, fresh: Callable[[], Any], swaps: int, dev: str,
+              reload_p50: float) -> list[tuple[str, str]]:
+    """Validated swap vs raw copy floor for one layout, two adapters filling every slot, alternating."""
+    model = SynthesizerLoRA(fresh(), layout=layout).to(dev).eval()
+    prepared: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed)) for seed in (1, 2)]
+    i = iter(range(10**9))
+    swap = timed(lambda: model.swap(prepared[next(i) % 2]), swaps, dev, warmup=5)
+    dst = _slot_tensors(model)
+    j = iter(range(10**9))
+
+    @torch.no_grad()
+    def raw_copy() -> None:
+        torch._foreach_copy_(dst, list(prepared[next(j) % 2].tensors))
+
+    floor = timed(raw_copy, swaps, dev, warmup=5)
+    values = sum(t.numel() for t in prepared[0].tensors)
+    p50 = pct(swap, .5)
+    return [(f"{label}: values copied", f"{values:,}"),
+            (f"{label}: validated swap p50 / p99 (ms)", f"{1e3 * p50:.3f} / {1e3 * pct(swap, .99):.3f}"),
+            (f"{label}: raw copy floor p50 (ms)", f"{1e3 * pct(floor, .5):.3f}"),
+            (f"{label}: reload / swap (p50)", f"{reload_p50 / p50:,.0f}x")]
+
+
+def _slot_tensors(model: SynthesizerLoRA) -> list[torch.Tensor]:
+    s = model.slots
+    return [*(x.lora_A for x in s.layers), *(x.lora_B for x in s.layers), *s.params, *s.deltas]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--swaps", type=int, default=200)
+    parser.add_argument("--swaps", type=int, default=300)
     parser.add_argument("--reloads", type=int, default=10)
     parser.add_argument("--infer-repeats", type=int, default=3)
     args = parser.parse_args()
@@ -57,32 +112,25 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = SynthConfig.from_list(V2_40K, version="v2", f0=True)
     base = build_synthesizer(cfg, with_posterior=False).eval()
-    lora_cfg = LoRAConfig(r=8, lora_alpha=16, target_modules=["ups", "resblocks"])
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pth = save_rvc_checkpoint(Path(tmp) / "voice.pth", base)
-        plain = build_from_raw(read_rvc_checkpoint(pth), dev)
-        plain.remove_weight_norm()  # fair baseline: LoRA models fold weight norm too
-        model = SynthesizerLoRA(base, lora_cfg).to(dev).eval()
-        adapters = []
-        for seed in range(2):
-            gen = torch.Generator().manual_seed(seed)
-            adapters.append({k: (torch.randn(v.shape, generator=gen) * 0.01).to(dev)
-                             for k, v in model.get_lora_state_dict().items()})
-        model.load_lora_weights(adapters[0])
-        adapter_file = save_adapter(Path(tmp) / "voice.safetensors", model, dtype=torch.float16)
-
-        i = iter(range(10**9))
-        swap = timed(lambda: model.load_lora_weights(adapters[next(i) % 2]), args.swaps, dev, warmup=5)
-
         def reload() -> None:  # what RVC servers do to change voice: torch.load + build + load_state_dict
             raw = read_rvc_checkpoint(pth)
             build_from_raw(raw, dev)
 
         reloads = timed(reload, args.reloads, dev)
-        rows += [("swap p50 / p99 (ms)", f"{1e3 * pct(swap, .5):.3f} / {1e3 * pct(swap, .99):.3f}"),
-                 ("reload p50 / p99 (ms)", f"{1e3 * pct(reloads, .5):.1f} / {1e3 * pct(reloads, .99):.1f}"),
-                 ("reload / swap (p50)", f"{pct(reloads, .5) / pct(swap, .5):.0f}x")]
+        reload_p50 = pct(reloads, .5)
+        rows.append(("reload p50 / p99 (ms)", f"{1e3 * reload_p50:.1f} / {1e3 * pct(reloads, .99):.1f}"))
+        for label, layout in (("r=8 ups+resblocks", LIBRARY_LAYOUT), ("serving r=32, all layers",
+                                                                      serving_layout(cfg, 32))):
+            rows += swap_rows(label, layout, lambda: build_from_raw(read_rvc_checkpoint(pth)), args.swaps, dev,
+                              reload_p50)
+        model = SynthesizerLoRA(build_from_raw(read_rvc_checkpoint(pth)), layout=LIBRARY_LAYOUT).to(dev).eval()
+        plain = build_from_raw(read_rvc_checkpoint(pth), dev)
+        plain.remove_weight_norm()  # fair baseline: LoRA models fold weight norm too
+        model.load_adapter(random_adapter(model, 0))
+        adapter_file = save_adapter(Path(tmp) / "voice.safetensors", model, dtype=torch.float16)
 
         for seconds in (1, 10):
             frames = 100 * seconds
@@ -106,7 +154,7 @@ def main() -> None:
                          f"{1e3 * t_base:.0f} / {1e3 * t_unmerged:.0f} ({100 * (t_unmerged / t_base - 1):+.1f}%)"
                          f" / {1e3 * t_merged:.0f} ({100 * (t_merged / t_base - 1):+.1f}%)"))
         pth_bytes, ad_bytes = pth.stat().st_size, adapter_file.stat().st_size
-        rows += [(".pth bytes / adapter bytes (r=8, fp16)",
+        rows += [(".pth bytes / adapter bytes (r=8 ups+resblocks, fp16)",
                   f"{pth_bytes:,} / {ad_bytes:,} ({pth_bytes / ad_bytes:.0f}x)")]
     width = max(len(k) for k, _ in rows)
     print(f"device: {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}, "
