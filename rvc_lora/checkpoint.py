@@ -83,7 +83,7 @@ def _inflation_problem(path: Path) -> str | None:
     return None
 
 
-def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
+def torch_load_checked(path: Path, allow_unsafe_pickle: bool) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if (problem := _inflation_problem(path)) is not None:
@@ -100,7 +100,7 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool) -> Any:
                               f"{str(exc).splitlines()[0][:200]}") from exc
 
 
-def _rename_parametrizations(weights: Mapping[str, Any]) -> dict[str, Any]:
+def rename_parametrizations(weights: Mapping[str, Any]) -> dict[str, Any]:
     """`X.parametrizations.weight.original0/1` (torch >= 2.1 re-saves) are RVC's `X.weight_g`/`X.weight_v`."""
     out: dict[str, Any] = {}
     for key, value in weights.items():
@@ -119,7 +119,7 @@ def base_fingerprint(weights: Mapping[str, Tensor]) -> str:
     or fp32, share one fingerprint: adapters made for one fit the other.
     """
     digest = hashlib.sha256()
-    renamed = _rename_parametrizations(weights)
+    renamed = rename_parametrizations(weights)
     for key in sorted(renamed):
         if key.startswith(POSTERIOR_PREFIX):
             continue
@@ -130,7 +130,7 @@ def base_fingerprint(weights: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _unfuse(weights: dict[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+def unfuse_weight_norm(weights: dict[str, Tensor], expected: Mapping[str, Tensor]) -> None:
     """Files already weight-norm-fused carry `X.weight` where the model has `X.weight_g`/`X.weight_v`:
     split it as g = ||w|| (per dim-0 slice), v = w, which reproduces w."""
     for key in [k for k in weights if k.endswith(".weight")]:
@@ -141,7 +141,7 @@ def _unfuse(weights: dict[str, Tensor], expected: Mapping[str, Tensor]) -> None:
             weights[f"{stem}.weight_g"] = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
 
 
-def _check_tensors(path: Path, weights: Mapping[str, Any], expected: Mapping[str, Tensor]) -> None:
+def check_weights(path: Path, weights: Mapping[str, Any], expected: Mapping[str, Tensor]) -> None:
     for key, value in weights.items():
         if not isinstance(value, Tensor):
             raise CheckpointError(f"{path}: weight {key!r} is a {type(value).__name__}, not a tensor")
@@ -168,7 +168,7 @@ def read_rvc_checkpoint(path: str | os.PathLike[str], *, allow_unsafe_pickle: bo
     unexpected or misshaped tensors, unknown versions.
     """
     path = Path(path)
-    cpt = _torch_load(path, allow_unsafe_pickle)
+    cpt = torch_load_checked(path, allow_unsafe_pickle)
     if not isinstance(cpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict with 'weight' and 'config', got a {type(cpt).__name__}")
     if "optimizer" in cpt or "iteration" in cpt:
@@ -185,7 +185,7 @@ def read_rvc_checkpoint(path: str | os.PathLike[str], *, allow_unsafe_pickle: bo
     f0 = cpt.get("f0", 1)
     if f0 not in (0, 1):
         raise CheckpointError(f"{path}: key 'f0' is {f0!r}, expected 0 or 1")
-    weights = _rename_parametrizations(weights)
+    weights = rename_parametrizations(weights)
     emb_g = weights.get("emb_g.weight")
     if not isinstance(emb_g, Tensor) or emb_g.dim() != 2:
         raise CheckpointError(f"{path}: missing or misshaped key 'emb_g.weight' (the speaker table)")
@@ -204,8 +204,8 @@ def read_rvc_checkpoint(path: str | os.PathLike[str], *, allow_unsafe_pickle: bo
         raise CheckpointError(f"{path}: its config does not describe a buildable model: "
                               f"{str(exc).splitlines()[0][:200]}") from exc
     weights = dict(weights)
-    _unfuse(weights, expected)
-    _check_tensors(path, weights, expected)
+    unfuse_weight_norm(weights, expected)
+    check_weights(path, weights, expected)
     info = cpt.get("info", "")
     return RawCheckpoint(path, weights, config, str(info), base_fingerprint(weights))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -158,15 +159,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.app import serve
-
-    if args.demo:  # written here, with progress, rather than silently at the server's start
-        from rvc_lora.demo import ensure_demo_assets
-
-        with step("demo assets in demo-assets") as s:
-            ensure_demo_assets(Path("demo-assets"), on_step=s.note)
-    serve(host=args.host, port=args.port, demo=args.demo)  # unset flags fall back to RVC_LORA_HOST / _PORT
-    return 0
+    """The service's own entry point (`python -m service`) in this process's place: the library never imports
+    the service, and signals (SIGTERM drains the server) reach the server itself."""
+    argv = [sys.executable, "-m", "service", *(["--demo"] if args.demo else []),
+            *(["--host", args.host] if args.host is not None else []),
+            *(["--port", str(args.port)] if args.port is not None else [])]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached: execv replaces the process
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,14 +91,14 @@ def _not_a_model(path: Path, why: str) -> NotAModelError:
 
 
 def _torch_file(path: Path) -> dict[str, Any]:
-    from rvc_lora.checkpoint import ZIP_MAGIC, _torch_load
+    from rvc_lora.checkpoint import ZIP_MAGIC, torch_load_checked
 
     with path.open("rb") as f:
         head = f.read(len(ZIP_MAGIC))
     if not head.startswith((ZIP_MAGIC, b"\x80")):  # torch.save writes a zip; before torch 1.6, a pickle (0x80 ...)
         raise _not_a_model(path, "not a PyTorch checkpoint")
     try:
-        cpt = _torch_load(path, allow_unsafe_pickle=False)
+        cpt = torch_load_checked(path, allow_unsafe_pickle=False)
     except CheckpointError as exc:
         if "pickled objects" in str(exc):  # a model file perhaps, but one whose loading would run code from it
             raise CheckpointError(f"{path}: holds pickled Python objects besides tensors; loading it would run code "

@@ -32,7 +32,7 @@ PROBE_TIMEOUT_S = 120.0
 PROBE_REFUSED, PROBE_OUT_OF_MEMORY = 3, 4  # exit statuses of rvc_lora.pipeline.index_probe
 
 
-def _faiss() -> ModuleType:
+def faiss_module() -> ModuleType:
     try:
         import faiss
     except ImportError as e:
@@ -68,7 +68,7 @@ class RetrievalIndex:
         kept as stored). `dim`: the feature width the model produces (256 v1 / 768 v2), checked here. `max_bytes`:
         the most its vectors may take once reconstructed (`ntotal * d` float32), checked before they are: a
         product-quantized index of 1 MB can hold 470 MB of them."""
-        faiss = _faiss()
+        faiss = faiss_module()
         path = Path(path)
         if not path.is_file():
             raise IndexFileError(f"index file {path} does not exist")
@@ -178,7 +178,7 @@ def probe_index_file(path: str | Path, dim: int | None = None, *, max_bytes: int
     path = Path(path)
     if not path.is_file():
         raise IndexFileError(f"index file {path} does not exist")
-    _faiss()  # a missing faiss is the caller's configuration error, not the file's
+    faiss_module()  # a missing faiss is the caller's configuration error, not the file's
     budget = PROBE_HEADROOM + 4 * path.stat().st_size + (max_bytes or 0)
     cmd = [sys.executable, "-m", "rvc_lora.pipeline.index_probe", str(path), str(dim or 0), str(budget),
            str(max_bytes or 0)]
@@ -210,7 +210,7 @@ def build_index(features: np.ndarray | Tensor, path: str | Path, *, seed: int = 
     more than 200k rows replaced by 10k k-means centres (faiss k-means here, RVC uses scikit-learn's
     MiniBatchKMeans), `IVF{n_ivf},Flat` with nprobe 1, vectors added in batches of 8192 (ids = shuffled order).
     `features`: `[N, dim]`, e.g. the concatenated 3_feature768 files."""
-    faiss = _faiss()
+    faiss = faiss_module()
     data = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
     if data.ndim != 2 or data.shape[0] == 0 or not np.isfinite(data).all():
         raise ParameterError(f"index features must be a finite, non-empty [N, dim] array, got shape {data.shape}")

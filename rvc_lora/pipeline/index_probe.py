@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from rvc_lora.errors import IndexFileError
-from rvc_lora.pipeline.index import PROBE_OUT_OF_MEMORY, PROBE_REFUSED, RetrievalIndex, _faiss
+from rvc_lora.pipeline.index import PROBE_OUT_OF_MEMORY, PROBE_REFUSED, RetrievalIndex, faiss_module
 
 
 def _limit_address_space(budget: int) -> None:
@@ -28,7 +28,7 @@ def _limit_address_space(budget: int) -> None:
 def main(argv: list[str]) -> int:
     path, dim, budget = Path(argv[0]), int(argv[1]), int(argv[2])
     max_bytes = int(argv[3]) if len(argv) > 3 and int(argv[3]) > 0 else None
-    _faiss()  # imported before the cap: its libraries' mappings are not the file's doing
+    faiss_module()  # imported before the cap: its libraries' mappings are not the file's doing
     _limit_address_space(budget)
     try:
         loaded = RetrievalIndex.from_path(path, dim=dim or None, max_bytes=max_bytes)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rvc_lora.checkpoint import _rename_parametrizations, _torch_load
+from rvc_lora.checkpoint import rename_parametrizations, torch_load_checked
 from rvc_lora.errors import CheckpointError
 from rvc_lora.models.commons import LRELU_SLOPE, weight_norm
 
@@ -120,7 +120,7 @@ class MultiPeriodDiscriminator(nn.Module):
 def discriminator_from_state_dict(state: Mapping[str, Tensor], source: str = "state dict") -> MultiPeriodDiscriminator:
     """Build the discriminator whose layout `state` has (v1: 7 sub-discriminators, v2: 9; widths from the
     `weight_v` shapes) and load it strictly. Raises `CheckpointError` naming `source` when it does not fit."""
-    state = _rename_parametrizations(state)
+    state = rename_parametrizations(state)
     count = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("discriminators.")), default=-1)
     version = next((v for v, periods in PERIODS.items() if len(periods) + 1 == count), None)
     if version is None:
@@ -140,7 +140,7 @@ def discriminator_from_state_dict(state: Mapping[str, Tensor], source: str = "st
 def load_discriminator(path: str | os.PathLike[str]) -> MultiPeriodDiscriminator:
     """Read a pretrained discriminator (`f0D40k.pth`: `{"model": state_dict}`) strictly, fp32."""
     path = Path(path)
-    cpt = _torch_load(path, allow_unsafe_pickle=False)
+    cpt = torch_load_checked(path, allow_unsafe_pickle=False)
     state = cpt.get("model") if isinstance(cpt, Mapping) else None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected {{'model': state_dict}} (RVC's pretrained D*.pth layout)")

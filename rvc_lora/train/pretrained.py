@@ -18,11 +18,11 @@ from torch import Tensor
 
 from rvc_lora.checkpoint import (
     POSTERIOR_PREFIX,
-    _check_tensors,
-    _rename_parametrizations,
-    _torch_load,
-    _unfuse,
     base_fingerprint,
+    check_weights,
+    rename_parametrizations,
+    torch_load_checked,
+    unfuse_weight_norm,
 )
 from rvc_lora.config import SynthConfig, parse_sr
 from rvc_lora.errors import CheckpointError, ConfigError
@@ -141,7 +141,7 @@ def _quick_mismatch(weights: Mapping[str, Tensor], version: str, variant: Varian
 def infer_base_config(weights: Mapping[str, Tensor]) -> SynthConfig:
     """The shipped RVC variant whose every tensor shape equals `weights`' (names as RVC stores them,
     `weight_g`/`weight_v` or already fused). Raises `ConfigError` when none or several fit."""
-    weights = dict(_rename_parametrizations(weights))
+    weights = dict(rename_parametrizations(weights))
     emb_g = weights.get("emb_g.weight")
     if emb_g is None or emb_g.dim() != 2:
         raise ConfigError("no 'emb_g.weight' [speakers, 256]: not an RVC synthesizer state dict")
@@ -156,7 +156,7 @@ def infer_base_config(weights: Mapping[str, Tensor]) -> SynthConfig:
         with torch.device("meta"):
             expected = build_synthesizer(cfg).state_dict()
         fused = dict(weights)
-        _unfuse(fused, expected)
+        unfuse_weight_norm(fused, expected)
         problem = _shape_mismatch(fused, expected)
         if problem is None:
             fits.append(cfg)
@@ -195,13 +195,13 @@ def _config_from_file(path: Path, cpt: Mapping[str, object], weights: Mapping[st
 
 def _read(path: Path, config: SynthConfig | None) -> tuple[dict[str, Tensor], SynthConfig, set[str]]:
     """The file's weights (RVC's names, weight norm unfused), config and the keys the config implies, checked."""
-    cpt = _torch_load(path, allow_unsafe_pickle=False)
+    cpt = torch_load_checked(path, allow_unsafe_pickle=False)
     if not isinstance(cpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict with 'model' (or 'weight'), got a {type(cpt).__name__}")
     weights = cpt.get("model", cpt.get("weight"))
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise CheckpointError(f"{path}: no state dict under 'model' or 'weight'")
-    weights = _rename_parametrizations(weights)
+    weights = rename_parametrizations(weights)
     if "emb_g.weight" not in weights:
         raise CheckpointError(f"{path}: missing key 'emb_g.weight': not an RVC generator")
     try:
@@ -212,8 +212,8 @@ def _read(path: Path, config: SynthConfig | None) -> tuple[dict[str, Tensor], Sy
     with torch.device("meta"):
         expected = build_synthesizer(config).state_dict()
     weights = dict(weights)
-    _unfuse(weights, expected)
-    _check_tensors(path, weights, expected)
+    unfuse_weight_norm(weights, expected)
+    check_weights(path, weights, expected)
     return weights, config, set(expected)
 
 
