@@ -3,7 +3,8 @@ against real servers on 127.0.0.1 (`tests/console_server.py`: the real engine on
 
 Checked: the page loads with no failed request and no console error; a conversion through the page plays audio
 of the input's length; the f0 plot has points; uploads, renames and deletes through the page change
-`GET /adapters`; a microphone take (Chromium's fake device) becomes the input; a wrong key shows an error; the
+`GET /adapters`; a microphone take (Chromium's fake device) becomes the input, and streams live through
+`WebSocket /stream`; a wrong key shows an error; the
 page fits a phone's width. A screenshot of each view goes to `test-artifacts/console/` (git-ignored).
 Select these with `-m browser`; they skip, saying why, only where no Chromium is installed.
 """
@@ -279,10 +280,25 @@ def test_status_and_live_views(browser: Any, server: Server) -> None:
         assert "cpu" in page.inner_text("#status-tiles")
         assert "pm" in page.inner_text("#status-model")
         p.shot("status")
+        assert p.clean() == []
+
+
+def test_live_streams_the_microphone(browser: Any, server: Server) -> None:
+    with open_page(browser, server) as p:
+        page = p.page
+        page.select_option("#voice-list", label=page.locator("#voice-list option", has_text="demo-voice-a")
+                           .inner_text())
         p.view("live")
-        assert page.is_disabled("#view-live button")
-        assert "/stream" in page.inner_text("#view-live")
+        page.fill("#live-pitch", "3")
+        page.click("#live-btn")
+        page.wait_for_selector("#live-latency:has-text('ms')")
+        deadline = time.monotonic() + WAIT_MS / 1000  # polled here: the page's CSP forbids wait_for_function's eval
+        while int(page.get_attribute("#live-blocks", "data-blocks") or 0) < 3:
+            assert time.monotonic() < deadline, page.inner_text("#view-live")
+            page.wait_for_timeout(100)
         p.shot("live")
+        page.click("#live-btn")
+        page.wait_for_selector("#live-status:has-text('Stopped')")
         assert p.clean() == []
 
 

@@ -4,6 +4,7 @@ import { getJson } from "./api.js";
 import { setupConvert } from "./convert.js";
 import { $, showError } from "./dom.js";
 import { setupKeys } from "./keys.js";
+import { setupLive } from "./live.js";
 import { setupLook } from "./look.js";
 import { emit, state } from "./state.js";
 import { setupStatus } from "./status.js";
@@ -62,6 +63,7 @@ async function start() {
   setupLook();
   setupVoices();
   setupStatus();
+  setupLive();
   window.addEventListener("hashchange", () => route());
   route(true);
   document.body.dataset.ready = "true";
