@@ -23,6 +23,7 @@ from rvc_lora.errors import (
     RVCLoraError,
     UnsupportedAudioError,
 )
+from rvc_lora.voicezip import VoicePackageError, VoicePackageTooLarge
 
 E = TypeVar("E", bound=RVCLoraError)
 
@@ -137,6 +138,8 @@ class JobFailed(ServiceError):
 
 LIBRARY_STATUS: tuple[tuple[type[RVCLoraError], int], ...] = (  # most specific first
     (AdapterNotFoundError, 404),
+    (VoicePackageTooLarge, 413),  # a voice zip that unpacks past the limits (or a zip bomb's ratio)
+    (VoicePackageError, 422),
     (AdapterError, 422),
     (AudioTooLongError, 413),
     (UnsupportedAudioError, 415),

@@ -78,8 +78,9 @@ class InferForm(BaseModel):
 
 class AdapterForm(BaseModel):
     model_config = FORM
-    file: UploadFile = Field(description="an adapter (.safetensors), or a full RVC voice model (.pth) made from the "
-                                         "resident base, from which an adapter is extracted; told apart by content")
+    file: UploadFile = Field(description="an adapter (.safetensors), a full RVC voice model (.pth) made from the "
+                                         "resident base, from which an adapter is extracted, or a voice .zip (one "
+                                         ".pth and optionally its .index); told apart by content")
     index: UploadFile | None = Field(default=None, description="optional retrieval index (.index)")
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="unique name; 1-64 of A-Z a-z 0-9 . _ -")
     rank: int | None = Field(default=None, ge=1, le=512,

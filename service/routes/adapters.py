@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import ExitStack
 from typing import Annotated
 
 import anyio
@@ -10,10 +11,12 @@ from fastapi import APIRouter, Form, Path, Query, Response, Security
 
 from rvc_lora.errors import RVCLoraError
 from rvc_lora.voice.layout import DEFAULT_EXTRACT_RANK
+from rvc_lora.voicezip import is_voice_zip
 from service.auth import bearer_scheme
 from service.deps import ExtractorDep, SettingsDep, SingleValuedForm, StoreDep, WorkerDep
 from service.errors import InvalidRequest, relabel
 from service.ingest import ingest_staged, stage_upload
+from service.packages import unpack_voice_upload
 from service.schemas import (
     AdapterForm,
     AdapterList,
@@ -23,7 +26,7 @@ from service.schemas import (
     AdapterUpload,
     error_responses,
 )
-from service.store import check_name
+from service.store import Readable, check_name
 
 router = APIRouter(tags=["adapters"], dependencies=[Security(bearer_scheme)])
 Ref = Annotated[str, Path(min_length=1, max_length=128, description="adapter id or name")]
@@ -50,34 +53,48 @@ async def upload_adapter(form: Annotated[AdapterForm, Form(media_type="multipart
 
     A full RVC voice model (`.pth`, fine-tuned from the resident base) is turned into an adapter first
     (truncated SVD of each layer's difference to the base, at `rank`; small tensors kept whole) and the
-    response carries the extraction report. 422 when it is not of the base's architecture."""
+    response carries the extraction report. 422 when it is not of the base's architecture. A voice `.zip`
+    (one `.pth` and optionally its `.index`, as voices are shared) is unpacked first, after checks against
+    zip bombs (413), path traversal and nested archives (422)."""
     engine = await worker.engine()
     if form.name is not None:
         check_name(form.name)
-    staged, kind = await anyio.to_thread.run_sync(stage_upload, store, settings, form.file.file)
-    extraction = None
-    try:
-        if kind == "voice":
-            rank = DEFAULT_EXTRACT_RANK if form.rank is None else form.rank
-            if form.rank is None:
-                rank = min(rank, settings.max_rank)
-            elif rank > settings.max_rank:
-                raise InvalidRequest(f"rank: {rank} exceeds this server's maximum rank {settings.max_rank}")
-            voice = staged
-            try:
-                extracted = await extractor.run(lambda: engine.extract_voice(
-                    voice.path, rank=rank, name=form.name or "extracted", evaluate=settings.extract_evaluate))
-            except RVCLoraError as exc:
-                raise relabel(exc, voice.path, "voice model") from exc
+    index: Readable | None = None if form.index is None else form.index.file
+    with ExitStack() as package:  # a voice zip stays open until its index was read
+        staged, kind = await anyio.to_thread.run_sync(stage_upload, store, settings, form.file.file)
+        extraction = None
+        try:
+            if kind == "voice" and await anyio.to_thread.run_sync(is_voice_zip, staged.path):
+                label = form.file.filename or "voice zip"
+                zipped = staged
+                staged, zipped_index = await anyio.to_thread.run_sync(
+                    unpack_voice_upload, store, settings, zipped, label, package)
+                store.discard(zipped)
+                if zipped_index is not None:
+                    if index is not None:
+                        raise InvalidRequest(f"index: {label} holds an index already; send it in the zip or as "
+                                             "`index`, not both")
+                    index = zipped_index
+            if kind == "voice":
+                rank = DEFAULT_EXTRACT_RANK if form.rank is None else form.rank
+                if form.rank is None:
+                    rank = min(rank, settings.max_rank)
+                elif rank > settings.max_rank:
+                    raise InvalidRequest(f"rank: {rank} exceeds this server's maximum rank {settings.max_rank}")
+                voice = staged
+                try:
+                    extracted = await extractor.run(lambda: engine.extract_voice(
+                        voice.path, rank=rank, name=form.name or "extracted", evaluate=settings.extract_evaluate))
+                except RVCLoraError as exc:
+                    raise relabel(exc, voice.path, "voice model") from exc
+                store.discard(staged)
+                staged = await anyio.to_thread.run_sync(store.stage, io.BytesIO(extracted.adapter_bytes),
+                                                        settings.max_adapter_bytes, "extracted adapter")
+                extraction = extracted.report
+            rec, created = await anyio.to_thread.run_sync(ingest_staged, store, engine, settings, staged, index,
+                                                          form.name, worker.check_output)
+        finally:
             store.discard(staged)
-            staged = await anyio.to_thread.run_sync(store.stage, io.BytesIO(extracted.adapter_bytes),
-                                                    settings.max_adapter_bytes, "extracted adapter")
-            extraction = extracted.report
-        index = None if form.index is None else form.index.file
-        rec, created = await anyio.to_thread.run_sync(ingest_staged, store, engine, settings, staged, index, form.name,
-                                                      worker.check_output)
-    finally:
-        store.discard(staged)
     response.status_code = 201 if created else 200
     return AdapterUpload.of_upload(rec, extraction)
 
