@@ -127,12 +127,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from rvc_lora.extract import run_extract
+    import shutil
 
-    report = run_extract(args.base, args.voice, rank=args.rank, out=args.out, targets=args.targets,
-                         energy=args.energy)  # with --energy, --rank caps the per-layer rank
-    _out(report.format())
-    _out(f"wrote {args.out}")
+    from rvc_lora.extract import run_extract
+    from rvc_lora.voicezip import voice_files
+
+    with voice_files(args.voice) as (voice, index):  # a .pth, or a voice .zip (its .pth and .index)
+        report = run_extract(args.base, voice, rank=args.rank, out=args.out, targets=args.targets,
+                             energy=args.energy)  # with --energy, --rank caps the per-layer rank
+        _out(report.format())
+        _out(f"wrote {args.out}")
+        if index is not None:  # the zip's index goes beside the adapter, as the service stores it
+            index_out = Path(args.out).with_suffix(".index")
+            shutil.copyfile(index, index_out)
+            _out(f"wrote {index_out} (the voice's index, from the zip)")
     return 0
 
 
@@ -191,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="turn a full RVC voice .pth into a LoRA adapter over its base")
     p.add_argument("--base", required=True, help="the base .pth the voice was fine-tuned from")
-    p.add_argument("--voice", required=True, help="the full voice .pth")
+    p.add_argument("--voice", required=True,
+                   help="the full voice: a .pth, or a voice .zip (.pth + optional .index, written beside --out)")
     p.add_argument("--rank", type=int, default=DEFAULT_EXTRACT_RANK,
                    help="LoRA rank (the cap per layer with --energy); default %(default)s, as the server extracts")
     p.add_argument("--energy", type=float, default=None, help="smallest rank per layer keeping this share of the "

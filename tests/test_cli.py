@@ -143,3 +143,28 @@ def test_extract_writes_an_adapter_and_prints_the_report(files: dict[str, Path],
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "adapter" and info["full_deltas"] > 0
+
+
+def test_extract_takes_a_voice_zip_and_writes_its_index_beside(files: dict[str, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import zipfile
+
+    from rvc_lora.checkpoint import load_rvc_checkpoint
+    from rvc_lora.extract import make_synthetic_voice
+
+    voice = make_synthetic_voice(load_rvc_checkpoint(files["model"]).model, rank=2, seed=1)
+    voice_path = save_rvc_checkpoint(tmp_path / "voice.pth", voice)
+    package = tmp_path / "voice.zip"
+    with zipfile.ZipFile(package, "w") as zf:
+        zf.write(voice_path, "Voice/Voice.pth")
+        zf.writestr("Voice/added_IVF1_Flat.index", b"index bytes")
+    out = tmp_path / "voice.safetensors"
+    assert main(["extract", "--base", str(files["model"]), "--voice", str(package), "--rank", "4",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "voice.index").read_bytes() == b"index bytes"
+    assert "the voice's index, from the zip" in capsys.readouterr().out
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../x.pth", b"x")
+    assert main(["extract", "--base", str(files["model"]), "--voice", str(bad), "--out", str(out)]) == 2
+    assert "bad_voice_package" in capsys.readouterr().err
