@@ -163,6 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, lr=args.lr, save_every=args.save_every, resume=args.resume,
                        seed=args.seed, discriminator=args.discriminator, device=args.device)
     _out(str(result))
+    from rvc_lora.train.voice_index import build_voice_index
+
+    _out(f"wrote {build_voice_index(args.work_dir, args.out)} (the voice's retrieval index: --index)")
     return 0
 
 

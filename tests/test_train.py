@@ -487,3 +487,16 @@ def test_synthesizer_lora_type_is_what_the_service_uses(assets: dict[str, Path],
     assert isinstance(job.model, SynthesizerLoRA) and job.model.fingerprint == load_pretrained_base(
         assets["base"]).fingerprint
     assert job.model.base.segment_size == 8 and job.gan.params.n_mels == 40
+
+
+def test_voice_index_is_built_from_the_prepared_features(work: Path, tmp_path: Path) -> None:
+    from rvc_lora.pipeline.index import RetrievalIndex
+    from rvc_lora.train.data import PreparedInfo
+    from rvc_lora.train.voice_index import build_voice_index
+
+    info = PreparedInfo.read(work)
+    frames = sum(len(np.load(ref.path)["phone"]) for ref in info.segments)
+    path = build_voice_index(work, tmp_path / "voice.safetensors")
+    assert path == tmp_path / "voice.index"
+    index = RetrievalIndex.from_path(path)
+    assert index.ntotal == frames and index.dim == (768 if info.version == "v2" else 256)
