@@ -126,6 +126,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+GOOD_SNR_DB = 20.0  # below this the adapter audibly differs from the full voice
+
+
+def extraction_advice(report: Any) -> str | None:
+    """A warning when base + adapter is far from the full voice (SNR below 20 dB), with what would do better:
+    every layer (--targets all) first, then a higher rank."""
+    if report.snr_db is None or report.snr_db >= GOOD_SNR_DB:
+        return None
+    better = "--targets all" if report.targets != "all" else f"--rank {min(4 * report.rank, 256)}"
+    return (f"the adapter is {report.snr_db:.1f} dB SNR from the full voice (below {GOOD_SNR_DB:g} dB: audibly "
+            f"different); try {better}, or use the full voice itself")
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     import shutil
 
@@ -136,6 +149,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         report = run_extract(args.base, voice, rank=args.rank, out=args.out, targets=args.targets,
                              energy=args.energy)  # with --energy, --rank caps the per-layer rank
         _out(report.format())
+        if (advice := extraction_advice(report)) is not None:
+            sys.stderr.write(f"rvc-lora extract: warning: {advice}\n")
         _out(f"wrote {args.out}")
         if index is not None:  # the zip's index goes beside the adapter, as the service stores it
             index_out = Path(args.out).with_suffix(".index")

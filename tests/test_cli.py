@@ -168,3 +168,15 @@ def test_extract_takes_a_voice_zip_and_writes_its_index_beside(files: dict[str, 
         zf.writestr("../x.pth", b"x")
     assert main(["extract", "--base", str(files["model"]), "--voice", str(bad), "--out", str(out)]) == 2
     assert "bad_voice_package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("snr", "targets", "rank", "expected"), [
+    (35.0, "dec", 8, None), (None, "dec", 8, None), (12.0, "dec", 8, "--targets all"), (12.0, "all", 8, "--rank 32")])
+def test_extract_warns_when_far_from_the_voice(snr: float | None, targets: str, rank: int,
+                                               expected: str | None) -> None:
+    from types import SimpleNamespace
+
+    from rvc_lora.cli import extraction_advice
+
+    advice = extraction_advice(SimpleNamespace(snr_db=snr, targets=targets, rank=rank))
+    assert advice is None if expected is None else (expected in advice and f"{snr:.1f} dB" in advice)
