@@ -20,6 +20,7 @@ from rvc_lora.cli_progress import chunk_notes, step
 from rvc_lora.errors import AudioError, ParameterError, RVCLoraError
 from rvc_lora.pipeline.audio import AUDIO_SUFFIXES, OUTPUT_FORMATS, encode_audio, format_for_suffix, probe_audio
 from rvc_lora.stream import cli as stream_cli
+from rvc_lora.voicezip import voice_files
 
 if TYPE_CHECKING:
     from rvc_lora.pipeline.converter import ConversionResult, VoiceConverter
@@ -33,14 +34,19 @@ def register(sub: Any, add_params: Callable[[argparse.ArgumentParser], None], pa
     """Add the `convert` subcommand to `sub` (argparse subparsers); `add_params` adds the conversion-parameter
     flags and `params_from` reads them back as `ConvertParams`."""
     p = sub.add_parser(
-        "convert", help="convert an audio file, or a folder of them, with a base model (+ adapter, + index)",
+        "convert", help="convert an audio file, or a folder of them, with a base model (+ adapter, + index) or "
+                        "a full voice (.pth or .zip)",
         description="Convert INPUT to OUTPUT. INPUT is an audio file (wav, flac, ogg, opus, mp3, m4a, webm, ...) "
                     "or a folder: then every audio file under it is converted into the folder OUTPUT, keeping "
                     "the layout, with one model load; a file that fails is reported and the rest go on.")
     p.add_argument("input", help="audio file, or folder of audio files")
     p.add_argument("output", help=f"output file (its suffix picks the format: {_SUFFIXES}), or a folder when INPUT "
                                   "is a folder")
-    p.add_argument("--model", required=True, help="base RVC .pth")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="base RVC .pth (voices then come as --adapter)")
+    model.add_argument("--voice", help="a full RVC voice, run as it is (its own sound exactly, no extraction): a "
+                                       ".pth, or a voice .zip (.pth + optional .index, whose index is used like "
+                                       "--index); instead of --model")
     p.add_argument("--hubert", required=True,
                    help="content encoder: hubert_base.pt (fairseq) or a Hugging Face HuBERT folder")
     p.add_argument("--adapter", default=None, help="voice adapter .safetensors (default: the base voice)")
@@ -168,7 +174,7 @@ def load_converter(args: argparse.Namespace) -> tuple[VoiceConverter, float]:
     """The converter for `args` (model files checked to exist first), and the seconds loading took."""
     from rvc_lora.pipeline.converter import VoiceConverter
 
-    with step(f"loading models ({Path(args.model).name}, {Path(args.hubert).name})") as s:
+    with step(f"loading models ({Path(args.voice or args.model).name}, {Path(args.hubert).name})") as s:
         vc = VoiceConverter.from_files(args.model, args.hubert, device=args.device, rmvpe=args.rmvpe,
                                        max_rank=args.max_rank, adapters=[args.adapter] if args.adapter else [])
     return vc, s.elapsed_s
@@ -183,13 +189,26 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    args.params_from(args)  # bad values fail here, before anything loads
+    for path, what in ((args.model, "--model"), (args.voice, "--voice"), (args.hubert, "--hubert"),
+                       (args.adapter, "--adapter"), (args.index, "--index"), (args.f0_file, "--f0-file"),
+                       (args.rmvpe, "--rmvpe")):
+        _check_file(path, what)
+    if args.voice is None:
+        return _convert(args)
+    with voice_files(args.voice) as (model, index):  # a zip's members unpacked (checked) for the duration
+        if index is not None and args.index is not None:
+            raise ParameterError(f"--voice {args.voice!r} holds an index already; drop --index (or use the .pth)")
+        return _convert(argparse.Namespace(**{**vars(args), "model": str(model),
+                                              "index": args.index if index is None else str(index)}))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """`cmd_convert` once the model is a `.pth` on disk (`args.model`)."""
     src, dst = Path(args.input), Path(args.output)
-    params = args.params_from(args)  # bad values fail here, before anything loads
+    params = args.params_from(args)
     if args.float and (args.format or format_for_suffix(dst.suffix) or "wav") != "wav":
         raise ParameterError("--float applies to wav output only")
-    for path, what in ((args.model, "--model"), (args.hubert, "--hubert"), (args.adapter, "--adapter"),
-                       (args.index, "--index"), (args.f0_file, "--f0-file"), (args.rmvpe, "--rmvpe")):
-        _check_file(path, what)
     if not src.exists():
         raise AudioError(f"input {str(src)!r} does not exist")
     if src.is_dir():

@@ -184,3 +184,60 @@ def test_progress_is_redrawn_on_a_terminal_and_listed_elsewhere() -> None:
     assert log.getvalue().splitlines() == ["converting x.wav ...", "  converting x.wav: chunk 1/2",
                                            log.getvalue().splitlines()[-1]]
     assert re.fullmatch(r"converting x\.wav: stopped after \d+\.\d s", log.getvalue().splitlines()[-1])
+
+
+@pytest.fixture
+def voice_zip(files: dict[str, Path], tmp_path: Path) -> dict[str, Path]:  # noqa: F811
+    """A full voice fine-tuned (synthetically) from the tiny base: its .pth, and a zip of it with an index."""
+    import zipfile
+
+    from rvc_lora.checkpoint import load_rvc_checkpoint, save_rvc_checkpoint
+    from rvc_lora.extract import make_synthetic_voice
+
+    voice = make_synthetic_voice(load_rvc_checkpoint(files["model"]).model, rank=2, seed=4)
+    pth = save_rvc_checkpoint(tmp_path / "voice.pth", voice)
+    package = tmp_path / "voice.zip"
+    with zipfile.ZipFile(package, "w") as zf:
+        zf.write(pth, "My Voice/My Voice.pth")
+        zf.write(files["index"], "My Voice/added_IVF1_Flat.index")
+    return {"pth": pth, "zip": package}
+
+
+def test_convert_with_a_voice_pth_or_zip_runs_that_voice(files: dict[str, Path], voice_zip: dict[str, Path],  # noqa: F811
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--hubert", str(files["hubert"]), "--seed", "3", "--device", "cpu", "--f0-method", "pm"]
+
+    def run(name: str, *extra: str) -> bytes:
+        out = tmp_path / name
+        assert main(["convert", str(files["input"]), str(out), *common, *extra]) == 0
+        return out.read_bytes()
+
+    as_model = run("model.wav", "--model", str(voice_zip["pth"]))
+    assert run("voice.wav", "--voice", str(voice_zip["pth"])) == as_model  # the voice itself, not an extraction
+    assert as_model != run("base.wav", "--model", str(files["model"]))
+    with_index = run("indexed.wav", "--model", str(voice_zip["pth"]), "--index", str(files["index"]),
+                     "--index-rate", "1")
+    assert with_index != as_model
+    assert run("zip.wav", "--voice", str(voice_zip["zip"]), "--index-rate", "1") == with_index  # the zip's index
+    assert "loading models (voice.zip" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_convert_voice_refusals_come_before_any_model_loads(files: dict[str, Path],  # noqa: F811
+                                                            voice_zip: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    def run(*extra: str) -> str:
+        assert main(["convert", str(files["input"]), str(tmp_path / "o.wav"), "--hubert", str(files["hubert"]),
+                     *extra]) == 2
+        return capsys.readouterr().err
+
+    assert "holds an index already" in run("--voice", str(voice_zip["zip"]), "--index", str(files["index"]))
+    assert "--voice" in run("--voice", str(tmp_path / "missing.zip"))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zf:
+        zf.writestr("../voice.pth", b"x")
+    assert "[bad_voice_package]" in run("--voice", str(tmp_path / "evil.zip"))
+    with pytest.raises(SystemExit):  # argparse: one model, the base or a voice
+        main(["convert", "in.wav", "o.wav", "--hubert", "h.pt", "--model", "a.pth", "--voice", "b.zip"])
+    assert "not allowed with argument" in capsys.readouterr().err
