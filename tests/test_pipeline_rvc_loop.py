@@ -71,7 +71,7 @@ def rvc_loop(vc: VoiceConverter, audio16k: np.ndarray, p: ConvertParams,
     p_len = audio_pad.shape[0] // window
     pitch = pitchf = None
     if cfg.f0:
-        f0 = get_f0_extractor(p.f0_method)(audio_pad, p_len, filter_radius=p.filter_radius)
+        f0 = get_f0_extractor(vc.f0_method(p))(audio_pad, p_len, filter_radius=p.filter_radius)
         f0 = f0 * pow(2, p.f0_up_key / 12)
         if f0_curve is not None:
             n = f0[x_pad * 100 : x_pad * 100 + len(f0_curve)].shape[0]
@@ -180,7 +180,7 @@ def test_chunks_get_rvc_slices_and_one_seed(hubert: ContentEncoder, monkeypatch:
         return original(*args)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(vc.model, "infer", spy)
-    result = vc.convert(x, 16000, ConvertParams(rms_mix_rate=1.0, seed=5))
+    result = vc.convert(x, 16000, ConvertParams(f0_method="pm", rms_mix_rate=1.0, seed=5))
     audio = highpass(prepare_16k(x, 16000))
     assert spec_cut_points(audio, 80_000, 32_000, 96_000) == [90_200]  # inside the hole (the filter rings into it)
     audio_pad = np.pad(audio, 16000, mode="reflect")  # 136000 samples, 850 frames

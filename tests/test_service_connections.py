@@ -178,10 +178,11 @@ def test_a_content_length_short_of_the_body_is_400(tmp_path: Path) -> None:
 
 
 class SlowEngine(FakeEngine):
-    """Every conversion takes 3 s of "device" time (for a server in another process)."""
+    """Every conversion takes 5 s of "device" time (for a server in another process): longer than the test's
+    grace period, so none can finish however late the signal comes."""
 
     def convert(self, audio16k: Any, options: Any, voice: object | None) -> Any:
-        time.sleep(3.0)
+        time.sleep(5.0)
         return super().convert(audio16k, options, voice)
 
 
@@ -198,7 +199,10 @@ def test_sigterm_answers_unfinished_requests_503_with_retry_after(tmp_path: Path
     with live_server(tmp_path, "SlowEngine", "tests.test_service_connections", shutdown_grace_s=2.0) as (proc, url, _):
         with ThreadPoolExecutor(4) as pool:
             replies = [pool.submit(post, url) for _ in range(4)]
-            time.sleep(1.0)  # one runs (3 s), three wait
+            deadline = time.monotonic() + 20
+            while metric(url, "rvc_lora_queued_jobs") < 3:  # one runs (5 s), three wait: on a busy machine the
+                assert time.monotonic() < deadline, "the requests never queued"  # uploads take a while to arrive
+                time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             answers = [f.result() for f in replies]
         proc.wait(10)

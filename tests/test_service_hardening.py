@@ -359,7 +359,7 @@ def test_form_parts_spool_to_the_work_dir_and_a_full_disk_is_507(tmp_path: Path,
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("PUT", "/convert", "POST"), ("GET", "/convert", "POST"), ("DELETE", "/healthz", "GET, HEAD"),
-    ("PATCH", "/adapters", "GET, POST"), ("PUT", "/adapters/abc", "DELETE, GET"), ("POST", "/model", "GET"),
+    ("PATCH", "/adapters", "GET, POST"), ("PUT", "/adapters/abc", "DELETE, GET, PATCH"), ("POST", "/model", "GET"),
 ])
 def test_405_names_the_allowed_methods(client_405: Any, method: str, path: str, allow: str) -> None:
     """Was: `Allow:` empty on every 405."""

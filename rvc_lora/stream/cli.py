@@ -93,12 +93,16 @@ def add_stream_command(sub: Any) -> None:
     p.add_argument("--fast", action="store_true", help="send as fast as the server takes it, not in realtime")
     p.add_argument("--wire-format", choices=["float32", "pcm16"], default="float32",
                    help="samples on the wire (default %(default)s)")
-    p.add_argument("--pitch", "--f0-up-key", dest="f0_up_key", type=int, default=_D.f0_up_key)
+    p.add_argument("--pitch", "--f0-up-key", dest="f0_up_key", type=int, default=_D.f0_up_key,
+                   help="transpose, semitones (default %(default)s)")
     p.add_argument("--f0-method", default=_D.f0_method, choices=F0_METHODS,
                    help="pitch method on the server (default %(default)s)")
-    p.add_argument("--index-rate", type=float, default=_D.index_rate)
-    p.add_argument("--rms-mix-rate", type=float, default=_D.rms_mix_rate)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--index-rate", type=float, default=_D.index_rate,
+                   help="how much of the voice's index to blend in, 0..1 (default %(default)s)")
+    p.add_argument("--rms-mix-rate", type=float, default=_D.rms_mix_rate,
+                   help="1 keeps the output's loudness, 0 follows the input's (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the stream's random draws, for repeatable output (default: random)")
     _add_stream_times(p)
     p.set_defaults(func=stream_file)
 
