@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor
-
 from rvc_lora.lora import LoRAConfig, inject_lora
 from rvc_lora.models.generator import Generator
 from rvc_lora.models.synthesizer import RVCSynthesizer
@@ -30,10 +28,6 @@ class GeneratorLoRA(Generator):
         if lora_config is not None:
             self.remove_weight_norm()
             inject_lora(self, lora_config)
-
-    def forward(self, x: Tensor, g: Tensor | None = None, n_res: Tensor | int | None = None) -> Tensor:
-        """x `[B, C_in, T]`, g `[B, gin, 1]` -> audio `[B, 1, T' * upp]`."""
-        return super().forward(x, g, n_res)
 
 
 def create_synthesizer_lora_from_pretrained(pretrained_model: RVCSynthesizer,

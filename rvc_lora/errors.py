@@ -34,6 +34,12 @@ class AdapterMismatchError(AdapterError):
     code = "adapter_mismatch"
 
 
+class BankFullError(RVCLoraError):
+    """Every slot of an adapter bank is pinned by batches in flight: a new voice must wait for one."""
+
+    code = "bank_full"
+
+
 class AdapterNotFoundError(AdapterError):
     """No adapter with the given id or name exists."""
 

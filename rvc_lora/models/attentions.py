@@ -63,8 +63,9 @@ class MultiHeadAttention(nn.Module):
         p_attn = self.drop(F.softmax(scores, dim=-1))
         out = torch.matmul(p_attn, v)  # [B, H, T, d]
         # P[i, j] re-indexed by offset j - i + w: a scatter over the band (cells outside it contribute 0)
-        rel_weights = torch.zeros(b, h, t, 2 * self.window_size + 1, dtype=p_attn.dtype, device=x.device)
-        rel_weights.scatter_add_(-1, offset.expand(b, h, t, t), p_attn * inside)
+        # out of place: under torch.func.vmap (batched synthesis) p_attn is batched and a fresh zeros is not
+        rel_weights = p_attn.new_zeros(b, h, t, 2 * self.window_size + 1).scatter_add(
+            -1, offset.expand(b, h, t, t), p_attn * inside)
         out = out + torch.matmul(rel_weights, self.emb_rel_v[0])  # [B, H, T, d]
         out = out.transpose(2, 3).contiguous().view(b, c, t)
         result: Tensor = self.conv_o(out)

@@ -3,10 +3,12 @@
 Random draws are part of the contract (rvc_spec §1.4): SineGen takes one uniform (its random
 initial phase, zeroed for the fundamental but still drawn) and then `[B, T*upp, 1]` normals, from
 the default generator of the device, in that order. Changing either shifts every later sample.
+Batched synthesis passes them in instead (`SineDraws`), drawn per row when the row was built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -15,6 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SineGenVariant = Literal["B", "A"]
+
+
+@dataclass(frozen=True)
+class SineDraws:
+    """SineGen's random numbers, drawn beforehand: phase `[B, 1, dim]` uniform (the initial phase; the
+    fundamental's is zeroed after the draw, as in a solo run), noise `[B, T*upp, dim]` standard normal."""
+
+    phase: Tensor
+    noise: Tensor
 
 
 class SineGen(nn.Module):
@@ -35,7 +46,7 @@ class SineGen(nn.Module):
         self.voiced_threshold = voiced_threshold
         self.variant: SineGenVariant = variant
 
-    def _phase_b(self, f0: Tensor, upp: int) -> Tensor:
+    def _phase_b(self, f0: Tensor, upp: int, phase: Tensor | None) -> Tensor:
         """Phase in cycles `[B, T*upp, dim]`: per-frame ramps plus the wrapped running frame advance."""
         f = f0.unsqueeze(-1)  # [B, T, 1]
         ramp = torch.arange(1, upp + 1, dtype=f.dtype, device=f.device)
@@ -45,8 +56,10 @@ class SineGen(nn.Module):
         rad = rad + F.pad(acc, (0, 0, 1, 0))  # first frame starts at phase 0 (+ its own ramp)
         rad = rad.reshape(f0.shape[0], -1, 1)  # [B, T*upp, 1], sample n = t*upp + k
         rad = rad * torch.arange(1, self.dim + 1, dtype=rad.dtype, device=rad.device)
-        rand_ini = torch.rand(1, 1, self.dim, device=rad.device)  # drawn for RNG parity, zero for the fundamental
-        rand_ini[..., 0] = 0
+        if phase is None:
+            phase = torch.rand(1, 1, self.dim, device=rad.device)  # drawn for RNG parity, zero for the fundamental
+        # out of place (phase may be a caller's tensor, or batched under torch.func.vmap)
+        rand_ini = torch.cat([torch.zeros_like(phase[..., :1]), phase[..., 1:]], dim=-1)
         return rad + rand_ini
 
     def _sine_a(self, f0: Tensor, upp: int) -> Tensor:
@@ -68,16 +81,20 @@ class SineGen(nn.Module):
         return torch.sin(torch.cumsum(r_up + shift, dim=1) * 2 * torch.pi)
 
     @torch.no_grad()
-    def forward(self, f0: Tensor, upp: int) -> tuple[Tensor, Tensor, Tensor]:
-        """f0 `[B, T]` -> (excitation, uv, noise), each `[B, T*upp, dim]` (uv `[B, T*upp, 1]`)."""
+    def forward(self, f0: Tensor, upp: int, draws: SineDraws | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """f0 `[B, T]` -> (excitation, uv, noise), each `[B, T*upp, dim]` (uv `[B, T*upp, 1]`).
+
+        draws: the random numbers to use (variant "B" only) instead of drawing from the device's generator."""
         if self.variant == "B":
-            sine = torch.sin(2 * np.pi * self._phase_b(f0, upp)) * self.sine_amp
+            sine = torch.sin(2 * np.pi * self._phase_b(f0, upp, None if draws is None else draws.phase)) * self.sine_amp
         else:
+            if draws is not None:  # its interpolation spans the whole row: padding would change it
+                raise ValueError("SineGen variant 'A' takes no pre-drawn numbers (batched synthesis needs 'B')")
             sine = self._sine_a(f0, upp) * self.sine_amp
         uv = (f0.unsqueeze(-1) > self.voiced_threshold).to(f0.dtype)  # [B, T, 1]
         uv = uv.repeat_interleave(upp, dim=1)  # nearest x upp
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
-        noise = noise_amp * torch.randn_like(sine)
+        noise = noise_amp * (torch.randn_like(sine) if draws is None else draws.noise)
         return sine * uv + noise, uv, noise
 
 
@@ -92,7 +109,7 @@ class SourceModuleHnNSF(nn.Module):
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
         self.l_tanh = nn.Tanh()
 
-    def forward(self, f0: Tensor, upp: int) -> Tensor:
-        sine = self.l_sin_gen(f0, upp)[0].to(self.l_linear.weight.dtype)  # SineGen stays fp32 in half mode
+    def forward(self, f0: Tensor, upp: int, draws: SineDraws | None = None) -> Tensor:
+        sine = self.l_sin_gen(f0, upp, draws)[0].to(self.l_linear.weight.dtype)  # SineGen stays fp32 in half mode
         out: Tensor = self.l_tanh(self.l_linear(sine))
         return out

@@ -120,6 +120,10 @@ class SynthesizerLoRA(nn.Module):
             self._slots = ResidentSlots(self.base, self.cfg, self.fingerprint, self.layout)
         return self._slots
 
+    def refresh_slots(self) -> None:
+        """List the adapter memory again (after its parameters were rebound, as `AdapterBank` does)."""
+        self._slots = None
+
     def get_lora_state_dict(self, rank: int | None = None) -> dict[str, Tensor]:
         """Resident adapter tensors (effective values), `<layer>.lora_A/lora_B` and `full_delta.<param>`."""
         return lora_state_dict(self.base, rank)

@@ -99,6 +99,7 @@ class ResidentSlots:
         first = self.layers[0].lora_A if self.layers else self.params[0] if self.params else None
         self.key = SlotKey(fingerprint, layout, torch.float32 if first is None else first.dtype)
         self._plans: dict[tuple[tuple[int, ...], tuple[int, ...]], _Plan] = {}
+        self.resident: PreparedAdapter | None = None  # what the last swap loaded (None: the base voice)
 
     # --- checks, once per adapter -------------------------------------------------------------------------------
     def check(self, adapter: Adapter, source: str | None = None) -> None:
@@ -201,6 +202,7 @@ class ResidentSlots:
             self._copy(plan.delta_dst, [*tensors[2 * len(layers):], *plan.extra_src], plan.delta_zero)
         else:
             self._copy(plan.dst, [*tensors, *plan.extra_src], plan.zero)
+        self.resident = prepared
 
     @staticmethod
     def _copy(dst: list[Tensor], src: list[Tensor], zero: list[Tensor]) -> None:

@@ -1,0 +1,250 @@
+"""The adapter bank: K adapters resident at once, and one forward over rows in different voices.
+
+Every adapter tensor of the model (each LoRA layer's A and B, each full-delta parameter's value) gets K slots,
+allocated once as one `[K, ...]` tensor. Slot 0 *is* the model's own resident memory (its parameters are
+rebound to views of slot 0 when the bank is made), so `K = 1` costs what the model cost before and loading
+slot 0 is `ResidentSlots.swap`, the fused copy of today. Loading slot k > 0 is the same fused copy into that
+slot's views. Nothing is reallocated afterwards (`data_ptr()`s stay put).
+
+A batch acquires the slot of each voice it uses (`acquire`, loading the voice into a free or the least
+recently used unpinned slot if it is not resident) and releases them when its forward is done; a pinned slot
+is never evicted, and `BankFullError` says every slot is pinned. `synthesize(rows, slots)` gathers each row's
+A, B and full-delta values from the bank (`index_select`: one gather per tensor, no loop over rows) and runs
+`rvc_lora.models.rows.infer_padded` under `torch.func.vmap` with them: each LoRA layer's fused weight
+`W + B_row @ A_row` then becomes a grouped convolution over the rows. A batch in a single voice skips the
+vmap and runs the plain batched forward with that voice's weights.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from rvc_lora.errors import BankFullError, ConfigError
+from rvc_lora.lora import full_delta_slots
+from rvc_lora.models.rows import PaddedRows, infer_padded
+from rvc_lora.models.synthesizer import RVCSynthesizer
+from rvc_lora.voice.batch import SynthRow, pad_rows, split_audio
+from rvc_lora.voice.model import SynthesizerLoRA
+from rvc_lora.voice.slots import PreparedAdapter
+
+Slot = int | None  # a bank slot index; None is the base voice (no slot)
+
+
+class _PaddedForward(nn.Module):
+    """`infer_padded` as a module's forward, so `functional_call` can run it with substituted parameters."""
+
+    def __init__(self, synth: RVCSynthesizer) -> None:
+        super().__init__()
+        self.synth = synth
+
+    def forward(self, rows: PaddedRows) -> Tensor:
+        return infer_padded(self.synth, rows)
+
+
+class AdapterBank:
+    """K adapter slots over one `SynthesizerLoRA` (built after the model's `.to()`/`.half()`; a later move
+    leaves the bank stale, which its methods report). `slots`: K >= 1."""
+
+    def __init__(self, model: SynthesizerLoRA, slots: int) -> None:
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ConfigError(f"bank slots must be an int >= 1, got {slots!r}")
+        resident = model.slots
+        if any(layer.merged for layer in resident.layers):
+            raise ConfigError("an adapter bank needs unmerged LoRA layers (unmerge the model first)")
+        self.model, self.size = model, slots
+        self._forward = _PaddedForward(model.base)
+        self.layer_names = resident.layer_names
+        full = full_delta_slots(model.base)
+        self.delta_paths: tuple[str, ...] = () if full is None else full.paths
+        self._bases = resident.bases
+        # [K, ...] storage; slot 0 takes the resident values and the model's parameters become its views
+        self._a = [_stacked(layer.lora_A, slots) for layer in resident.layers]
+        self._b = [_stacked(layer.lora_B, slots) for layer in resident.layers]
+        self._v = [_stacked(p, slots) for p in resident.params]
+        for layer, a, b in zip(resident.layers, self._a, self._b, strict=True):
+            layer.lora_A = nn.Parameter(a[0], requires_grad=layer.lora_A.requires_grad)
+            layer.lora_B = nn.Parameter(b[0], requires_grad=layer.lora_B.requires_grad)
+        for path, p, v in zip(self.delta_paths, resident.params, self._v, strict=True):
+            owner, _, leaf = path.rpartition(".")
+            setattr(model.base.get_submodule(owner), leaf, nn.Parameter(v[0], requires_grad=p.requires_grad))
+        model.refresh_slots()  # list the rebound parameters; slot 0 still holds what was resident
+        model.slots.resident = resident.resident
+        self._loaded: list[PreparedAdapter | None] = [resident.resident] + [None] * (slots - 1)
+        self._keys: list[Hashable | None] = [None] * slots
+        self._where: dict[Hashable, int] = {}
+        self._pins = [0] * slots
+        self._lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(slots))  # least recently used first
+        self._plans: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[list[Tensor], list[Tensor],
+                                                                               list[Tensor]]] = {}
+
+    # --- memory ---------------------------------------------------------------------------------------------
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes one slot holds: A and B of every LoRA layer and the value of every full-delta parameter."""
+        return sum(t[0].numel() * t.element_size() for t in (*self._a, *self._b, *self._v))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all K slots (slot 0 is the model's own resident memory)."""
+        return self.size * self.slot_nbytes
+
+    # --- slots ----------------------------------------------------------------------------------------------
+    def resident(self) -> dict[Hashable, int]:
+        """Keys of the voices resident now -> their slot."""
+        self._sync_slot0()
+        return dict(self._where)
+
+    def pinned(self, slot: int) -> int:
+        """How many holders pin `slot` now."""
+        return self._pins[slot]
+
+    def acquire(self, key: Hashable, prepared: PreparedAdapter | None) -> Slot:
+        """The slot holding voice `key` (loading `prepared` into a free or the least recently used unpinned slot
+        if it is not resident), pinned until `release`. `prepared` None is the base voice: no slot, None.
+        `BankFullError` when the voice is not resident and every slot is pinned."""
+        if prepared is None:
+            return None
+        self._check_fresh()
+        self._sync_slot0()
+        slot = self._where.get(key)
+        if slot is None:
+            free = [s for s in self._lru if self._pins[s] == 0]
+            if not free:
+                raise BankFullError(f"all {self.size} adapter slots are pinned by batches in flight")
+            slot = next((s for s in free if self._keys[s] is None), free[0])
+            self._load(slot, prepared)
+            if self._keys[slot] is not None:
+                del self._where[self._keys[slot]]
+            self._keys[slot], self._where[key] = key, slot
+        self._pins[slot] += 1
+        self._lru.move_to_end(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """Unpin a slot `acquire` gave (None: nothing to do)."""
+        if slot is None:
+            return
+        if self._pins[slot] < 1:
+            raise ConfigError(f"bank slot {slot} released more often than acquired")
+        self._pins[slot] -= 1
+
+    @contextmanager
+    def hold(self, voices: Sequence[tuple[Hashable, PreparedAdapter | None]]) -> Iterator[list[Slot]]:
+        """Acquire a slot per (key, prepared) (repeats allowed) for the `with` block, release them after. On
+        `BankFullError` the slots already acquired are released."""
+        slots: list[Slot] = []
+        try:
+            for key, prepared in voices:
+                slots.append(self.acquire(key, prepared))
+            yield slots
+        finally:
+            for slot in slots:
+                self.release(slot)
+
+    def _sync_slot0(self) -> None:
+        """Slot 0 is the model's resident memory: a `swap` outside the bank replaced what it holds."""
+        current = self.model.slots.resident
+        if current is not self._loaded[0]:
+            self._loaded[0] = current
+            if self._keys[0] is not None:
+                del self._where[self._keys[0]]
+                self._keys[0] = None
+
+    def _check_fresh(self) -> None:
+        layers = self.model.slots.layers
+        if layers and layers[0].lora_A.data_ptr() != self._a[0][0].data_ptr():
+            raise ConfigError("the model was moved or recast after its adapter bank was made; make a new bank")
+
+    @torch.no_grad()
+    def _load(self, slot: int, prepared: PreparedAdapter) -> None:
+        if slot == 0:  # the resident slots: exactly the single-voice swap
+            self.model.swap(prepared)
+            self._loaded[0] = prepared
+            return
+        if prepared.key != self.model.slots.key:
+            raise ConfigError(f"{prepared.info.name}: prepared for another model, layout or dtype; prepare it with "
+                              "this model")
+        dst, extra, zero = self._plan(slot, prepared.layers, prepared.deltas)
+        n, d = len(prepared.layers), len(prepared.deltas)
+        src = [*prepared.tensors[: 2 * n + d], *extra]
+        torch._foreach_copy_(dst, src)
+        if zero:
+            torch._foreach_zero_(zero)
+        self._loaded[slot] = prepared
+
+    def _plan(self, slot: int, layers: tuple[int, ...], deltas: tuple[int, ...]
+              ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Slot views in the order of a prepared adapter's tensors (A, B, full values), then the unset full
+        deltas (from their base values), and the unset A/B to zero: one fused copy, one fused zero."""
+        plan = self._plans.get((slot, layers, deltas))
+        if plan is None:
+            unset = [i for i in range(len(self._a)) if i not in set(layers)]
+            rest = [j for j in range(len(self._v)) if j not in set(deltas)]
+            dst = [*(self._a[i][slot] for i in layers), *(self._b[i][slot] for i in layers),
+                   *(self._v[j][slot] for j in deltas), *(self._v[j][slot] for j in rest)]
+            zero = [*(self._a[i][slot] for i in unset), *(self._b[i][slot] for i in unset)]
+            plan = dst, [self._bases[j] for j in rest], zero
+            self._plans[(slot, layers, deltas)] = plan
+        return plan
+
+    # --- the batched forward --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def synthesize(self, rows: Sequence[SynthRow], slots: Sequence[Slot]) -> list[Tensor]:
+        """Rows in the voices of `slots` (one per row, from `acquire`; None = base voice) in one forward
+        -> each row's audio `[samples]` in the model dtype on the model's device."""
+        if len(rows) != len(slots):
+            raise ConfigError(f"{len(rows)} rows but {len(slots)} slots")
+        for s in slots:
+            if s is not None and not (0 <= s < self.size and self._pins[s] > 0):
+                raise ConfigError(f"slot {s} is not acquired (acquire it before the batch, release it after)")
+        self._check_fresh()
+        device = self._a[0].device if self._a else self.model.base.emb_g.weight.device
+        batch = pad_rows(rows, device)
+        if len(set(slots)) == 1:  # one voice: the plain batched forward with its weights
+            params = self._gather([slots[0]], device, squeeze=True)
+            audio = functional_call(self._forward, params, (batch,), strict=False)
+        else:
+            params = self._gather(list(slots), device, squeeze=False)
+            shifted, width = batch.shifted, batch.dec_width
+
+            def one_row(p: dict[str, Tensor], *values: Tensor | None) -> Tensor:
+                row = PaddedRows.from_tensors(tuple(None if v is None else v.unsqueeze(0) for v in values),
+                                              shifted, width)
+                out: Tensor = functional_call(self._forward, p, (row,), strict=False)
+                return out[0]
+
+            values = batch.tensors()
+            in_dims: tuple[Any, ...] = (0, *(None if v is None else 0 for v in values))
+            audio = vmap(one_row, in_dims=in_dims)(params, *values)
+        return split_audio(audio, rows)
+
+    def _gather(self, slots: list[Slot], device: torch.device, squeeze: bool) -> dict[str, Tensor]:
+        """Each row's adapter tensors under `_PaddedForward`'s parameter names, `[B, ...]` (or one voice's,
+        unbatched, with `squeeze`). Base-voice rows read slot 0 with B zeroed and the base full-delta values."""
+        idx = torch.tensor([0 if s is None else s for s in slots], device=device)
+        keep = torch.tensor([s is not None for s in slots], device=device)
+        params: dict[str, Tensor] = {}
+        for name, a, b in zip(self.layer_names, self._a, self._b, strict=True):
+            rows_b = b.index_select(0, idx) * keep.view(-1, 1, 1).to(b.dtype)
+            params[f"synth.{name}.lora_A"] = a.index_select(0, idx)
+            params[f"synth.{name}.lora_B"] = rows_b
+        for path, v, base in zip(self.delta_paths, self._v, self._bases, strict=True):
+            shape = (-1, *[1] * base.dim())
+            params[f"synth.{path}"] = torch.where(keep.view(shape), v.index_select(0, idx), base.unsqueeze(0))
+        if squeeze:
+            params = {k: t[0] for k, t in params.items()}
+        return params
+
+
+def _stacked(t: Tensor, slots: int) -> Tensor:
+    """`[K, *t.shape]` storage with `t`'s values in slot 0 and zeros elsewhere."""
+    out = torch.zeros((slots, *t.shape), dtype=t.dtype, device=t.device)
+    out[0].copy_(t.detach())
+    return out

@@ -1,0 +1,203 @@
+"""Batched synthesis and the adapter bank: each row of a batch equals the same row run alone (seeded, fp32,
+CPU, within 1e-4), whatever its neighbours' lengths, voices, ranks and heads; slots load in place and pinned
+slots are never evicted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rvc_lora.adapters import Adapter, AdapterInfo
+from rvc_lora.errors import BankFullError, ConfigError
+from rvc_lora.lora import FULL_DELTA_PREFIX
+from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, make_row, serving_layout, synthesize_rows
+from tests.conftest import run_infer, tiny_inputs, tiny_model
+
+TOL = 1e-4
+
+
+def _model(version: str = "v2", f0: bool = True, resblock: str = "1") -> SynthesizerLoRA:
+    base = tiny_model(version=version, f0=f0, resblock=resblock, seed=3)
+    return SynthesizerLoRA(base, layout=serving_layout(base.cfg, 8)).eval()
+
+
+def _adapter(model: SynthesizerLoRA, seed: int, rank: int, only: str = "") -> Adapter:
+    """A random adapter of `rank` over every slot whose name starts with `only` (full deltas included)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, value in model.get_lora_state_dict().items():
+        if not key.removeprefix(FULL_DELTA_PREFIX).startswith(only):
+            continue
+        if key.endswith(".lora_A"):
+            tensors[key] = torch.randn(rank, value.shape[1], generator=gen) * 0.1
+        elif key.endswith(".lora_B"):
+            tensors[key] = torch.randn(value.shape[0], rank, generator=gen) * 0.1
+        else:
+            tensors[key] = torch.randn(value.shape, generator=gen) * 0.02
+    layers = tuple(sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith(FULL_DELTA_PREFIX)}))
+    fulls = tuple(sorted(k.removeprefix(FULL_DELTA_PREFIX) for k in tensors if k.startswith(FULL_DELTA_PREFIX)))
+    cfg = model.cfg
+    info = AdapterInfo(name=f"voice{seed}", r=rank, lora_alpha=float(2 * rank), target_modules=layers,
+                       base_fingerprint=model.fingerprint, sr=cfg.sr, version=cfg.version, f0=cfg.f0,
+                       full_delta=fulls)
+    return Adapter(info, tensors)
+
+
+def _inputs(model: SynthesizerLoRA, frames: int, seed: int) -> dict[str, torch.Tensor]:
+    inputs = tiny_inputs(model.base, frames=frames, seed=seed)
+    inputs["sid"] = torch.tensor([seed % model.cfg.spk_embed_dim])
+    return inputs
+
+
+def _row_args(model: SynthesizerLoRA, inputs: dict[str, torch.Tensor]) -> dict[str, object]:
+    f0 = model.cfg.f0
+    return {"phone": inputs["phone"][0], "pitch": inputs["pitch"][0] if f0 else None,
+            "nsff0": inputs["nsff0"][0] if f0 else None, "sid": int(inputs["sid"][0])}
+
+
+def _solo(model: SynthesizerLoRA, prepared: PreparedAdapter | None, inputs: dict[str, torch.Tensor], seed: int,
+          **heads: int) -> torch.Tensor:
+    """The reference: the single-voice path (swap, then `infer` after `torch.manual_seed`)."""
+    model.swap(prepared)
+    kwargs = {k: torch.tensor([v]) for k, v in heads.items()}
+    return run_infer(model, inputs, seed=seed, **kwargs)[0][0, 0]
+
+
+# (frames, skip_head, return_length): lengths that differ, and streaming rows with different heads
+SPECS = [(12, None, None), (31, None, None), (7, None, None), (40, 30, 8), (60, 10, 45), (26, 0, 26)]
+
+
+@pytest.mark.parametrize(("version", "f0", "resblock"),
+                         [("v2", True, "1"), ("v1", True, "2"), ("v1", False, "1"), ("v2", False, "2")])
+def test_each_row_of_a_mixed_voice_batch_equals_the_row_run_alone(version: str, f0: bool, resblock: str) -> None:
+    model = _model(version, f0, resblock)
+    voices = [model.prepare(_adapter(model, 1, 8)), model.prepare(_adapter(model, 2, 3)),
+              model.prepare(_adapter(model, 3, 5, only="dec."))]  # ranks 8, 3, 5; one with decoder layers only
+    plan = [None, 0, 1, 2, 0, None]  # voice index per row; None = the base voice
+    refs, rows = [], []
+    for i, ((frames, head, length), v) in enumerate(zip(SPECS, plan, strict=True)):
+        inputs = _inputs(model, frames, seed=i)
+        heads = {} if head is None else {"skip_head": head, "return_length": length}
+        refs.append(_solo(model, None if v is None else voices[v], inputs, seed=100 + i, **heads))
+        rows.append(make_row(model, **_row_args(model, inputs), generator=torch.Generator().manual_seed(100 + i),
+                             skip_head=head, return_length=length))
+    model.swap(None)
+    bank = AdapterBank(model, 3)
+    with bank.hold([(v, None if v is None else voices[v]) for v in plan]) as slots:
+        assert len({s for s in slots if s is not None}) == 3
+        outs = bank.synthesize(rows, slots)
+    for out, ref, row in zip(outs, refs, rows, strict=True):
+        assert out.shape == ref.shape == (row.samples,)
+        assert (out - ref).abs().max() < TOL
+
+
+def test_a_row_does_not_depend_on_its_neighbours_or_the_batch_order() -> None:
+    model = _model()
+    voice = model.prepare(_adapter(model, 1, 8))
+    bank = AdapterBank(model, 2)
+
+    def row(frames: int, seed: int) -> object:
+        return make_row(model, **_row_args(model, _inputs(model, frames, seed)),
+                        generator=torch.Generator().manual_seed(seed))
+
+    with bank.hold([("a", voice), ("a", voice)]) as (slot, _):
+        alone = bank.synthesize([row(20, 5)], [slot])[0]
+        with_long = bank.synthesize([row(64, 6), row(20, 5), row(3, 7)], [None, slot, slot])[1]
+    assert (alone - with_long).abs().max() < TOL
+
+
+def test_rows_sharing_a_generator_draw_the_solo_sequence() -> None:
+    """Consecutive chunks of one seeded request: rows built in chunk order from one generator give the audio of
+    the solo sequence (`torch.manual_seed` once, then one `infer` per chunk), in one batch or in several."""
+    model = _model()
+    chunks = [_inputs(model, frames, seed=i) for i, frames in enumerate((15, 9, 22))]
+    torch.manual_seed(42)
+    refs = []
+    with torch.no_grad():
+        for inputs in chunks:
+            refs.append(model.infer(**inputs)[0][0, 0])
+    gen = torch.Generator().manual_seed(42)
+    rows = [make_row(model, **_row_args(model, inputs), generator=gen) for inputs in chunks]
+    together = synthesize_rows(model, rows)
+    apart = [synthesize_rows(model, [r])[0] for r in reversed(rows)][::-1]
+    for ref, a, b in zip(refs, together, apart, strict=True):
+        assert (ref - a).abs().max() < TOL and (ref - b).abs().max() < TOL
+
+
+def test_loading_a_slot_is_an_in_place_copy_and_slot_zero_is_the_resident_memory() -> None:
+    model = _model()
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    bank = AdapterBank(model, 3)
+    layer = model.slots.layers[0]
+    assert layer.lora_A.data_ptr() == bank._a[0].data_ptr()  # slot 0 is the model's own A
+    assert set(before) == {n for n, _ in model.named_parameters()}
+    pointers = [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)]
+    voices = [model.prepare(_adapter(model, s, 4)) for s in range(5)]
+    for s, voice in enumerate(voices):
+        bank.release(bank.acquire(s, voice))
+    assert [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)] == pointers
+    assert bank.slot_nbytes > 0 and bank.nbytes == 3 * bank.slot_nbytes
+
+
+def test_k1_bank_keeps_the_single_voice_path() -> None:
+    model = _model()
+    voice = model.prepare(_adapter(model, 1, 4))
+    inputs = _inputs(model, 14, seed=0)
+    ref = _solo(model, voice, inputs, seed=3)
+    bank = AdapterBank(model, 1)
+    again = _solo(model, voice, inputs, seed=3)  # swap + infer through the rebound parameters
+    assert torch.equal(ref, again)
+    assert bank.resident() == {}  # a swap outside the bank: slot 0 holds an unknown voice
+    other = model.prepare(_adapter(model, 2, 4))
+    slot = bank.acquire("other", other)
+    assert slot == 0 and model.slots.resident is other
+    with pytest.raises(BankFullError):
+        bank.acquire("third", voice)
+    assert bank.acquire(None, None) is None  # the base voice needs no slot
+    bank.release(slot)
+    model.swap(voice)  # the single-voice path replaced slot 0: the bank forgets what it held there
+    assert bank.resident() == {}
+
+
+def test_pinned_slots_are_never_evicted_and_lru_goes_first() -> None:
+    model = _model()
+    voices = {k: model.prepare(_adapter(model, k, 2)) for k in range(4)}
+    bank = AdapterBank(model, 2)
+    a = bank.acquire(0, voices[0])
+    b = bank.acquire(1, voices[1])
+    bank.release(b)
+    c = bank.acquire(2, voices[2])  # slot of voice 1 is the only unpinned one
+    assert c == b and bank.resident() == {0: a, 2: c}
+    with pytest.raises(BankFullError):
+        bank.acquire(3, voices[3])
+    bank.release(a)
+    bank.release(c)
+    assert bank.acquire(0, voices[0]) == a  # resident: no load
+    with pytest.raises(ConfigError):
+        bank.release(c)  # released above already
+
+
+def test_bad_rows_and_unacquired_slots_are_refused() -> None:
+    model = _model()
+    inputs = _inputs(model, 10, seed=0)
+    args = _row_args(model, inputs)
+    with pytest.raises(ConfigError, match="phone"):
+        make_row(model, **{**args, "phone": torch.zeros(10, 3)})
+    with pytest.raises(ConfigError, match="sid"):
+        make_row(model, **{**args, "sid": 99})
+    with pytest.raises(ConfigError, match="skip_head"):
+        make_row(model, **args, skip_head=3)
+    bank = AdapterBank(model, 2)
+    row = make_row(model, **args)
+    with pytest.raises(ConfigError, match="not acquired"):
+        bank.synthesize([row], [1])
+
+
+def test_a_moved_model_makes_its_bank_stale() -> None:
+    model = _model()
+    bank = AdapterBank(model, 2)
+    model.to(torch.float64)
+    with pytest.raises(ConfigError, match="new bank"):
+        bank.acquire("x", dataclasses.replace(model.prepare(_adapter(model, 1, 2))))
