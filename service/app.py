@@ -32,7 +32,7 @@ from service.auth import BearerAuth
 from service.connections import ConnectionLimit, Connections, protocol_class
 from service.console import mount_console
 from service.docs import install_docs
-from service.engine import Engine, load_engine
+from service.engine import Engine
 from service.extraction import Extractor
 from service.ingest import ingest_adapter
 from service.logs import configure_logging
@@ -40,6 +40,7 @@ from service.media import SPOOL_PREFIX
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
 from service.routes import api_router
+from service.rvc_engine import load_engine
 from service.settings import Settings
 from service.store import AdapterStore, sweep_temp_files
 from service.worker import Worker

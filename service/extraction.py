@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from service.errors import QueueFull
-from service.worker import DeviceThread
+from service.threads import SerialThread
 
 T = TypeVar("T")
 
@@ -24,7 +24,7 @@ class Extractor:
     """Event-loop side: `run(fn)` runs `fn` on the extraction thread and awaits its result."""
 
     def __init__(self, max_waiting: int) -> None:
-        self._thread = DeviceThread("rvc-extract")
+        self._thread = SerialThread("rvc-extract")
         self._capacity = max_waiting + 1
         self._in_flight = 0  # running or waiting on the thread, including those whose client has gone
         self._last_s = 10.0  # how long the last extraction took: the Retry-After estimate

@@ -11,6 +11,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+BATCH_FRAMES_BUCKETS = (100, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000)
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 
 
@@ -35,6 +37,17 @@ class Metrics:
         self.throughput = Gauge("rvc_lora_throughput_audio_seconds_per_second",
                                 "measured audio seconds converted per device second (Retry-After uses it)",
                                 registry=r)
+        self.batch_size = Histogram("rvc_lora_batch_rows", "synthesizer rows (chunks of requests) per device batch",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_frames = Histogram("rvc_lora_batch_frames", "synthesizer frames (10 ms) per device batch",
+                                      buckets=BATCH_FRAMES_BUCKETS, registry=r)
+        self.device_busy = Counter("rvc_lora_device_busy_seconds_total", "time the device thread spent working "
+                                   "(rate() of it is the busy fraction)", registry=r)
+        self.device_busy_fraction = Gauge("rvc_lora_device_busy_fraction", "share of the last 10 "
+                                          "seconds the device thread spent working", registry=r)
+        self.stage_wait = Histogram("rvc_lora_stage_queue_seconds", "time a conversion stage waited for its thread: "
+                                    "prepare/row/finish (CPU threads), voice/encode/synth (device thread)",
+                                    ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.jobs = Counter("rvc_lora_jobs_total", "jobs by outcome", ["outcome"], registry=r)
         self.rejected = Counter("rvc_lora_rejected_total", "requests refused at admission", ["reason"], registry=r)
         self.swaps = Counter("rvc_lora_adapter_swaps_total", "adapter changes in the model's LoRA slots",

@@ -5,6 +5,7 @@ There is no module-level instance: `create_app(settings)` receives one, so each 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,12 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+
+
+def default_cpu_threads() -> int:
+    """The cores this process may use, at most 4: the device thread and torch's own threads need cores too."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 class Settings(BaseSettings):
@@ -82,6 +89,17 @@ class Settings(BaseSettings):
     stream_send_timeout_s: float = Field(default=5.0, gt=0, description="a stream client that does not take an "
                                          "output block within this is closed with 4408")
     max_bypass: int = Field(default=4, ge=0, description="times a job may be overtaken by same-adapter jobs")
+
+    # the pipelined worker
+    batching: bool = Field(default=True, description="pipelined worker: CPU stages on `cpu_threads` threads while "
+                           "the device synthesizes the chunks of several requests (and voices) in one batch; false: "
+                           "one request at a time, start to end, on the device thread")
+    max_batch_frames: int = Field(default=8000, ge=1, description="synthesizer frames (10 ms each) per batch; a "
+                                  "single longer chunk runs alone")
+    cpu_threads: int = Field(default_factory=default_cpu_threads, ge=1, description="threads for the CPU stages "
+                             "(high-pass, pm/harvest f0, index search, assembly); default: the cores, at most 4")
+    pipeline_jobs: int = Field(default=16, ge=1, description="requests in the pipeline at once (the others wait in "
+                               "the queue); more give larger batches and hold more memory")
 
     # operation
     api_key: SecretStr | None = Field(default=None, description="when set, every route but health and metrics needs it")

@@ -1,20 +1,29 @@
-"""The device worker: one thread owns every model object; an asyncio task feeds it from a scheduler.
+"""The worker: one thread owns every model object (the device thread); an asyncio task feeds it from a scheduler.
 
 Admission is bounded in seconds of queued audio (`QueueFull` with a Retry-After from the measured
-throughput). The scheduler takes the oldest job first, except that jobs for the adapter already in
-the model's LoRA slots may overtake it, at most `max_bypass` times. A job whose client left (or whose
-deadline passed) leaves the queue at once and never reaches the device. An exception inside one job
-fails that job only.
+throughput): audio not synthesized yet, of jobs waiting in the queue and of jobs in the pipeline. The
+scheduler takes the oldest job first, except that jobs for the adapter already in the model's LoRA slots
+may overtake it, at most `max_bypass` times. A job whose client left (or whose deadline passed) leaves
+at once and its remaining work never reaches the device. An exception inside one job fails that job only.
+
+Two ways to run a job (`Settings.batching`):
+- pipelined (default): up to `pipeline_jobs` jobs at once, each through its `Stages` (`service/engine.py`):
+  CPU stages on `cpu_threads` threads, content features on the device thread, and synthesizer rows
+  gathered by `_batches`, which hands the device the rows ready at that moment (oldest job first, up to
+  `max_batch_frames`) in one `Engine.synthesize` call. A request has at most one row waiting, so a long
+  input's chunks take turns with short requests. A failing batch is split in halves and retried down to
+  single rows, so one bad row fails its request only; a single row out of device memory sends its request
+  through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
+- one at a time: each job start to end on the device thread (`Engine.convert` / `Engine.infer`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
-import queue
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,10 +35,12 @@ from numpy.typing import NDArray
 
 from rvc_lora.errors import AdapterError, AdapterNotFoundError, RVCLoraError
 from service.cache import VoiceCache
-from service.engine import STOP_REQUESTED, ConvertOptions, Engine, Features, ModelInfo, Rendered
+from service.engine import STOP_REQUESTED, ConvertOptions, Engine, Features, ModelInfo, Rendered, Row
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
+    DeviceOutOfMemory,
+    JobCancelled,
     JobFailed,
     ModelOutputError,
     NotReady,
@@ -40,6 +51,7 @@ from service.logs import REQUEST_ID
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AdapterStore, StoredAdapter
+from service.threads import SerialThread
 
 if TYPE_CHECKING:
     from rvc_lora.pipeline.converter import F0Track
@@ -50,36 +62,7 @@ State = Literal["loading", "ready", "draining", "stopped", "failed"]
 MAX_RETRY_AFTER_S = 600.0
 PROBE_FRAMES = 50  # the synthesis an uploaded adapter must survive: 0.5 s of features
 PROBE_WAIT_S = 300.0  # an upload waits at most this long for the device (behind queued conversions)
-
-
-class DeviceThread:
-    """A daemon thread running submitted callables one at a time, in order. Daemon: a conversion stuck
-    past the shutdown grace period cannot keep the process alive."""
-
-    def __init__(self, name: str = "rvc-device") -> None:
-        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue())
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((fut, fn))
-        return fut
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fut, fn = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed to the awaiting coroutine, never lost
-                fut.set_exception(exc)
-
-    def stop(self, timeout: float) -> None:
-        self._queue.put(None)
-        self._thread.join(max(timeout, 0.0))
+BUSY_WINDOW_S = 10.0  # the device busy fraction is measured over this long
 
 
 @dataclass(frozen=True)
@@ -208,6 +191,18 @@ class _Outcome:
     device_s: float
 
 
+@dataclass(eq=False)
+class _WaitingRow:
+    """A synthesizer row waiting for the device: its job, the share of the job's audio it renders, and the
+    future its result goes to."""
+
+    job: Job
+    row: Row
+    audio_s: float
+    future: asyncio.Future[NDArray[np.float32]]
+    since: float  # perf_counter when it started waiting
+
+
 class Worker:
     def __init__(self, settings: Settings, store: AdapterStore, metrics: Metrics,
                  engine_factory: Callable[[Settings], Engine]) -> None:
@@ -222,10 +217,21 @@ class Worker:
         self._cache: VoiceCache[object, object] | None = None
         self._settled = asyncio.Event()
         self._resident = ""
-        self._running: asyncio.Future[_Outcome] | None = None
-        self._running_job: Job | None = None
-        self._running_since = 0.0
-        self._device = DeviceThread()
+        self._running: asyncio.Future[_Outcome] | None = None  # one-at-a-time: the job on the device
+        self._running_audio_s = 0.0  # audio of the job (or batch of rows) on the device now ...
+        self._running_since = 0.0  # ... and since when (event-loop time)
+        self._device = SerialThread("rvc-device")
+        self._cpu: concurrent.futures.ThreadPoolExecutor | None = None
+        # the pipeline: jobs in it, their audio not synthesized yet, those with work on the device; waiting rows
+        self._in_flight: dict[Job, asyncio.Task[None]] = {}
+        self._pending: dict[Job, float] = {}
+        self._started: set[Job] = set()
+        self._rows: list[_WaitingRow] = []
+        self._rows_ready = asyncio.Event()
+        self._room: asyncio.Semaphore | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._busy = (0.0, 0.0)  # (perf_counter, device busy seconds) at the start of the busy window
+        self._busy_counted = 0.0  # device busy seconds already added to the metric
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -263,7 +269,7 @@ class Worker:
         log.info("draining", extra={"queued_jobs": len(self._sched), "grace_s": grace})
 
     async def stop(self) -> None:
-        """Close intake, fail waiting jobs, let the running one finish within what is left of the grace."""
+        """Close intake, fail waiting jobs, let the running ones finish within what is left of the grace."""
         loop = asyncio.get_running_loop()
         deadline = self._drain_deadline or loop.time() + self.settings.shutdown_grace_s
         self.state = "stopped"
@@ -271,15 +277,27 @@ class Worker:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         self._fail_queued()
+        running: set[asyncio.Future[Any]] = set(self._in_flight.values())
         if self._running is not None:
-            await asyncio.wait({self._running}, timeout=max(deadline - loop.time(), 0.0))
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            running.add(self._running)
+        if running:
+            await asyncio.wait(running, timeout=max(deadline - loop.time(), 0.0))
+        for task in (self._task, self._batcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        for job in list(self._in_flight):  # still running at the end of the grace
+            if not job.future.done():
+                job.future.set_exception(ServiceStopping("the server is shutting down; retry on another replica",
+                                                         retry_after=5))
         await asyncio.to_thread(self._device.stop, max(deadline - loop.time(), 0.0))
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=False, cancel_futures=True)
 
     def _fail_queued(self) -> None:
-        for job in self._sched.take_all():
+        """Fail the jobs that are waiting: in the queue, or in the pipeline with nothing on the device yet."""
+        waiting = self._sched.take_all() + [job for job in self._in_flight if job not in self._started]
+        for job in waiting:
             if not job.future.done():
                 job.future.set_exception(ServiceStopping("the server is shutting down; retry on another replica",
                                                          retry_after=5))
@@ -314,7 +332,12 @@ class Worker:
 
     @property
     def queued_audio_s(self) -> float:
-        return self._sched.queued_audio_s
+        """Audio not synthesized yet: jobs in the queue, and what is left of those in the pipeline."""
+        return self._sched.queued_audio_s + sum(self._pending.values())
+
+    @property
+    def _queued_jobs(self) -> int:
+        return len(self._sched) + sum(1 for left in self._pending.values() if left > 0)
 
     def check_output(self, adapter: Path) -> None:
         """From an upload thread: synthesize `PROBE_FRAMES` frames with `adapter` in the LoRA slots, on the device
@@ -382,40 +405,60 @@ class Worker:
         if self.state == "failed":
             self._metrics.rejected.labels(reason="not_ready").inc()
             raise NotReady("the models failed to load; see the server log")
-        queued, bound = self._sched.queued_audio_s, self.settings.max_queued_audio_s
+        queued, bound, waiting = self.queued_audio_s, self.settings.max_queued_audio_s, self._queued_jobs
         needed = 0.0 if job is None else job.audio_s
-        if len(self._sched) and (queued + needed > bound or (job is None and queued >= bound)):
+        if waiting and (queued + needed > bound or (job is None and queued >= bound)):
             self._metrics.rejected.labels(reason="queue_full").inc()
-            wait = self._room_in(needed or queued / len(self._sched))
+            wait = self._room_in(needed or queued / waiting)
             raise QueueFull(f"{queued:.1f} s of audio are queued (limit {bound:g} s); retry in {math.ceil(wait)} s",
                             retry_after=wait)
 
     def _room_in(self, needed: float) -> float:
         """Seconds until the queue has room for `needed` s of audio (a typical queued job's length when the
-        request is not decoded yet): the running job's remaining time, then the queued audio beyond what
-        leaves room, at the measured throughput. Between 1 s and `MAX_RETRY_AFTER_S`."""
+        request is not decoded yet): what is left of the work on the device now, then the queued audio beyond
+        what leaves room, at the measured throughput. Between 1 s and `MAX_RETRY_AFTER_S`."""
         loop = asyncio.get_running_loop()
-        excess = self._sched.queued_audio_s + needed - self.settings.max_queued_audio_s
+        excess = self.queued_audio_s + needed - self.settings.max_queued_audio_s
         running_left = 0.0
-        if self._running_job is not None:
-            running_left = self._rate.seconds_for(self._running_job.audio_s) - (loop.time() - self._running_since)
+        if self._running_audio_s > 0:
+            running_left = self._rate.seconds_for(self._running_audio_s) - (loop.time() - self._running_since)
         wait = max(running_left, 0.0) + self._rate.seconds_for(max(excess, 0.0))
         return min(max(wait, 1.0), MAX_RETRY_AFTER_S)
 
     def _left(self, job: Job) -> None:
-        """Done callback: a job cancelled or failed while still queued leaves the queue (nothing leaks)."""
+        """Done callback: a job cancelled or failed while still queued leaves the queue (nothing leaks); one in the
+        pipeline no longer counts against the bound (its remaining work is skipped)."""
         if self._sched.remove(job):
             self._metrics.jobs.labels(outcome="dropped").inc()
-            self._update_queue_gauges()
+        self._pending.pop(job, None)
+        self._update_queue_gauges()
 
     async def _run(self) -> None:
         if not await self._load():
             return
+        if self.settings.batching:
+            self._cpu = concurrent.futures.ThreadPoolExecutor(self.settings.cpu_threads, thread_name_prefix="rvc-cpu")
+            self._room = asyncio.Semaphore(self.settings.pipeline_jobs)
+            self._busy = (time.perf_counter(), self._device.busy_s)
+            self._batcher = asyncio.get_running_loop().create_task(self._batches(), name="rvc-batches")
+            self._batcher.add_done_callback(self._ended)
         while True:
-            await self._sched.wait()
-            job = self._sched.pop(self._resident)
+            if self._room is not None:
+                await self._room.acquire()
+            try:
+                await self._sched.wait()
+                job = self._sched.pop(self._resident)
+            except BaseException:
+                if self._room is not None:
+                    self._room.release()
+                raise
             self._update_queue_gauges()
-            if not job.future.done():
+            if job.future.done():
+                if self._room is not None:
+                    self._room.release()
+            elif self._room is not None:
+                self._start_pipelined(job)
+            else:
                 await self._run_job(job)
 
     async def _load(self) -> bool:
@@ -445,25 +488,32 @@ class Worker:
         log.info("models ready", extra={"fingerprint": engine.info.fingerprint[:16], "device": engine.info.device})
         return True
 
+    # one job at a time
     async def _run_job(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         queue_s = started - job.enqueued_at
         self._metrics.queue_wait.observe(queue_s)
-        if job.key != self._resident:
-            self._metrics.swaps.inc()
-            self._resident = job.key
+        self._note_voice(job)
         self._running = asyncio.wrap_future(self._device.submit(lambda: self._execute(job)))
-        self._running_job, self._running_since = job, started
+        self._running_audio_s, self._running_since = job.audio_s, started
         try:
             outcome = await asyncio.shield(self._running)
         finally:
-            self._running, self._running_job = None, None
+            self._running, self._running_audio_s = None, 0.0
         self._metrics.compute.labels(kind=job.kind).observe(outcome.device_s)
         if outcome.result is not None:  # a quick failure says nothing about throughput
             self._rate.observe(job.audio_s, outcome.device_s)
             self._metrics.throughput.set(self._rate.rate)
             self._metrics.rtf.observe(outcome.device_s / max(job.audio_s, 1e-6))
+        self._finish(job, outcome, queue_s)
+
+    def _note_voice(self, job: Job) -> None:
+        if job.key != self._resident:
+            self._metrics.swaps.inc()
+            self._resident = job.key
+
+    def _finish(self, job: Job, outcome: _Outcome, queue_s: float) -> None:
         self._update_cache_gauges()
         if job.future.done():  # the client left or the deadline passed while it ran
             self._metrics.jobs.labels(outcome="abandoned").inc()
@@ -495,22 +545,209 @@ class Worker:
                 rendered = engine.convert(job.work.audio16k, job.work.options, voice)
             else:
                 rendered = engine.infer(job.work, voice)
-            if not np.isfinite(rendered.audio).all():  # the models' doing, never the client's audio
-                raise (ModelOutputError("the base model produced NaN or infinite samples for this request")
-                       if job.adapter is None else
-                       AdapterError(f"adapter {job.adapter.id} produced NaN or infinite samples for this request; "
-                                    "it cannot convert (check its lora_alpha and weights, then upload it again)"))
-            return _Outcome((rendered, tier), None, time.perf_counter() - start)
+            return _Outcome((self._checked(job, rendered), tier), None, time.perf_counter() - start)
         except RVCLoraError as exc:
             return _Outcome(None, exc, time.perf_counter() - start)
         except Exception:
-            log.exception("job failed", extra={"kind": job.kind})
-            error = JobFailed(f"internal error while processing request {job.request_id}; the server log has "
-                              "the details under this id")
-            return _Outcome(None, error, time.perf_counter() - start)
+            return _Outcome(None, self._internal_error(job), time.perf_counter() - start)
         finally:
             STOP_REQUESTED.reset(stop_token)
             REQUEST_ID.reset(token)
+
+    @staticmethod
+    def _checked(job: Job, rendered: Rendered) -> Rendered:
+        if not np.isfinite(rendered.audio).all():  # the models' doing, never the client's audio
+            raise (ModelOutputError("the base model produced NaN or infinite samples for this request")
+                   if job.adapter is None else
+                   AdapterError(f"adapter {job.adapter.id} produced NaN or infinite samples for this request; "
+                                "it cannot convert (check its lora_alpha and weights, then upload it again)"))
+        return rendered
+
+    @staticmethod
+    def _internal_error(job: Job) -> JobFailed:
+        """Log the exception being handled; the error the client gets for it."""
+        log.exception("job failed", extra={"kind": job.kind})
+        return JobFailed(f"internal error while processing request {job.request_id}; the server log has the details "
+                         "under this id")
+
+    # the pipeline
+    def _start_pipelined(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        queue_s = loop.time() - job.enqueued_at
+        self._metrics.queue_wait.observe(queue_s)
+        self._note_voice(job)
+        self._pending[job] = job.audio_s
+        self._update_queue_gauges()
+        task = loop.create_task(self._pipelined(job, queue_s), name=f"rvc-job-{job.request_id}")
+        self._in_flight[job] = task
+
+        def done(_: object) -> None:
+            self._in_flight.pop(job, None)
+            self._pending.pop(job, None)
+            self._started.discard(job)
+            if self._room is not None:
+                self._room.release()
+            self._update_queue_gauges()
+
+        task.add_done_callback(done)
+
+    async def _pipelined(self, job: Job, queue_s: float) -> None:
+        start = time.perf_counter()
+        try:
+            outcome = _Outcome(await self._through_stages(job), None, time.perf_counter() - start)
+        except RVCLoraError as exc:
+            outcome = _Outcome(None, exc, time.perf_counter() - start)
+        except Exception:
+            outcome = _Outcome(None, self._internal_error(job), time.perf_counter() - start)
+        self._metrics.compute.labels(kind=job.kind).observe(outcome.device_s)
+        self._finish(job, outcome, queue_s)
+
+    async def _through_stages(self, job: Job) -> tuple[Rendered, str | None]:
+        assert self._engine is not None and self._cpu is not None
+        engine, cpu, device = self._engine, self._cpu, self._device.submit
+        voice, tier = None, None
+        if job.adapter is not None:
+            rec = job.adapter
+            voice, tier = await self._stage(job, "voice", device, lambda: self.voice(rec))
+        work = job.work
+        if isinstance(work, Features):  # /infer: features straight into the synthesizer, one call
+            self._started.add(job)
+            rendered = await self._stage(job, "infer", device, lambda: engine.infer(work, voice))
+            return self._checked(job, rendered), tier
+        stages = engine.stages(work.audio16k, work.options, voice)
+        chunks = await self._stage(job, "prepare", device if stages.prepare_on_device else cpu.submit,
+                                   stages.prepare)
+        outputs = []
+        try:
+            for i in range(chunks):
+                encoded = await self._stage(job, "encode", device, functools.partial(stages.encode, i))
+                row = await self._stage(job, "row", cpu.submit, functools.partial(stages.row, i, encoded))
+                outputs.append(await self._synthesized(job, row, job.audio_s / chunks))
+        except DeviceOutOfMemory:  # alone, one row is too much: the whole conversion in shorter chunks, or 503
+            log.warning("device out of memory for one row: converting the request start to end")
+            self._started.add(job)
+            rendered = await self._stage(job, "convert", device,
+                                         lambda: engine.convert(work.audio16k, work.options, voice))
+            return self._checked(job, rendered), tier
+        rendered = await self._stage(job, "finish", cpu.submit, functools.partial(stages.finish, outputs))
+        return self._checked(job, rendered), tier
+
+    async def _stage(self, job: Job, name: str, submit: Callable[[Callable[[], T]], concurrent.futures.Future[T]],
+                     fn: Callable[[], T]) -> T:
+        """Run `fn` with `submit` (the device thread's or the CPU pool's) unless the job is over already; it runs
+        with the job's request id in its log lines and `STOP_REQUESTED` set."""
+        if job.future.done():
+            raise JobCancelled("the request's deadline passed or its client left; its work was stopped")
+        since = time.perf_counter()
+
+        def run() -> T:
+            self._metrics.stage_wait.labels(stage=name).observe(time.perf_counter() - since)
+            token, stop_token = REQUEST_ID.set(job.request_id), STOP_REQUESTED.set(job.future.done)
+            try:
+                return fn()
+            finally:
+                STOP_REQUESTED.reset(stop_token)
+                REQUEST_ID.reset(token)
+
+        return await asyncio.wrap_future(submit(run))
+
+    async def _synthesized(self, job: Job, row: Row, audio_s: float) -> NDArray[np.float32]:
+        """Hand `row` to the batcher; its audio once a batch has synthesized it."""
+        if job.future.done():
+            raise JobCancelled("the request's deadline passed or its client left; its work was stopped")
+        waiting = _WaitingRow(job, row, audio_s, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._rows.append(waiting)
+        self._rows_ready.set()
+        return await waiting.future
+
+    def _take_batch(self) -> list[_WaitingRow]:
+        """The rows ready now, oldest job first, up to `max_batch_frames` (at least one row); rows of jobs that are
+        over are dropped."""
+        for waiting in [w for w in self._rows if w.job.future.done()]:
+            self._rows.remove(waiting)
+            waiting.future.cancel()
+        self._rows.sort(key=lambda w: w.job.enqueued_at)
+        batch: list[_WaitingRow] = []
+        frames = 0
+        for waiting in self._rows:
+            if batch and frames + waiting.row.frames > self.settings.max_batch_frames:
+                break
+            batch.append(waiting)
+            frames += waiting.row.frames
+        del self._rows[: len(batch)]
+        return batch
+
+    async def _batches(self) -> None:
+        """Event-loop side of the device: one batch at a time, of the rows waiting when the device is free."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._rows:
+                self._rows_ready.clear()
+                await self._rows_ready.wait()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            now, audio_s = time.perf_counter(), sum(w.audio_s for w in batch)
+            for w in batch:
+                self._metrics.stage_wait.labels(stage="synth").observe(now - w.since)
+                self._started.add(w.job)
+                if w.job in self._pending:
+                    self._pending[w.job] = max(self._pending[w.job] - w.audio_s, 0.0)
+            self._metrics.batch_size.observe(len(batch))
+            self._metrics.batch_frames.observe(sum(w.row.frames for w in batch))
+            self._running_audio_s, self._running_since = audio_s, loop.time()
+            self._update_queue_gauges()
+            try:
+                results = await asyncio.wrap_future(self._device.submit(functools.partial(self._run_batch, batch)))
+            finally:
+                device_s = loop.time() - self._running_since
+                self._running_audio_s = 0.0
+            if all(not isinstance(result, BaseException) for result in results):
+                self._rate.observe(audio_s, device_s)
+                self._metrics.throughput.set(self._rate.rate)
+                self._metrics.rtf.observe(device_s / max(audio_s, 1e-6))
+            self._update_busy()
+            for w, result in zip(batch, results, strict=True):
+                if w.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    w.future.set_exception(result)
+                else:
+                    w.future.set_result(result)
+
+    def _run_batch(self, batch: list[_WaitingRow]) -> list[NDArray[np.float32] | BaseException]:
+        """On the device thread: `_synthesize` with `STOP_REQUESTED` true once every row's job is over."""
+        jobs = [w.job for w in batch]
+        stop_token = STOP_REQUESTED.set(lambda: all(job.future.done() for job in jobs))
+        token = REQUEST_ID.set(jobs[0].request_id if len(jobs) == 1 else "batch")
+        try:
+            return self._synthesize([w.row for w in batch])
+        finally:
+            REQUEST_ID.reset(token)
+            STOP_REQUESTED.reset(stop_token)
+
+    def _synthesize(self, rows: list[Row]) -> list[NDArray[np.float32] | BaseException]:
+        """On the device thread: `rows` in one `Engine.synthesize` call; when it raises, each half again, down to
+        single rows, so that a failing row fails only its own request."""
+        assert self._engine is not None
+        try:
+            return list(self._engine.synthesize(rows))
+        except Exception as exc:
+            if len(rows) == 1:
+                return [exc]
+            if not isinstance(exc, DeviceOutOfMemory):
+                log.warning("a batch of %d rows failed (%s); retrying in halves", len(rows), type(exc).__name__)
+            half = len(rows) // 2
+            return self._synthesize(rows[:half]) + self._synthesize(rows[half:])
+
+    def _update_busy(self) -> None:
+        now, busy = time.perf_counter(), self._device.busy_s
+        since, busy_then = self._busy
+        if now - since >= BUSY_WINDOW_S:
+            self._metrics.device_busy_fraction.set(min((busy - busy_then) / (now - since), 1.0))
+            self._busy = (now, busy)
+        self._metrics.device_busy.inc(max(busy - self._busy_counted, 0.0))
+        self._busy_counted = busy
 
     def voice(self, rec: StoredAdapter) -> tuple[object, str]:
         """On the device thread: `rec`'s voice on the device (through the cache) and the tier it came from."""
@@ -525,13 +762,13 @@ class Worker:
         return self._cache.get(rec.cache_key, load)
 
     async def on_device(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the device thread, ahead of queued jobs: those go to the thread one at a time, so `fn`
-        waits at most for the job running now (realtime stream blocks use this)."""
-        return await asyncio.wrap_future(self._device.submit(fn))
+        """Run `fn` on the device thread, ahead of queued jobs: those go to the thread one step at a time, so `fn`
+        waits at most for the step running now (realtime stream blocks use this)."""
+        return await asyncio.wrap_future(self._device.submit(fn, first=True))
 
     def _update_queue_gauges(self) -> None:
-        self._metrics.queued_audio.set(self._sched.queued_audio_s)
-        self._metrics.queued_jobs.set(len(self._sched))
+        self._metrics.queued_audio.set(self.queued_audio_s)
+        self._metrics.queued_jobs.set(self._queued_jobs)
 
     def _update_cache_gauges(self) -> None:
         if self._cache is not None:

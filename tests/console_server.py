@@ -63,8 +63,8 @@ def main() -> None:
     import argparse
 
     from service.app import create_app, run_server
-    from service.engine import load_engine
     from service.logs import configure_logging
+    from service.rvc_engine import load_engine
     from service.settings import Settings
 
     parser = argparse.ArgumentParser()

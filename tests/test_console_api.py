@@ -69,7 +69,7 @@ def test_include_f0_keeps_the_chosen_format_and_refuses_other_values(client: Tes
 
 def test_include_f0_with_the_real_engine(tmp_path: Path, tiny_service_assets: dict[str, Any]) -> None:
     """The track is what the pipeline used: a 220 Hz tone reads about 220 Hz, and the used track is it shifted."""
-    from service.engine import load_engine
+    from service.rvc_engine import load_engine
 
     with running_app(tmp_path, factory=load_engine, model=tiny_service_assets["model"],
                      hubert=tiny_service_assets["hubert"], max_rank=8) as c:

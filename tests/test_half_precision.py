@@ -229,7 +229,7 @@ def test_half_infer_features_matches_fp32(same_noise: None) -> None:
 
 @pytest.fixture
 def engines(tiny_service_assets: dict[str, Any], tmp_path: Path) -> Iterator[tuple[Any, Any]]:
-    from service.engine import load_engine
+    from service.rvc_engine import load_engine
     from service.settings import Settings
 
     def settings(half: bool) -> Settings:

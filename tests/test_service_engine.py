@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from rvc_lora.errors import AdapterMismatchError, CheckpointError, IndexFileErro
 from rvc_lora.pipeline.converter import F0Track
 from rvc_lora.pipeline.f0 import default_f0_method
 from service.app import create_app
-from service.engine import AdapterMeta, ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered
+from service.engine import AdapterMeta, ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered, Row
 from service.errors import DeviceOutOfMemory
 from service.settings import Settings
 
@@ -154,10 +154,45 @@ class FakeEngine:
         shifted = audio16k * (2 ** (options.f0_up_key / 12) if options.f0_up_key else 1.0)
         return self._render(np.clip(shifted, -1, 1), voice, options.seed, 16000, fake_f0(audio16k, options.f0_up_key))
 
+    def stages(self, audio16k: np.ndarray, options: ConvertOptions, voice: object | None) -> FakeStages:
+        return FakeStages(audio16k, options, voice)
+
+    def synthesize(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """Each row is a whole fake conversion (one chunk), through `convert` (so that subclasses gating it gate
+        the pipelined worker too)."""
+        out = []
+        for row in rows:
+            stages = row.inputs
+            assert isinstance(stages, FakeStages)
+            out.append(self.convert(stages.audio16k, stages.options, stages.voice).audio)
+        return out
+
     def infer(self, features: Features, voice: object | None) -> Rendered:
         self.calls.append("infer")
         signal = np.repeat(np.tanh(features.phone.mean(axis=1)), 400)  # 400 samples per frame at 40 kHz
         return self._render(signal, voice, features.seed, 40000)
+
+
+class FakeStages:
+    """The fake conversion as the pipelined worker's stages: one chunk, synthesized by `FakeEngine.convert`."""
+
+    prepare_on_device = False
+
+    def __init__(self, audio16k: np.ndarray, options: ConvertOptions, voice: object | None) -> None:
+        self.audio16k, self.options, self.voice = audio16k, options, voice
+
+    def prepare(self) -> int:
+        return 1
+
+    def encode(self, i: int) -> object:
+        return None
+
+    def row(self, i: int, encoded: object) -> Row:
+        return Row(max(len(self.audio16k) // 160, 1), self)
+
+    def finish(self, outputs: Sequence[np.ndarray]) -> Rendered:
+        track = fake_f0(self.audio16k, self.options.f0_up_key)
+        return Rendered(outputs[0], 16000, {"f0": 0.001, "synth": 0.002}, track)
 
 
 class BlockingEngine(FakeEngine):
@@ -242,7 +277,7 @@ def test_fake_describe_refuses_another_base(tmp_path: Path) -> None:
 
 @pytest.fixture
 def real_client(tmp_path: Path, tiny_service_assets: dict[str, Any]) -> Iterator[TestClient]:
-    from service.engine import load_engine
+    from service.rvc_engine import load_engine
 
     with running_app(tmp_path, factory=load_engine, model=tiny_service_assets["model"],
                      hubert=tiny_service_assets["hubert"], max_rank=8) as client:

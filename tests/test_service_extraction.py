@@ -21,7 +21,8 @@ from rvc_lora.checkpoint import load_rvc_checkpoint, save_rvc_checkpoint
 from rvc_lora.extract import make_synthetic_voice, snr_db
 from rvc_lora.pipeline.converter import VoiceConverter
 from rvc_lora.pipeline.params import ConvertParams
-from service.engine import Extracted, load_engine
+from service.engine import Extracted
+from service.rvc_engine import load_engine
 from tests.conftest import tiny_model
 from tests.test_service_engine import FAKE_FINGERPRINT, FakeEngine, adapter_bytes, running_app, sine_wav, upload
 

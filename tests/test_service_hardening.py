@@ -54,7 +54,7 @@ def test_an_index_is_bounded_by_its_size_once_loaded(tmp_path: Path, tiny_servic
     pytest.importorskip("faiss", reason="faiss is optional: pip install 'rvc-lora[index]'")
     from rvc_lora.errors import IndexFileError
     from rvc_lora.pipeline.index import RetrievalIndex, probe_index_file
-    from service.engine import load_engine
+    from service.rvc_engine import load_engine
 
     index = _pq_index(tmp_path / "pq.index", 256, 20_000)  # ~0.3 MB on disk, 20 MB of float32 vectors
     assert index.stat().st_size < 1 << 20
@@ -236,7 +236,7 @@ def test_work_stops_between_chunks_once_the_deadline_has_passed(tmp_path: Path) 
 
 def test_real_engine_infers_long_features_in_chunks_and_stops_between_them(
         tiny_service_assets: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import engine as engine_module
+    from service import rvc_engine as engine_module
     from service.settings import Settings
 
     assets = tiny_service_assets

@@ -423,7 +423,7 @@ def test_the_corpus_covers_every_form_field() -> None:
 
 def test_shorter_chunks_ladder() -> None:
     from rvc_lora.pipeline.steps import PAD_FP16, PAD_FP32
-    from service.engine import MIN_CHUNK_S, shorter_chunks
+    from service.rvc_engine import MIN_CHUNK_S, shorter_chunks
 
     assert [p.x_center for p in shorter_chunks(PAD_FP32)] == [19, 9, 4]
     assert [p.x_center for p in shorter_chunks(PAD_FP16)] == [30, 15, 7, 4]
@@ -436,7 +436,7 @@ def _oom_engine(max_frames: int | None) -> Callable[[Any], Any]:
     """The real engine on tiny models whose synthesizer 'runs out of device memory' for chunks longer than
     `max_frames` frames (None: always)."""
     from rvc_lora.pipeline.steps import PadConfig
-    from service.engine import load_engine
+    from service.rvc_engine import load_engine
 
     def factory(settings: Any) -> Any:
         engine = load_engine(settings)

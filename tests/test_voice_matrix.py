@@ -30,7 +30,7 @@ WRITERS = ("extract-dec", "extract-defaults", "extract-low-rank", "train", "http
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_service_assets: dict[str, Any]) -> Iterator[Any]:
-    from service.engine import load_engine
+    from service.rvc_engine import load_engine
 
     with running_app(tmp_path_factory.mktemp("matrix-server"), factory=load_engine,
                      model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"]) as client:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +70,63 @@ class ConversionResult:
         return len(self.audio) / self.sr
 
 
-class _Stopwatch:
+@dataclass(frozen=True)
+class SynthRow:
+    """One chunk's synthesizer input, on the converter's device: content features `feats` `[1, T, C]` (model
+    dtype), coarse pitch `[1, T]` int64 and f0 Hz `pitchf` `[1, T]` float32 (None for models without f0), the
+    speaker id."""
+
+    feats: Tensor
+    pitch: Tensor | None
+    pitchf: Tensor | None
+    sid: int
+
+    @property
+    def frames(self) -> int:
+        return int(self.feats.shape[1])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A conversion prepared for synthesis (`VoiceConverter.plan`): the high-passed 16 kHz input `audio` `[N]`,
+    its reflect-padded copy `audio_pad`, the chunks to synthesize, the pitch of the whole padded signal (`[1, P]`
+    each, None without f0) and the track reported, and the stopwatch its stages add to."""
+
+    params: ConvertParams
+    retrieval: RetrievalIndex | None
+    audio: NDArray[np.floating]
+    audio_pad: NDArray[np.floating]
+    chunks: list[steps.Chunk]
+    pitch: Tensor | None
+    pitchf: Tensor | None
+    track: F0Track | None
+    clock: Stopwatch
+
+
+@contextmanager
+def drawing_from(generator: torch.Generator | None) -> Iterator[None]:
+    """Make the synthesizer's draws come from `generator` (a request's own, on the model's device) and advance it
+    by them, leaving the device's default generator as it was. None: draw from the default generator."""
+    if generator is None:
+        yield
+        return
+    cuda = generator.device.type == "cuda"
+    saved = torch.cuda.get_rng_state(generator.device) if cuda else torch.get_rng_state()
+    if cuda:
+        torch.cuda.set_rng_state(generator.get_state(), generator.device)
+    else:
+        torch.set_rng_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(torch.cuda.get_rng_state(generator.device) if cuda else torch.get_rng_state())
+        if cuda:
+            torch.cuda.set_rng_state(saved, generator.device)
+        else:
+            torch.set_rng_state(saved)
+
+
+class Stopwatch:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.times = dict.fromkeys(STAGES, 0.0)
@@ -207,7 +263,7 @@ class VoiceConverter:
         if f0_file is not None:
             f0_curve = read_f0_file(f0_file)
         params = params or ConvertParams()
-        clock = _Stopwatch(self.device)
+        clock = Stopwatch(self.device)
         with clock.stage("decode"):
             audio16k = prepare_16k(audio, sr)
         swapped = self.use_adapter(adapter)
@@ -240,71 +296,98 @@ class VoiceConverter:
                         np.asarray(f0[skip : skip + frames], dtype=np.float32))
         return (*steps.pitch_tensors(f0, p_len), track)
 
-    def _pipeline(self, audio16k: NDArray[np.float32], params: ConvertParams, retrieval: RetrievalIndex | None,
-                  f0_curve: ArrayLike | None, clock: _Stopwatch,
-                  progress: Progress | None) -> tuple[NDArray[np.float32], F0Track | None]:
-        pad, tgt_sr = self.pad, self.sr
-        with clock.stage("postprocess"):
-            audio = steps.highpass(audio16k)
-            cuts = steps.find_cut_points(audio, pad.t_center, pad.t_query, pad.t_max)
-            audio_pad = steps.reflect_pad(audio, pad.t_pad, pad.t_pad)
-        p_len = len(audio_pad) // steps.WINDOW
-        pitch = pitchf = track = None
-        if self.model.cfg.f0:
-            with clock.stage("f0"):
-                pitch, pitchf, track = self._pitch(audio_pad, p_len, params, f0_curve)
-        sid = torch.tensor([params.sid], device=self.device)
-        chunks = steps.plan_chunks(cuts, len(audio_pad), pad.t_pad)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        pieces = []
-        for i, chunk in enumerate(chunks):
-            x = audio_pad[chunk.start : chunk.stop]
-            pc = pitch[:, chunk.frame_start : chunk.frame_stop] if pitch is not None else None
-            pfc = pitchf[:, chunk.frame_start : chunk.frame_stop] if pitchf is not None else None
-            y = self._chunk(x, pc, pfc, sid, params, retrieval, clock)
-            pieces.append(steps.trim_chunk(y, pad.t_pad_tgt(tgt_sr)))
-            if progress is not None:
-                progress(i + 1, len(chunks))
-        with clock.stage("postprocess"):
-            out = steps.assemble_chunks(pieces)
+    # --- the pipeline's stages (the service's worker schedules them one by one) -----------------------
+    def plan(self, audio16k: NDArray[np.float32], params: ConvertParams, retrieval: RetrievalIndex | None = None,
+             f0_curve: ArrayLike | None = None, clock: Stopwatch | None = None) -> Plan:
+        """The CPU stage before synthesis (and f0, on the device for a network f0 method): high-pass, cut points,
+        reflect padding, f0 and its transpose. `audio16k` `[N]` is what `prepare_16k` returns."""
+        clock = clock or Stopwatch(self.device)
+        pad = self.pad
+        with torch.inference_mode():
+            with clock.stage("postprocess"):
+                audio = steps.highpass(audio16k)
+                cuts = steps.find_cut_points(audio, pad.t_center, pad.t_query, pad.t_max)
+                audio_pad = steps.reflect_pad(audio, pad.t_pad, pad.t_pad)
+            pitch = pitchf = track = None
+            if self.model.cfg.f0:
+                with clock.stage("f0"):
+                    pitch, pitchf, track = self._pitch(audio_pad, len(audio_pad) // steps.WINDOW, params, f0_curve)
+        return Plan(params, retrieval, audio, audio_pad, steps.plan_chunks(cuts, len(audio_pad), pad.t_pad), pitch,
+                    pitchf, track, clock)
+
+    def content_features(self, plan: Plan, i: int) -> Tensor:
+        """The content encoder over chunk `i` of `plan` (on the device) -> features `[1, T, C]`."""
+        chunk = plan.chunks[i]
+        with torch.inference_mode(), plan.clock.stage("features"):
+            # the float64 chunk goes in on the host: extract casts it to the model dtype before the copy, so a GPU
+            # receives 2 (fp16) or 4 bytes per sample, not 8
+            return self.content.extract(torch.from_numpy(plan.audio_pad[chunk.start : chunk.stop]),
+                                        self.model.cfg.version)
+
+    def blend_row(self, plan: Plan, i: int, feats: Tensor) -> SynthRow:
+        """Content features `[1, T, C]` of chunk `i` -> its `SynthRow`: index blend (CPU), the x2 upsampling, pitch
+        alignment and protection."""
+        chunk, clock, params = plan.chunks[i], plan.clock, plan.params
+        n = chunk.stop - chunk.start
+        pitch = plan.pitch[:, chunk.frame_start : chunk.frame_stop] if plan.pitch is not None else None
+        pitchf = plan.pitchf[:, chunk.frame_start : chunk.frame_stop] if plan.pitchf is not None else None
+        with torch.inference_mode():
+            with clock.stage("features"):
+                protect = pitch is not None and params.protect < steps.PROTECT_OFF
+                feats0 = feats.clone() if protect else None
+            if plan.retrieval is not None:
+                with clock.stage("index"):
+                    feats = plan.retrieval.blend(feats, params.index_rate)
+            with clock.stage("features"):
+                feats = steps.upsample_features_x2(feats)
+                if pitch is not None and pitchf is not None:
+                    feats, pitch, pitchf = steps.align_pitch(feats, pitch.to(self.device), pitchf.to(self.device), n)
+                    if feats0 is not None:
+                        feats = steps.protect_features(feats, steps.upsample_features_x2(feats0), pitchf,
+                                                       params.protect)
+                else:
+                    feats = feats[:, : min(feats.shape[1], n // steps.WINDOW)]
+        return SynthRow(feats, pitch, pitchf, params.sid)
+
+    def synthesize(self, row: SynthRow, clock: Stopwatch | None = None,
+                   generator: torch.Generator | None = None) -> NDArray[np.float32]:
+        """One row through the resident synthesizer -> audio `[samples]` at the model rate, untrimmed. Its random
+        draws come from `generator` when given (the request's own), else from torch's default generator."""
+        clock = clock or Stopwatch(self.device)
+        lengths = torch.tensor([row.frames], device=self.device)
+        sid = torch.tensor([row.sid], device=self.device)
+        with torch.inference_mode(), clock.stage("synth"), drawing_from(generator):
+            if row.pitch is not None and row.pitchf is not None:
+                audio = self.model.infer(row.feats, lengths, row.pitch, row.pitchf, sid)[0]
+            else:
+                audio = self.model.infer(row.feats, lengths, sid)[0]
+            out: NDArray[np.float32] = audio[0, 0].float().cpu().numpy()
+        return out
+
+    def assemble(self, plan: Plan, outputs: Sequence[NDArray[np.float32]]) -> NDArray[np.float32]:
+        """The CPU stage after synthesis: every chunk's output (in order) trimmed and joined, RMS mix, resampling."""
+        params, tgt_sr = plan.params, self.sr
+        with plan.clock.stage("postprocess"):
+            out = steps.assemble_chunks([steps.trim_chunk(y, self.pad.t_pad_tgt(tgt_sr)) for y in outputs])
             if params.rms_mix_rate != 1:
-                out = steps.change_rms(audio, SR_16K, out, tgt_sr, params.rms_mix_rate)
+                out = steps.change_rms(plan.audio, SR_16K, out, tgt_sr, params.rms_mix_rate)
             sr_out = steps.output_sr(tgt_sr, params.resample_sr)
             if sr_out != tgt_sr:
                 out = resample(out, tgt_sr, sr_out).astype(np.float32)
-        return out, track
-
-    def _chunk(self, x: NDArray[np.floating], pitch: Tensor | None, pitchf: Tensor | None, sid: Tensor,
-               params: ConvertParams, retrieval: RetrievalIndex | None, clock: _Stopwatch) -> NDArray[np.float32]:
-        """One chunk of padded 16 kHz audio -> synthesized audio at the model rate (untrimmed)."""
-        has_f0 = pitch is not None and pitchf is not None
-        with clock.stage("features"):
-            # the float64 chunk goes in on the host: extract casts it to the model dtype before the copy, so a
-            # GPU receives 2 (fp16) or 4 bytes per sample, not 8
-            feats = self.content.extract(torch.from_numpy(x), self.model.cfg.version)
-            protect = has_f0 and params.protect < steps.PROTECT_OFF
-            feats0 = feats.clone() if protect else None
-        if retrieval is not None:
-            with clock.stage("index"):
-                feats = retrieval.blend(feats, params.index_rate)
-        with clock.stage("features"):
-            feats = steps.upsample_features_x2(feats)
-            if has_f0:
-                assert pitch is not None and pitchf is not None
-                feats, pitch, pitchf = steps.align_pitch(feats, pitch.to(self.device), pitchf.to(self.device), len(x))
-                if feats0 is not None:
-                    feats = steps.protect_features(feats, steps.upsample_features_x2(feats0), pitchf, params.protect)
-            else:
-                feats = feats[:, : min(feats.shape[1], len(x) // steps.WINDOW)]
-        lengths = torch.tensor([feats.shape[1]], device=self.device)
-        with clock.stage("synth"):
-            if has_f0:
-                audio = self.model.infer(feats, lengths, pitch, pitchf, sid)[0]
-            else:
-                audio = self.model.infer(feats, lengths, sid)[0]
-            out: NDArray[np.float32] = audio[0, 0].float().cpu().numpy()
         return out
+
+    def _pipeline(self, audio16k: NDArray[np.float32], params: ConvertParams, retrieval: RetrievalIndex | None,
+                  f0_curve: ArrayLike | None, clock: Stopwatch,
+                  progress: Progress | None) -> tuple[NDArray[np.float32], F0Track | None]:
+        plan = self.plan(audio16k, params, retrieval, f0_curve, clock)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        outputs = []
+        for i in range(len(plan.chunks)):
+            outputs.append(self.synthesize(self.blend_row(plan, i, self.content_features(plan, i)), clock))
+            if progress is not None:
+                progress(i + 1, len(plan.chunks))
+        return self.assemble(plan, outputs), plan.track
 
     def infer_features(self, phone: Tensor, pitch: Tensor | None, nsff0: Tensor | None, *, sid: int = 0,
                        seed: int | None = None, adapter: AdapterArg = None) -> ConversionResult:
@@ -330,7 +413,7 @@ class VoiceConverter:
             raise ParameterError(f"sid {sid} is out of range: the model has {self.model.base.emb_g.num_embeddings} "
                                  "speakers")
         swapped = self.use_adapter(adapter)
-        clock = _Stopwatch(self.device)
+        clock = Stopwatch(self.device)
         with torch.inference_mode(), clock.stage("synth"):
             if seed is not None:
                 torch.manual_seed(seed)
