@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = (("snr_db", "waveform SNR to the full voice (dB, higher is closer)"),
           ("mel_db", "log-mel distance to the full voice (dB, lower is closer)"),
-          ("f0_cents", "f0 error vs the full voice (median cents)"))
+          ("f0_gross", "f0 gross errors vs the full voice (share of frames > 50 cents off)"))
 
 
 def mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -58,7 +58,7 @@ def main(src: str, dst: str) -> None:
             ax.plot([p[0] for p in pts], [p[1][key] for p in pts], marker="o" if full else "x",
                     linestyle="-" if full else "--", color=colors.get(targets, "k"),
                     label=f"{targets}{'' if full else ', no full deltas'}")
-            if key == "snr_db" and full:
+            if key == "snr_db" and full and targets == "all":
                 for mb, vals, rank in pts:
                     ax.annotate(f"r{rank}", (mb, vals[key]), fontsize=7, xytext=(2, 3), textcoords="offset points")
         for mb, vals, label in energy_pts:
