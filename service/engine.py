@@ -54,6 +54,8 @@ class ModelInfo:
     target_modules: tuple[str, ...]
     f0_methods: tuple[str, ...]
     device: str
+    bank_slots: int = 1  # adapter slots for batches of several voices (RVC_LORA_BANK_SLOTS)
+    bank_slot_bytes: int = 0  # device memory one slot holds
 
 
 @dataclass(frozen=True)

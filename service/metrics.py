@@ -45,6 +45,8 @@ class Metrics:
                                    "(rate() of it is the busy fraction)", registry=r)
         self.device_busy_fraction = Gauge("rvc_lora_device_busy_fraction", "share of the last 10 "
                                           "seconds the device thread spent working", registry=r)
+        self.bank_slots = Gauge("rvc_lora_bank_slots", "adapter slots on the device (RVC_LORA_BANK_SLOTS)", registry=r)
+        self.bank_slot_bytes = Gauge("rvc_lora_bank_slot_bytes", "device memory per adapter slot", registry=r)
         self.stage_wait = Histogram("rvc_lora_stage_queue_seconds", "time a conversion stage waited for its thread: "
                                     "prepare/row/finish (CPU threads), voice/encode/synth (device thread)",
                                     ["stage"], buckets=LATENCY_BUCKETS, registry=r)

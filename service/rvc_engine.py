@@ -6,6 +6,7 @@ service does not load torch models.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -33,10 +34,10 @@ from service.engine import (
 from service.errors import DeviceOutOfMemory, relabel
 
 if TYPE_CHECKING:
-    import torch
 
-    from rvc_lora.pipeline.converter import Plan, SynthRow, VoiceConverter
+    from rvc_lora.pipeline.converter import Plan, Stopwatch, VoiceConverter
     from rvc_lora.pipeline.steps import PadConfig
+    from rvc_lora.voice import SynthRow as BatchRow
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def load_engine(settings: Settings) -> Engine:
 class _Voice:
     adapter: Any  # rvc_lora.adapters.Adapter (host tier) or rvc_lora.voice.PreparedAdapter (device tier)
     index: Any  # rvc_lora.pipeline.index.RetrievalIndex | None
+    key: str  # the adapter file (content-addressed in the store): its name in the adapter bank
 
 
 class RVCEngine:
@@ -72,7 +74,7 @@ class RVCEngine:
         from rvc_lora.pipeline.content import ContentEncoder
         from rvc_lora.pipeline.converter import VoiceConverter
         from rvc_lora.pipeline.f0 import available_f0_methods
-        from rvc_lora.voice import build_voice_model, serving_layout
+        from rvc_lora.voice import AdapterBank, build_voice_model, serving_layout
 
         if settings.model is None or settings.hubert is None:
             raise ModelUnavailableError("RVC_LORA_MODEL and RVC_LORA_HUBERT must name the base checkpoint and the "
@@ -91,6 +93,10 @@ class RVCEngine:
                                max_rank=settings.max_rank, target_modules=tuple(layout.lora.target_modules),
                                f0_methods=available_f0_methods(settings.rmvpe), device=str(self._vc.device))
         self._max_index_bytes = settings.max_index_memory_bytes
+        # K adapter slots for batches of several voices (slot 0 is the resident memory, so K=1 costs nothing)
+        self._bank = AdapterBank(model, settings.bank_slots)
+        self._info = dataclasses.replace(self._info, bank_slots=self._bank.size,
+                                         bank_slot_bytes=self._bank.slot_nbytes)
 
     @property
     def info(self) -> ModelInfo:
@@ -137,7 +143,7 @@ class RVCEngine:
             loaded = type(loaded)(loaded.info, {k: v.to(dtype).pin_memory() for k, v in loaded.tensors.items()})
         retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim,
                                                                         max_bytes=self._max_index_bytes)
-        return _Voice(loaded, retrieval)
+        return _Voice(loaded, retrieval, str(adapter))
 
     def host_bytes(self, voice: object) -> int:
         host = _as_voice(voice)
@@ -148,7 +154,7 @@ class RVCEngine:
         """The device tier: the adapter prepared for the resident slots (padded, scaled, on the device), so a
         swap is one fused copy."""
         host = _as_voice(voice)
-        return _Voice(self._vc.model.prepare(host.adapter), host.index)
+        return _Voice(self._vc.model.prepare(host.adapter), host.index, host.key)
 
     def warmup(self) -> float:
         seconds = 1.0
@@ -195,29 +201,28 @@ class RVCEngine:
         return RVCStages(self._vc, audio16k, options, None if voice is None else _as_voice(voice))
 
     def synthesize(self, rows: Sequence[Row]) -> list[NDArray[np.float32]]:
-        """Row by row (each with its voice swapped in: a fused copy when it changes), every row drawing from its
-        request's generator. When one fails, the generators go back to where they were, so the worker can retry
-        the rows in smaller batches."""
+        """Rows of any voices through the adapter bank, in batches of at most `bank_slots` distinct voices (in
+        order); each row's noise was drawn when it was made, so a retry gives the same audio. The batch's time
+        goes to each row's `synth` stage."""
+        import time
+
         import torch
 
         inputs = [_as_input(row) for row in rows]
-        states = [(i.generator, i.generator.get_state()) for i in inputs if i.generator is not None]
-        out_of_memory = False
-        try:
-            out = []
-            for i in inputs:
-                self._vc.use_adapter(i.adapter)
-                out.append(self._vc.synthesize(i.row, i.plan.clock, i.generator))
-            return out
-        except torch.cuda.OutOfMemoryError:
-            out_of_memory = True
-        finally:
-            if len(out) < len(inputs):
-                for generator, state in states:
-                    generator.set_state(state)
-        torch.cuda.empty_cache()  # out of `except`: its traceback keeps the failed run's tensors alive
-        assert out_of_memory
-        raise DeviceOutOfMemory(f"the device ran out of memory for a batch of {len(rows)} rows", retry_after=5)
+        out: list[NDArray[np.float32]] = []
+        for part in _by_voices(inputs, self._bank.size):
+            start = time.perf_counter()
+            try:
+                with self._bank.hold([(i.voice_key, i.adapter) for i in part]) as slots:
+                    audio = self._bank.synthesize([i.row for i in part], slots)
+                    out += [a.float().cpu().numpy() for a in audio]
+            except torch.cuda.OutOfMemoryError as exc:
+                raise DeviceOutOfMemory(f"the device ran out of memory for a batch of {len(part)} rows",
+                                        retry_after=5) from exc
+            seconds = time.perf_counter() - start
+            for i in part:
+                i.clock.times["synth"] += seconds
+        return out
 
     def open_stream(self, params: Any, sr: int, channels: int, voice: object | None) -> Any:
         """A realtime `StreamConverter` over the resident model (on the device thread: it allocates there); it keeps
@@ -301,13 +306,13 @@ def _as_voice(voice: object) -> _Voice:
 
 @dataclass(frozen=True)
 class _RowInput:
-    """What `RVCEngine.synthesize` needs of a row: the synthesizer input, the voice's prepared adapter (None: the
-    base voice), the request's generator and plan (its stopwatch takes the synthesis time)."""
+    """What `RVCEngine.synthesize` needs of a row: the batch row (its noise drawn), the voice (prepared adapter
+    and its bank key; None and "" for the base voice), and the request's stopwatch (it takes the synthesis time)."""
 
-    row: SynthRow
+    row: BatchRow
     adapter: Any  # rvc_lora.voice.PreparedAdapter | None
-    generator: torch.Generator | None
-    plan: Plan
+    voice_key: str
+    clock: Stopwatch
 
 
 def _as_input(row: Row) -> _RowInput:
@@ -315,9 +320,25 @@ def _as_input(row: Row) -> _RowInput:
     return row.inputs
 
 
+def _by_voices(inputs: list[_RowInput], slots: int) -> list[list[_RowInput]]:
+    """`inputs` cut, in order, into runs of at most `slots` distinct voices (the base voice takes no slot)."""
+    parts: list[list[_RowInput]] = [[]]
+    voices: set[str] = set()
+    for i in inputs:
+        if i.adapter is not None and i.voice_key not in voices and len(voices) == slots:
+            parts.append([])
+            voices = set()
+        if i.adapter is not None:
+            voices.add(i.voice_key)
+        parts[-1].append(i)
+    return [p for p in parts if p]
+
+
 class RVCStages:
     """One conversion as `Stages`: `VoiceConverter.plan`, then per chunk the content encoder (device) and
-    `blend_row` (CPU), then `assemble`. Its generator is seeded as `VoiceConverter.convert` seeds torch's."""
+    `blend_row` + `make_row` (CPU: the row's noise drawn from the request's generator, in chunk order), then
+    `assemble`. The generator is a CPU one seeded with the request's seed, so the draws are the ones
+    `VoiceConverter.convert` makes after `torch.manual_seed(seed)` on CPU."""
 
     def __init__(self, vc: VoiceConverter, audio16k: NDArray[np.float32], options: ConvertOptions,
                  voice: _Voice | None) -> None:
@@ -325,12 +346,10 @@ class RVCStages:
 
         self._vc, self._audio, self._options = vc, audio16k, options
         self._adapter = None if voice is None else voice.adapter
+        self._voice_key = "" if voice is None else voice.key
         self._retrieval = None if voice is None or options.index_rate <= 0 else voice.index
-        self._generator = None
-        if options.seed is not None:
-            self._generator = torch.Generator(vc.device).manual_seed(options.seed)
+        self._generator = None if options.seed is None else torch.Generator().manual_seed(options.seed)
         self._plan: Plan | None = None
-
     @property
     def prepare_on_device(self) -> bool:
         return self._vc.model.cfg.f0 and self._vc.f0_method(self._options) not in CPU_F0_METHODS
@@ -351,8 +370,12 @@ class RVCStages:
         import torch
 
         assert isinstance(encoded, torch.Tensor)
-        synth_row = self._vc.blend_row(self.plan, i, encoded)
-        return Row(synth_row.frames, _RowInput(synth_row, self._adapter, self._generator, self.plan))
+        from rvc_lora.voice import make_row
+
+        chunk = self._vc.blend_row(self.plan, i, encoded)
+        row = make_row(self._vc.model, chunk.feats[0], None if chunk.pitch is None else chunk.pitch[0],
+                       None if chunk.pitchf is None else chunk.pitchf[0], sid=chunk.sid, generator=self._generator)
+        return Row(chunk.frames, _RowInput(row, self._adapter, self._voice_key, self.plan.clock))
 
     def finish(self, outputs: Sequence[NDArray[np.float32]]) -> Rendered:
         from rvc_lora.pipeline.steps import output_sr

@@ -212,6 +212,8 @@ class ModelOut(BaseModel):
     f0_methods: list[str]
     default_f0_method: str = Field(description="what runs when a request names no f0_method")
     device: str
+    bank_slots: int = Field(description="adapter slots on the device: voices one batch can mix")
+    bank_slot_bytes: int = Field(description="device memory per adapter slot")
     limits: Limits
 
 

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
                                   "single longer chunk runs alone")
     cpu_threads: int = Field(default_factory=default_cpu_threads, ge=1, description="threads for the CPU stages "
                              "(high-pass, pm/harvest f0, index search, assembly); default: the cores, at most 4")
+    bank_slots: int = Field(default=1, ge=1, le=256, description="adapter slots on the device (each a copy of the "
+                            "LoRA slot tensors, size in GET /model): a batch mixes at most this many voices; 1 "
+                            "keeps the memory of one resident adapter")
     pipeline_jobs: int = Field(default=16, ge=1, description="requests in the pipeline at once (the others wait in "
                                "the queue); more give larger batches and hold more memory")
 

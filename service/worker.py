@@ -481,6 +481,8 @@ class Worker:
                     job.future.set_exception(NotReady("the models failed to load; see the server log"))
             return False
         self._engine = engine
+        self._metrics.bank_slots.set(engine.info.bank_slots)
+        self._metrics.bank_slot_bytes.set(engine.info.bank_slot_bytes)
         if self.state == "loading":
             self.state = "ready"
             self._metrics.ready.set(1)

@@ -459,8 +459,9 @@ def _oom_engine(max_frames: int | None) -> Callable[[Any], Any]:
 def test_device_oom_retries_in_shorter_chunks_else_503(tmp_path: Path, tiny_service_assets: dict[str, Any],
                                                        max_frames: int | None, status: int,
                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The one-at-a-time path (`Engine.convert`); the pipelined worker's batches: `test_service_batching.py`."""
     with running_app(tmp_path, factory=_oom_engine(max_frames), model=tiny_service_assets["model"],
-                     hubert=tiny_service_assets["hubert"], max_rank=8, warmup=False) as c:
+                     hubert=tiny_service_assets["hubert"], max_rank=8, warmup=False, batching=False) as c:
         r = c.post("/convert", data={"seed": "1"}, files={"audio": ("a.wav", sine_wav(6.0, freq=140.0))})
         assert r.status_code == status, r.text[:300]
         if status == 200:  # 8 s padded (800 frames) refused, then cut every 4 s: at most ~6 s per chunk

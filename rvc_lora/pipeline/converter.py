@@ -71,10 +71,10 @@ class ConversionResult:
 
 
 @dataclass(frozen=True)
-class SynthRow:
+class ChunkFeatures:
     """One chunk's synthesizer input, on the converter's device: content features `feats` `[1, T, C]` (model
     dtype), coarse pitch `[1, T]` int64 and f0 Hz `pitchf` `[1, T]` float32 (None for models without f0), the
-    speaker id."""
+    speaker id. (`rvc_lora.voice.make_row` turns it into a batch row.)"""
 
     feats: Tensor
     pitch: Tensor | None
@@ -101,29 +101,6 @@ class Plan:
     pitchf: Tensor | None
     track: F0Track | None
     clock: Stopwatch
-
-
-@contextmanager
-def drawing_from(generator: torch.Generator | None) -> Iterator[None]:
-    """Make the synthesizer's draws come from `generator` (a request's own, on the model's device) and advance it
-    by them, leaving the device's default generator as it was. None: draw from the default generator."""
-    if generator is None:
-        yield
-        return
-    cuda = generator.device.type == "cuda"
-    saved = torch.cuda.get_rng_state(generator.device) if cuda else torch.get_rng_state()
-    if cuda:
-        torch.cuda.set_rng_state(generator.get_state(), generator.device)
-    else:
-        torch.set_rng_state(generator.get_state())
-    try:
-        yield
-    finally:
-        generator.set_state(torch.cuda.get_rng_state(generator.device) if cuda else torch.get_rng_state())
-        if cuda:
-            torch.cuda.set_rng_state(saved, generator.device)
-        else:
-            torch.set_rng_state(saved)
 
 
 class Stopwatch:
@@ -324,8 +301,8 @@ class VoiceConverter:
             return self.content.extract(torch.from_numpy(plan.audio_pad[chunk.start : chunk.stop]),
                                         self.model.cfg.version)
 
-    def blend_row(self, plan: Plan, i: int, feats: Tensor) -> SynthRow:
-        """Content features `[1, T, C]` of chunk `i` -> its `SynthRow`: index blend (CPU), the x2 upsampling, pitch
+    def blend_row(self, plan: Plan, i: int, feats: Tensor) -> ChunkFeatures:
+        """Content features `[1, T, C]` of chunk `i` -> its `ChunkFeatures`: index blend (CPU), the x2 upsampling, pitch
         alignment and protection."""
         chunk, clock, params = plan.chunks[i], plan.clock, plan.params
         n = chunk.stop - chunk.start
@@ -347,16 +324,15 @@ class VoiceConverter:
                                                        params.protect)
                 else:
                     feats = feats[:, : min(feats.shape[1], n // steps.WINDOW)]
-        return SynthRow(feats, pitch, pitchf, params.sid)
+        return ChunkFeatures(feats, pitch, pitchf, params.sid)
 
-    def synthesize(self, row: SynthRow, clock: Stopwatch | None = None,
-                   generator: torch.Generator | None = None) -> NDArray[np.float32]:
-        """One row through the resident synthesizer -> audio `[samples]` at the model rate, untrimmed. Its random
-        draws come from `generator` when given (the request's own), else from torch's default generator."""
+    def synthesize(self, row: ChunkFeatures, clock: Stopwatch | None = None) -> NDArray[np.float32]:
+        """One chunk through the resident synthesizer (drawing from torch's default generator) -> audio
+        `[samples]` at the model rate, untrimmed."""
         clock = clock or Stopwatch(self.device)
         lengths = torch.tensor([row.frames], device=self.device)
         sid = torch.tensor([row.sid], device=self.device)
-        with torch.inference_mode(), clock.stage("synth"), drawing_from(generator):
+        with torch.inference_mode(), clock.stage("synth"):
             if row.pitch is not None and row.pitchf is not None:
                 audio = self.model.infer(row.feats, lengths, row.pitch, row.pitchf, sid)[0]
             else:
