@@ -53,20 +53,21 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def random_adapter(model: SynthesizerLoRA, seed: int) -> Adapter:
-    """A random adapter filling every slot of `model` (LoRA pairs at the slot rank, every full delta)."""
+def random_adapter(model: SynthesizerLoRA, seed: int, rank: int | None = None) -> Adapter:
+    """A random adapter on every slot of `model` (LoRA pairs at `rank`, default the slot rank; every full delta)."""
     from rvc_lora.adapters import AdapterInfo
     from rvc_lora.lora import FULL_DELTA_PREFIX
 
     gen = torch.Generator().manual_seed(seed)
     slots = model.slots
-    tensors = {f"{n}.lora_A": torch.randn(layer.lora_A.shape, generator=gen) * 0.01
+    r = rank or model.layout.max_rank
+    tensors = {f"{n}.lora_A": torch.randn(r, layer.lora_A.shape[1], generator=gen) * 0.01
                for n, layer in zip(slots.layer_names, slots.layers, strict=True)}
-    tensors |= {f"{n}.lora_B": torch.randn(layer.lora_B.shape, generator=gen) * 0.01
+    tensors |= {f"{n}.lora_B": torch.randn(layer.lora_B.shape[0], r, generator=gen) * 0.01
                 for n, layer in zip(slots.layer_names, slots.layers, strict=True)}
     tensors |= {FULL_DELTA_PREFIX + n: torch.randn(b.shape, generator=gen) * 0.01
                 for n, b in zip(slots.delta_names, slots.bases, strict=True)}
-    r, cfg = model.layout.max_rank, model.cfg
+    cfg = model.cfg
     info = AdapterInfo(name=f"random{seed}", r=r, lora_alpha=float(r), target_modules=slots.layer_names,
                        base_fingerprint=model.fingerprint, sr=cfg.sr, version=cfg.version, f0=cfg.f0,
                        full_delta=slots.delta_names)
@@ -74,13 +75,13 @@ def random_adapter(model: SynthesizerLoRA, seed: int) -> Adapter:
 
 
 def swap_rows(label: str, layout: SlotLayout, fresh: Callable[[], Any], swaps: int, dev: str,
-              reload_p50: float) -> list[tuple[str, str]]:
-    """Validated swap vs raw copy floor for one layout, two adapters filling every slot, alternating."""
+              reload_p50: float, rank: int | None = None) -> list[tuple[str, str]]:
+    """Validated swap vs raw copy floor for one layout, two adapters on every slot at `rank`, alternating."""
     model = SynthesizerLoRA(fresh(), layout=layout).to(dev).eval()
-    prepared: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed)) for seed in (1, 2)]
+    prepared: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed, rank)) for seed in (1, 2)]
     i = iter(range(10**9))
     swap = timed(lambda: model.swap(prepared[next(i) % 2]), swaps, dev, warmup=5)
-    dst = _slot_tensors(model)
+    dst = _slot_tensors(model, prepared[0])
     j = iter(range(10**9))
 
     @torch.no_grad()
@@ -96,9 +97,11 @@ def swap_rows(label: str, layout: SlotLayout, fresh: Callable[[], Any], swaps: i
             (f"{label}: reload / swap (p50)", f"{reload_p50 / p50:,.0f}x")]
 
 
-def _slot_tensors(model: SynthesizerLoRA) -> list[torch.Tensor]:
+def _slot_tensors(model: SynthesizerLoRA, prepared: PreparedAdapter) -> list[torch.Tensor]:
+    """The slot memory `prepared` fills: the leading rank rows of A, columns of B, then the full deltas."""
     s = model.slots
-    return [*(x.lora_A for x in s.layers), *(x.lora_B for x in s.layers), *s.params, *s.deltas]
+    pairs = [(s.layers[i], r) for i, r in zip(prepared.layers, prepared.ranks, strict=True)]
+    return [*(x.lora_A[:r] for x, r in pairs), *(x.lora_B[:, :r] for x, r in pairs), *s.params, *s.deltas]
 
 
 def main() -> None:
@@ -122,10 +125,12 @@ def main() -> None:
         reloads = timed(reload, args.reloads, dev)
         reload_p50 = pct(reloads, .5)
         rows.append(("reload p50 / p99 (ms)", f"{1e3 * reload_p50:.1f} / {1e3 * pct(reloads, .99):.1f}"))
-        for label, layout in (("r=8 ups+resblocks", LIBRARY_LAYOUT), ("serving r=32, all layers",
-                                                                      serving_layout(cfg, 32))):
+        serving = serving_layout(cfg, 32)
+        for label, layout, rank in (("r=8 ups+resblocks", LIBRARY_LAYOUT, None),
+                                    ("serving r=32 slots, r=32 adapter, all layers", serving, 32),
+                                    ("serving r=32 slots, r=8 adapter, all layers", serving, 8)):
             rows += swap_rows(label, layout, lambda: build_from_raw(read_rvc_checkpoint(pth)), args.swaps, dev,
-                              reload_p50)
+                              reload_p50, rank)
         model = SynthesizerLoRA(build_from_raw(read_rvc_checkpoint(pth)), layout=LIBRARY_LAYOUT).to(dev).eval()
         plain = build_from_raw(read_rvc_checkpoint(pth), dev)
         plain.remove_weight_norm()  # fair baseline: LoRA models fold weight norm too

@@ -201,3 +201,23 @@ def test_a_moved_model_makes_its_bank_stale() -> None:
     model.to(torch.float64)
     with pytest.raises(ConfigError, match="new bank"):
         bank.acquire("x", dataclasses.replace(model.prepare(_adapter(model, 1, 2))))
+
+
+def test_slots_of_other_ranks_than_the_resident_one_count_in_full() -> None:
+    """Slot 0 holds a rank-3 voice, so the layers' own written rank is 3; a rank-8 voice in slot 1, and a rank-3
+    voice loaded over it later (its rows past rank 3 zeroed), still synthesize as they do alone."""
+    model = _model()
+    narrow, wide, other = (model.prepare(_adapter(model, s, r)) for s, r in ((1, 3), (2, 8), (3, 3)))
+    inputs = _inputs(model, 16, seed=4)
+    refs = {v: _solo(model, v, inputs, seed=9) for v in (wide, other)}
+    model.swap(narrow)
+    bank = AdapterBank(model, 2)
+
+    def rendered(voice: PreparedAdapter) -> torch.Tensor:
+        row = make_row(model, **_row_args(model, inputs), generator=torch.Generator().manual_seed(9))
+        with bank.hold([("narrow", narrow), (voice, voice)]) as (zero, slot):
+            assert (zero, slot) == (0, 1)
+            return bank.synthesize([row, row], [zero, slot])[1]
+
+    assert (rendered(wide) - refs[wide]).abs().max() < TOL
+    assert (rendered(other) - refs[other]).abs().max() < TOL

@@ -150,3 +150,52 @@ def test_library_layout_adapter_round_trips_through_a_file(tmp_path: Path) -> No
     exact.load_adapter(tmp_path / "a.safetensors")
     inputs = tiny_inputs(model.base)
     assert torch.equal(run_infer(model, inputs)[0], run_infer(exact, inputs)[0])
+
+
+def test_a_swap_copies_the_adapters_rank_and_zeroes_only_what_the_last_one_left(served: dict,
+                                                                                tmp_path: Path) -> None:
+    model = _serving(served["base"])  # slots at rank 8
+    wide = model.prepare(_random_adapter(model, 5, tmp_path / "wide.safetensors"))  # rank 8, every slot
+    narrow = model.prepare(served["voices"][0])  # rank 4
+    assert set(wide.ranks) == {8} and set(narrow.ranks) == {4}
+    assert narrow.nbytes() < wide.nbytes()  # held at its own rank, not padded to the slots'
+    reference = _serving(served["base"])
+    inputs = tiny_inputs(model.base)
+    for prepared, adapter in ((wide, None), (narrow, served["voices"][0]), (wide, None), (None, None)):
+        model.swap(prepared)
+        if adapter is not None:
+            reference.load_lora_weights(adapter.tensors, alpha=adapter.info.lora_alpha)
+            for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+                assert torch.equal(got, want), name  # rows/columns 4..8 of the wide adapter are zero again
+        written = {layer.rank for layer in model.slots.layers}
+        assert written == ({0} if prepared is None else set(prepared.ranks))
+    assert all(not t.any() for t in model.get_lora_state_dict().values())
+    assert torch.equal(run_infer(model, inputs)[0], run_infer(_serving(served["base"]), inputs)[0])
+
+
+def test_an_empty_slot_runs_the_base_layer_alone(served: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rvc_lora.lora import LoRALayer
+
+    model = _serving(served["base"])
+    inputs = tiny_inputs(model.base)
+    model.load_adapter(served["voices"][0])
+    adapted = run_infer(model, inputs)[0]
+    model.reset_adapter()
+
+    def no_delta(self: LoRALayer) -> torch.Tensor:
+        raise AssertionError("an empty slot computed a delta")
+
+    monkeypatch.setattr(LoRALayer, "delta_weight", no_delta)
+    base_out = run_infer(model, inputs)[0]
+    monkeypatch.undo()
+    model.load_adapter(served["voices"][0])
+    assert torch.equal(run_infer(model, inputs)[0], adapted)
+    assert not torch.equal(base_out, adapted)
+
+
+def test_slots_filled_by_load_state_dict_are_used(served: dict) -> None:
+    model, copy = _serving(served["base"]), _serving(served["base"])  # copy's slots start empty (rank 0)
+    model.load_adapter(served["voices"][1])
+    copy.load_state_dict(model.state_dict())
+    inputs = tiny_inputs(model.base)
+    assert torch.equal(run_infer(copy, inputs)[0], run_infer(model, inputs)[0])

@@ -24,6 +24,7 @@ from rvc_lora.lora.layers import (
     LoRAEmbedding,
     LoRALayer,
     LoRALinear,
+    every_slot_active,
     wrap_layer,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "base_state_dict",
+    "every_slot_active",
     "fold_weight_norm",
     "full_delta_slots",
     "inject_lora",

@@ -2,14 +2,18 @@
 
 Every wrapper holds the frozen `base` layer and two adapter tensors allocated once, at `max_rank`:
 with W = `base.weight`, `lora_B` is `[W.shape[0], max_rank]`, `lora_A` is `[max_rank, W[0].numel()]`
-and the weight update is `delta_weight() = (lora_B @ lora_A).view_as(W)`. The SVD extractor writes
-the same layout. The tensors hold *effective* values (alpha/r already folded into B), so a swap is two
-`copy_()`s into memory that never moves: a `torch.compile`d model or captured CUDA graph stays valid.
+and the weight update is `delta_weight() = (lora_B[:, :rank] @ lora_A[:rank]).view_as(W)`, where `rank` is the
+rank currently written (slots past it are zero; 0: the slot is empty and the layer runs its base layer
+alone). The SVD extractor writes the same layout. The tensors hold *effective* values (alpha/r already
+folded into B), so a swap is two `copy_()`s into memory that never moves: a `torch.compile`d model or
+captured CUDA graph stays valid (a compiled graph does not depend on `rank`: it sees every slot).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import torch
@@ -60,6 +64,11 @@ class LoRALayer(nn.Module):
     factorised branch, whose backward is cheaper than a full weight gradient. Both leave the base
     weight untouched, so a swap is still a copy into the slots.
 
+    `rank`: how many leading rank slots may be non-zero (the rest are zero). Every write through this class
+    (`assign_`, `reset_`, `init_for_training_`, `load_state_dict`) and `ResidentSlots.swap` keep it true; code
+    writing `lora_A`/`lora_B` by other means must set it (`max_rank` is always safe). In eval mode an empty slot
+    (rank 0) costs nothing and the delta's matmul runs at the written rank, not the allocated one.
+
     `merged`: the delta has been added into `base.weight` and forward runs the base layer only (no
     gradient reaches the LoRA tensors then). The pre-merge weight is kept in `_base_backup` while
     merged so that `unmerge()` restores it bit-exactly: `(W + D) - D` is not always `W` in floating
@@ -94,6 +103,7 @@ class LoRALayer(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], max_rank, device=w.device, dtype=w.dtype))
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.rank = 0
         self.register_buffer("_base_backup", None, persistent=False)
 
     @property
@@ -102,8 +112,22 @@ class LoRALayer(nn.Module):
         return int(self.lora_A.shape[0])
 
     def delta_weight(self) -> Tensor:
-        """`lora_B @ lora_A` shaped like `base.weight` (e.g. `[C_out, C_in, k]` for Conv1d)."""
-        return (self.lora_B @ self.lora_A).view_as(self.base.weight)
+        """`lora_B @ lora_A` shaped like `base.weight` (e.g. `[C_out, C_in, k]` for Conv1d), at the written rank."""
+        r = self.active_rank()
+        return (self.lora_B[:, :r] @ self.lora_A[:r]).view_as(self.base.weight)
+
+    def active_rank(self) -> int:
+        """The rank slots forward uses: `rank`, or every slot under `torch.compile` (a graph that branched on
+        `rank` would be recompiled whenever an adapter of another rank is swapped in)."""
+        return self.max_rank if torch.compiler.is_compiling() else self.rank
+
+    def is_empty(self) -> bool:
+        """Eval mode, no slot written, not compiling: forward can run the base layer alone."""
+        return not self.training and self.active_rank() == 0
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.rank = self.max_rank  # values unknown: every slot may be set
 
     def adapter_problem(self, a: object, b: object) -> tuple[Which, AdapterError] | None:
         """The first structural problem of adapter `a` `[r, cols]`, `b` `[rows, r]` (type, dtype, shape,
@@ -152,6 +176,7 @@ class LoRALayer(nn.Module):
         self.lora_A[r:].zero_()
         self.lora_B[:, :r].copy_(b)
         self.lora_B[:, r:].zero_()
+        self.rank = r
         if scale != 1.0:  # skipped at 1 so effective values round-trip bit-exactly
             self.lora_B[:, :r].mul_(scale)
         if self.merged:
@@ -164,6 +189,7 @@ class LoRALayer(nn.Module):
             self._restore_base()
         self.lora_A.zero_()
         self.lora_B.zero_()
+        self.rank = 0
 
     @torch.no_grad()
     def init_for_training_(self, rank: int | None = None) -> None:
@@ -173,6 +199,7 @@ class LoRALayer(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.max_rank:
             raise ConfigError(f"rank must be an int in [1, {self.max_rank}], got {rank!r}")
         self.reset_()
+        self.rank = r
         nn.init.kaiming_uniform_(self.lora_A[:r], a=math.sqrt(5))  # same init as nn.Linear's weight
 
     @torch.no_grad()
@@ -216,7 +243,7 @@ class LoRAConv1d(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, C_in, T] -> [B, C_out, T']`, with T' exactly as `base` produces it."""
-        if self.merged:
+        if self.merged or self.is_empty():  # the base layer alone
             return self.base(x)  # type: ignore[no-any-return]
         base = self.base  # stride/padding/dilation from base: dilated ResBlock convs line up
         if not self.training:  # one conv with W + BA: O(weights) extra, not O(T) (see LoRALayer)
@@ -237,7 +264,7 @@ class LoRAConvTranspose1d(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, C_in, T] -> [B, C_out, (T - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1]`."""
-        if self.merged:
+        if self.merged or self.is_empty():  # the base layer alone
             return self.base(x)  # type: ignore[no-any-return]
         base = self.base
         padding = base.padding
@@ -260,7 +287,7 @@ class LoRALinear(LoRALayer):
     def forward(self, x: Tensor) -> Tensor:
         """`[*, in] -> [*, out]`."""
         y: Tensor = self.base(x)
-        if self.merged:
+        if self.merged or self.is_empty():  # the base layer alone
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # via [*, r]
 
@@ -275,12 +302,27 @@ class LoRAEmbedding(LoRALayer):
     def forward(self, x: Tensor) -> Tensor:
         """ids `[*]` (int) -> `[*, dim]`."""
         y: Tensor = self.base(x)
-        if self.merged:
+        if self.merged or self.is_empty():  # the base layer alone
             return y
         base = self.base  # padding_idx: the padding row of B gets no gradient, as in the base layer
         code = F.embedding(x, self.lora_B, base.padding_idx, None, 2.0, base.scale_grad_by_freq, False)  # [*, r]
         h: Tensor = self.lora_dropout(code)
         return y + h @ self.lora_A
+
+
+@contextmanager
+def every_slot_active(layers: Iterable[LoRALayer]) -> Iterator[None]:
+    """Forward through every rank slot inside the block: for callers that substitute the slot tensors
+    (`functional_call` over an adapter bank), whose values the layers' own `rank` does not describe."""
+    layers = list(layers)
+    ranks = [layer.rank for layer in layers]
+    for layer in layers:
+        layer.rank = layer.max_rank
+    try:
+        yield
+    finally:
+        for layer, r in zip(layers, ranks, strict=True):
+            layer.rank = r
 
 
 def wrap_layer(module: nn.Module, max_rank: int, dropout: float = 0.0) -> LoRALayer:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from rvc_lora.errors import BankFullError, ConfigError
-from rvc_lora.lora import full_delta_slots
+from rvc_lora.lora import every_slot_active, full_delta_slots
 from rvc_lora.models.rows import PaddedRows, infer_padded
 from rvc_lora.models.synthesizer import RVCSynthesizer
 from rvc_lora.voice.batch import SynthRow, pad_rows, split_audio
@@ -81,8 +81,8 @@ class AdapterBank:
         self._where: dict[Hashable, int] = {}
         self._pins = [0] * slots
         self._lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(slots))  # least recently used first
-        self._plans: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[list[Tensor], list[Tensor],
-                                                                               list[Tensor]]] = {}
+        self._plans: dict[tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+                          tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
 
     # --- memory ---------------------------------------------------------------------------------------------
     @property
@@ -171,7 +171,7 @@ class AdapterBank:
         if prepared.key != self.model.slots.key:
             raise ConfigError(f"{prepared.info.name}: prepared for another model, layout or dtype; prepare it with "
                               "this model")
-        dst, extra, zero = self._plan(slot, prepared.layers, prepared.deltas)
+        dst, extra, zero = self._plan(slot, prepared.layers, prepared.ranks, prepared.deltas)
         n, d = len(prepared.layers), len(prepared.deltas)
         src = [*prepared.tensors[: 2 * n + d], *extra]
         torch._foreach_copy_(dst, src)
@@ -179,19 +179,23 @@ class AdapterBank:
             torch._foreach_zero_(zero)
         self._loaded[slot] = prepared
 
-    def _plan(self, slot: int, layers: tuple[int, ...], deltas: tuple[int, ...]
+    def _plan(self, slot: int, layers: tuple[int, ...], ranks: tuple[int, ...], deltas: tuple[int, ...]
               ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Slot views in the order of a prepared adapter's tensors (A, B, full values), then the unset full
-        deltas (from their base values), and the unset A/B to zero: one fused copy, one fused zero."""
-        plan = self._plans.get((slot, layers, deltas))
+        """Slot views in the order of a prepared adapter's tensors (A's leading `ranks` rows, B's leading
+        columns, full values), then the unset full deltas (from their base values), and the unset A/B and the
+        rank slots past each adapter layer's rank to zero: one fused copy, one fused zero."""
+        plan = self._plans.get((slot, layers, ranks, deltas))
         if plan is None:
             unset = [i for i in range(len(self._a)) if i not in set(layers)]
             rest = [j for j in range(len(self._v)) if j not in set(deltas)]
-            dst = [*(self._a[i][slot] for i in layers), *(self._b[i][slot] for i in layers),
+            pairs = list(zip(layers, ranks, strict=True))
+            dst = [*(self._a[i][slot][:r] for i, r in pairs), *(self._b[i][slot][:, :r] for i, r in pairs),
                    *(self._v[j][slot] for j in deltas), *(self._v[j][slot] for j in rest)]
-            zero = [*(self._a[i][slot] for i in unset), *(self._b[i][slot] for i in unset)]
+            zero = [*(self._a[i][slot] for i in unset), *(self._b[i][slot] for i in unset),
+                    *(self._a[i][slot][r:] for i, r in pairs if r < self._a[i].shape[1]),
+                    *(self._b[i][slot][:, r:] for i, r in pairs if r < self._a[i].shape[1])]
             plan = dst, [self._bases[j] for j in rest], zero
-            self._plans[(slot, layers, deltas)] = plan
+            self._plans[(slot, layers, ranks, deltas)] = plan
         return plan
 
     # --- the batched forward --------------------------------------------------------------------------------
@@ -207,9 +211,15 @@ class AdapterBank:
         self._check_fresh()
         device = self._a[0].device if self._a else self.model.base.emb_g.weight.device
         batch = pad_rows(rows, device)
+        with every_slot_active(self.model.slots.layers):  # the slot tensors are substituted: all ranks count
+            audio = self._forward_rows(batch, slots, device)
+        return split_audio(audio, rows)
+
+    def _forward_rows(self, batch: PaddedRows, slots: Sequence[Slot], device: torch.device) -> Tensor:
+        """The padded batch's audio `[B, 1, samples]`, each row with its slot's adapter."""
         if len(set(slots)) == 1:  # one voice: the plain batched forward with its weights
             params = self._gather([slots[0]], device, squeeze=True)
-            audio = functional_call(self._forward, params, (batch,), strict=False)
+            audio: Tensor = functional_call(self._forward, params, (batch,), strict=False)
         else:
             params = self._gather(list(slots), device, squeeze=False)
             shifted, width = batch.shifted, batch.dec_width
@@ -223,7 +233,7 @@ class AdapterBank:
             values = batch.tensors()
             in_dims: tuple[Any, ...] = (0, *(None if v is None else 0 for v in values))
             audio = vmap(one_row, in_dims=in_dims)(params, *values)
-        return split_audio(audio, rows)
+        return audio
 
     def _gather(self, slots: list[Slot], device: torch.device, squeeze: bool) -> dict[str, Tensor]:
         """Each row's adapter tensors under `_PaddedForward`'s parameter names, `[B, ...]` (or one voice's,

@@ -3,11 +3,13 @@
 `ResidentSlots` lists a voice model's adapter memory in one fixed order: `lora_A` of every wrapper, their
 `lora_B`, then for every full-delta slot the parameter itself and its delta buffer. `ResidentSlots.prepare`
 checks an `Adapter` against the model once (base fingerprint, sr/version/f0, layers, ranks, shapes) and
-returns a `PreparedAdapter`: the tensors as the slots will hold them (zero-padded to the slot rank, `alpha/r`
+returns a `PreparedAdapter`: the tensors as the slots will hold them (at the adapter's own rank, `alpha/r`
 folded into B, base + delta for full deltas, in the model's dtype). `ResidentSlots.swap` then copies them
-in with one `torch._foreach_copy_` and zeroes the slots the adapter does not use with one `_foreach_zero_`,
-after an identity check of the slot key only: no per-tensor validation, no allocation, no host sync.
-`swap(None)` (back to the base voice) is the same path with nothing to copy but the base values.
+into the leading rank slots with one `torch._foreach_copy_` and zeroes, with one `_foreach_zero_`, only what
+the previous adapter left beyond the new one's rank (each layer's `rank` says how many leading slots are
+written), after an identity check of the slot key only: no per-tensor validation, no allocation, no host
+sync. A rank-8 adapter in rank-32 slots copies a quarter of the slots, not all of them. `swap(None)` (back
+to the base voice) is the same path with nothing to copy but the base values.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ class SlotKey:
 class PreparedAdapter:
     """An adapter checked against one model's slots and laid out as they hold it (immutable; share it).
 
-    layers: indices (into `ResidentSlots.layers`) of the LoRA pairs it sets; deltas: indices of the full-delta
-    slots it sets; tensors: A of each layer `[max_rank, cols]`, then B `[rows, max_rank]` (scale folded in),
-    then base + delta per full delta, then the delta, all in `key.dtype`."""
+    layers: indices (into `ResidentSlots.layers`) of the LoRA pairs it sets; ranks: the rank r of each of them
+    (<= the slot's `max_rank`); deltas: indices of the full-delta slots it sets; tensors: A of each layer
+    `[r, cols]`, then B `[rows, r]` (scale folded in), then base + delta per full delta, then the delta, all in
+    `key.dtype` (a bank that stacks adapters at the slot rank zero-pads A's rows and B's columns past r)."""
 
     info: AdapterInfo
     key: SlotKey
     layers: tuple[int, ...]
+    ranks: tuple[int, ...]
     deltas: tuple[int, ...]
     tensors: tuple[Tensor, ...] = field(repr=False)
 
@@ -57,25 +61,29 @@ class PreparedAdapter:
     def to(self, device: str | torch.device, *, non_blocking: bool = False) -> PreparedAdapter:
         """The same adapter on another device (values unchanged: the dtype is already the model's)."""
         moved = tuple(t.to(device, non_blocking=non_blocking) for t in self.tensors)
-        return PreparedAdapter(self.info, self.key, self.layers, self.deltas, moved)
+        return PreparedAdapter(self.info, self.key, self.layers, self.ranks, self.deltas, moved)
 
     def pin_memory(self) -> PreparedAdapter:
         """Page-locked host copies: the host -> device copy in `to(..., non_blocking=True)` is then a plain DMA."""
         pinned = tuple(t.pin_memory() for t in self.tensors)
-        return PreparedAdapter(self.info, self.key, self.layers, self.deltas, pinned)
+        return PreparedAdapter(self.info, self.key, self.layers, self.ranks, self.deltas, pinned)
+
+
+Ranks = tuple[int, ...]  # the written rank of every LoRA layer of a model, in `ResidentSlots.layers` order
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """For one (layers, deltas) pattern: where the prepared tensors go (`dst`, in their order, then the base
-    values of the unset full-delta parameters from `extra_src`) and what is zeroed. `delta_dst`/`delta_zero`
-    are the full-delta part alone, for a model with merged layers (whose pairs go one by one)."""
+    """For one (layers, ranks, deltas) pattern: where the prepared tensors go (`dst`: the leading rank slots,
+    in the tensors' order, then the unset full-delta parameters, which take their base values `extra_src`),
+    the full-delta buffers to zero, and the written rank of every layer once it is resident. `delta_dst` is
+    the full-delta part of `dst` alone, for a model with merged layers (whose pairs go one by one)."""
 
     dst: list[Tensor]
     extra_src: list[Tensor]
-    zero: list[Tensor]
-    delta_dst: list[Tensor]
     delta_zero: list[Tensor]
+    delta_dst: list[Tensor]
+    written: Ranks
 
 
 class ResidentSlots:
@@ -98,7 +106,8 @@ class ResidentSlots:
         self.deltas = tuple(full.delta(i) for i in range(n)) if full is not None else ()
         first = self.layers[0].lora_A if self.layers else self.params[0] if self.params else None
         self.key = SlotKey(fingerprint, layout, torch.float32 if first is None else first.dtype)
-        self._plans: dict[tuple[tuple[int, ...], tuple[int, ...]], _Plan] = {}
+        self._plans: dict[tuple[tuple[int, ...], Ranks, tuple[int, ...]], _Plan] = {}
+        self._zeros: dict[tuple[Ranks, Ranks], list[Tensor]] = {}
         self.resident: PreparedAdapter | None = None  # what the last swap loaded (None: the base voice)
 
     # --- checks, once per adapter -------------------------------------------------------------------------------
@@ -151,43 +160,56 @@ class ResidentSlots:
             slot, name = self.layers[i], self.layer_names[i]
             dev = slot.lora_A.device if device is None else device
             a, b = adapter.tensors[f"{name}.lora_A"], adapter.tensors[f"{name}.lora_B"]
-            r = a.shape[0]
-            padded_a = torch.zeros(slot.lora_A.shape, dtype=dtype, device=dev)
-            padded_b = torch.zeros(slot.lora_B.shape, dtype=dtype, device=dev)
-            padded_a[:r].copy_(a)
-            padded_b[:, :r].copy_(b)
+            a_out.append(a.to(device=dev, dtype=dtype, copy=True).contiguous())
+            b_slot = b.to(device=dev, dtype=dtype, copy=True).contiguous()
             if scale != 1.0:  # in the slot dtype, after the cast: as a per-layer copy then scale would compute it
-                padded_b[:, :r].mul_(scale)
-            a_out.append(padded_a)
-            b_out.append(padded_b)
+                b_slot.mul_(scale)
+            b_out.append(b_slot)
         for j in deltas:
             base = self.bases[j] if device is None else self.bases[j].to(device)
             delta = torch.empty(base.shape, dtype=base.dtype, device=base.device)
             delta.copy_(adapter.tensors[FULL_DELTA_PREFIX + self.delta_names[j]])
             full_out.append(base + delta)
             delta_out.append(delta)
-        return PreparedAdapter(info, self.key, layers, deltas, (*a_out, *b_out, *full_out, *delta_out))
+        ranks = tuple(t.shape[0] for t in a_out)
+        return PreparedAdapter(info, self.key, layers, ranks, deltas, (*a_out, *b_out, *full_out, *delta_out))
 
     # --- the swap ------------------------------------------------------------------------------------------------
-    def _plan(self, layers: tuple[int, ...], deltas: tuple[int, ...]) -> _Plan:
-        plan = self._plans.get((layers, deltas))
+    def _plan(self, layers: tuple[int, ...], ranks: Ranks, deltas: tuple[int, ...]) -> _Plan:
+        plan = self._plans.get((layers, ranks, deltas))
         if plan is None:
-            unset = [i for i in range(len(self.layers)) if i not in set(layers)]
             rest = [j for j in range(len(self.delta_names)) if j not in set(deltas)]
             delta_dst = [*(self.params[j] for j in deltas), *(self.deltas[j] for j in deltas),
                          *(self.params[j] for j in rest)]
-            delta_zero = [self.deltas[j] for j in rest]
-            dst = [*(self.layers[i].lora_A for i in layers), *(self.layers[i].lora_B for i in layers), *delta_dst]
-            zero = [*(self.layers[i].lora_A for i in unset), *(self.layers[i].lora_B for i in unset), *delta_zero]
-            plan = _Plan(dst, [self.bases[j] for j in rest], zero, delta_dst, delta_zero)
-            self._plans[(layers, deltas)] = plan
+            pairs = [(self.layers[i], r) for i, r in zip(layers, ranks, strict=True)]
+            dst = [*(layer.lora_A[:r] for layer, r in pairs), *(layer.lora_B[:, :r] for layer, r in pairs),
+                   *delta_dst]
+            by_layer = dict(zip(layers, ranks, strict=True))
+            written = tuple(by_layer.get(i, 0) for i in range(len(self.layers)))
+            plan = _Plan(dst, [self.bases[j] for j in rest], [self.deltas[j] for j in rest], delta_dst, written)
+            self._plans[(layers, ranks, deltas)] = plan
         return plan
+
+    def _stale(self, before: Ranks, after: Ranks) -> list[Tensor]:
+        """The slots written `before` that stay non-zero `after` unless zeroed: rows/columns `after[i]:before[i]`."""
+        zero = self._zeros.get((before, after))
+        if zero is None:
+            grown = [(layer, new, old) for layer, new, old in zip(self.layers, after, before, strict=True)
+                     if old > new]
+            zero = [*(layer.lora_A[new:old] for layer, new, old in grown),
+                    *(layer.lora_B[:, new:old] for layer, new, old in grown)]
+            if len(self._zeros) >= 64:  # a handful of (rank pattern) pairs in practice; bound it anyway
+                self._zeros.clear()
+            self._zeros[(before, after)] = zero
+        return zero
 
     @torch.no_grad()
     def swap(self, prepared: PreparedAdapter | None) -> None:
-        """Make `prepared` resident (None: the base voice), in place: one fused copy, one fused zero."""
+        """Make `prepared` resident (None: the base voice), in place: one fused copy of the adapter's own rank,
+        one fused zero of what the previous adapter left beyond it."""
         if prepared is None:
             layers: tuple[int, ...] = ()
+            ranks: Ranks = ()
             deltas: tuple[int, ...] = ()
             tensors: tuple[Tensor, ...] = ()
         else:
@@ -195,13 +217,17 @@ class ResidentSlots:
                 raise AdapterMismatchError(f"{prepared.info.name}: prepared for another model, layout or dtype "
                                            f"({prepared.key.layout.name}, {prepared.key.dtype}); prepare it with "
                                            "this model")
-            layers, deltas, tensors = prepared.layers, prepared.deltas, prepared.tensors
-        plan = self._plan(layers, deltas)
+            layers, ranks, deltas, tensors = prepared.layers, prepared.ranks, prepared.deltas, prepared.tensors
+        plan = self._plan(layers, ranks, deltas)
         if any(layer.merged for layer in self.layers):  # rare (single-voice deployments): pairs one by one
             self._swap_merged(layers, tensors)
             self._copy(plan.delta_dst, [*tensors[2 * len(layers):], *plan.extra_src], plan.delta_zero)
         else:
-            self._copy(plan.dst, [*tensors, *plan.extra_src], plan.zero)
+            before = tuple(layer.rank for layer in self.layers)
+            self._copy(plan.dst, [*tensors, *plan.extra_src],
+                       [*self._stale(before, plan.written), *plan.delta_zero])
+            for layer, r in zip(self.layers, plan.written, strict=True):
+                layer.rank = r
         self.resident = prepared
 
     @staticmethod
