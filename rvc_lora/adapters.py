@@ -2,7 +2,9 @@
 
 Tensors: `<layer>.lora_A` `[r, cols]`, `<layer>.lora_B` `[rows, r]` (layout of `rvc_lora.lora`) and
 `full_delta.<param>`. Metadata (str -> str): `format`, `format_version`, `name`, `r`, `lora_alpha`,
-`target_modules` (JSON list), `full_delta` (JSON list), `base_fingerprint`, `sr`, `version`, `f0`.
+`target_modules` (JSON list), `full_delta` (JSON list), `base_fingerprint`, `sr`, `version`, `f0`, and for
+an adapter extracted from a full voice `extraction` (its report as a JSON object: `rvc_lora.extract`), so
+that the report travels with the file.
 Loading folds `lora_alpha / r` into B. Only safetensors is ever read: a pickle is refused, not executed.
 """
 
@@ -28,6 +30,7 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a real header is a few hundred KB at most
 MAX_TENSORS = 8192  # a real adapter holds two tensors per adapted layer and one per full delta: hundreds
 MAX_LABEL_CHARS = 256
+MAX_REPORT_CHARS = 1_000_000  # an extraction report of a full-size model: ~30 KB of JSON
 MAX_ABS_VALUE = 65504.0  # the largest float16: adapters may be served in fp16, where larger values become inf
 _DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
 REQUIRED = ("format", "format_version", "r", "lora_alpha", "target_modules", "base_fingerprint", "sr", "version",
@@ -48,6 +51,7 @@ class AdapterInfo:
     f0: bool
     full_delta: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
+    extraction: str | None = None  # the extraction report, a JSON object's text (None: not extracted)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -57,7 +61,12 @@ class AdapterInfo:
         return {"format": FORMAT, "format_version": str(self.format_version), "name": self.name, "r": str(self.r),
                 "lora_alpha": repr(self.lora_alpha), "target_modules": json.dumps(list(self.target_modules)),
                 "full_delta": json.dumps(list(self.full_delta)), "base_fingerprint": self.base_fingerprint,
-                "sr": str(self.sr), "version": self.version, "f0": str(int(self.f0))}
+                "sr": str(self.sr), "version": self.version, "f0": str(int(self.f0)),
+                **({} if self.extraction is None else {"extraction": self.extraction})}
+
+    def report(self) -> dict[str, object] | None:
+        """The extraction report, parsed (None for an adapter that was not extracted)."""
+        return None if self.extraction is None else dict(json.loads(self.extraction))
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,23 @@ def _parse_info(path: Path, meta: Mapping[str, str]) -> AdapterInfo:
         raise AdapterError(f"{path}: metadata version={meta['version']!r}, f0={meta['f0']!r} invalid")
     return AdapterInfo(name=name, r=r, lora_alpha=alpha, target_modules=tuple(targets),
                        base_fingerprint=meta["base_fingerprint"], sr=sr, version=meta["version"],
-                       f0=meta["f0"] == "1", full_delta=tuple(full), format_version=version)
+                       f0=meta["f0"] == "1", full_delta=tuple(full), format_version=version,
+                       extraction=_parse_report(path, meta.get("extraction")))
+
+
+def _parse_report(path: Path, text: str | None) -> str | None:
+    """The `extraction` metadata checked to be a bounded JSON object (its fields are the reader's to check)."""
+    if text is None:
+        return None
+    if len(text) > MAX_REPORT_CHARS:
+        raise AdapterError(f"{path}: metadata extraction has {len(text)} characters, at most {MAX_REPORT_CHARS}")
+    try:
+        report = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's stack
+        raise AdapterError(f"{path}: metadata extraction is not JSON: {exc}") from exc
+    if not isinstance(report, dict):
+        raise AdapterError(f"{path}: metadata extraction must be a JSON object (the extraction report)")
+    return text
 
 
 def _check_tensors(path: Path, info: AdapterInfo, tensors: Mapping[str, Tensor]) -> None:

@@ -151,7 +151,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         _out(report.format())
         if (advice := extraction_advice(report)) is not None:
             sys.stderr.write(f"rvc-lora extract: warning: {advice}\n")
-        _out(f"wrote {args.out}")
+        _out(f"wrote {args.out} (the report without the timings is kept in its metadata: `rvc-lora inspect` and "
+             "the service's GET /adapters/{id} show it)")
         if index is not None:  # the zip's index goes beside the adapter, as the service stores it
             index_out = Path(args.out).with_suffix(".index")
             shutil.copyfile(index, index_out)

@@ -60,10 +60,13 @@ def _adapter(path: Path) -> dict[str, Any]:
     from rvc_lora.adapters import load_adapter
 
     i = load_adapter(path).info
-    return {"kind": "adapter", "name": i.name, "rank": i.r, "lora_alpha": i.lora_alpha, "layers": len(i.layers),
-            "targets": sorted({_family(n) for n in i.layers}), "full_deltas": len(i.full_delta),
-            "base_fingerprint": i.base_fingerprint, "version": i.version, "sr": i.sr, "f0": i.f0,
-            "bytes": path.stat().st_size}
+    facts = {"kind": "adapter", "name": i.name, "rank": i.r, "lora_alpha": i.lora_alpha, "layers": len(i.layers),
+             "targets": sorted({_family(n) for n in i.layers}), "full_deltas": len(i.full_delta),
+             "base_fingerprint": i.base_fingerprint, "version": i.version, "sr": i.sr, "f0": i.f0,
+             "bytes": path.stat().st_size}
+    if (report := i.report()) is not None:  # extracted from a full voice: how close it came
+        facts |= {"extraction_snr_db": report.get("snr_db"), "extraction_max_rel_error": report.get("max_rel_error")}
+    return facts
 
 
 def _family(layer: str) -> str:

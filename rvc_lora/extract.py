@@ -25,6 +25,7 @@ speaker ids keep the base's rows); more rows cannot be expressed over the base a
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ from rvc_lora.voice import (
 log = logging.getLogger(__name__)
 
 LOW_RANK_KINDS = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
+WORST_LAYERS = 8  # per-layer rows an adapter keeps of its extraction report: the worst fits
 
 
 # --- layout: which parameters become LoRA pairs, which full deltas --------------------------------------------------
@@ -203,6 +205,7 @@ class ExtractionReport:
     `snr_db`: waveform SNR of base + adapter against the full voice on a fixed input (None: not evaluated);
     `base_snr_db`: the same for the plain base (how far the voice is from its base). `adapter_bytes` is the
     adapter file's exact size, `voice_bytes` the `.pth`'s (its fp16 payload when the file is gone).
+    The adapter file keeps `summary()` in its metadata.
     """
 
     base: str
@@ -237,10 +240,25 @@ class ExtractionReport:
         return max((x.rel_error for x in self.layers), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (the service returns it with the stored adapter)."""
+        """JSON-ready, every field (`summary()` is what travels with the adapter)."""
         out = dataclasses.asdict(self)
         out.update(size_ratio=self.size_ratio, max_rel_error=self.max_rel_error)
         return out
+
+    def summary(self) -> dict[str, Any]:
+        """What travels with the adapter (its file's `extraction` metadata; the service's record of it): the fit
+        in brief, with the `WORST_LAYERS` worst layers by rel.err rather than all of them. Not this run's paths,
+        timings or the file's own size: the same extraction writes the same bytes."""
+        errors = [x.rel_error for x in self.layers]
+        worst = sorted(self.layers, key=lambda x: (-x.rel_error, x.name))[:WORST_LAYERS]
+        return {"base_fingerprint": self.base_fingerprint, "targets": self.targets, "rank": self.rank,
+                "requested_rank": self.requested_rank, "energy": self.energy, "dtype": self.dtype,
+                "layer_count": len(self.layers), "max_rel_error": self.max_rel_error,
+                "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
+                "worst_layers": [dataclasses.asdict(x) for x in worst], "full_delta_count": len(self.full_delta),
+                "full_delta_values": self.full_delta_values, "skipped_count": len(self.skipped),
+                "voice_bytes": self.voice_bytes, "snr_db": self.snr_db, "base_snr_db": self.base_snr_db,
+                "eval_frames": self.eval_frames, "eval_seed": self.eval_seed, "notes": list(self.notes)}
 
     def format(self, per_layer: bool = True) -> str:
         """A printable table: one row per low-rank layer, then totals."""
@@ -352,8 +370,7 @@ def _extract(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathL
         targets=targets, rank=r, requested_rank=rank, energy=energy, dtype=str(dtype).removeprefix("torch."),
         layers=tuple(reports), full_delta=full_names,
         full_delta_values=sum(tensors[FULL_DELTA_PREFIX + k].numel() for k in full_names), skipped=skipped,
-        adapter_bytes=len(adapter_file_bytes(adapter.tensors, adapter.info, dtype)), voice_bytes=_file_bytes(voice_raw),
-        seconds=time.perf_counter() - start, notes=tuple(notes))
+        adapter_bytes=0, voice_bytes=_file_bytes(voice_raw), seconds=time.perf_counter() - start, notes=tuple(notes))
     say("extract: r=%d, %d layers, %d full deltas in %.2f s", r, len(pairs), len(full_names), report.seconds)
     if evaluate:
         t = time.perf_counter()
@@ -361,7 +378,10 @@ def _extract(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathL
         report = dataclasses.replace(report, snr_db=snr, base_snr_db=base_snr, eval_frames=eval_frames,
                                      eval_seed=eval_seed, eval_seconds=time.perf_counter() - t)
         say("extract: SNR %.1f dB (base alone %.1f dB)", snr, base_snr)
-    return ExtractionResult(adapter, report)
+    # the report travels in the file (sorted keys: the same extraction, the same bytes)
+    adapter = Adapter(dataclasses.replace(info, extraction=json.dumps(report.summary(), sort_keys=True)), tensors)
+    size = len(adapter_file_bytes(adapter.tensors, adapter.info, dtype))
+    return ExtractionResult(adapter, dataclasses.replace(report, adapter_bytes=size))
 
 
 def _factor_layers(layers: Mapping[str, str], w_base: Mapping[str, Tensor], w_voice: Mapping[str, Tensor],

@@ -70,6 +70,7 @@ class AdapterMeta:
     sr: int
     version: str
     f0: bool
+    extraction: Mapping[str, Any] | None = None  # the file's extraction report (`rvc_lora.extract`), if extracted
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Rendered:
 @dataclass(frozen=True)
 class Extracted:
     """An adapter extracted from a full voice model: the adapter file's bytes and the extraction report
-    (`ExtractionReport.to_dict()` without the server-side paths)."""
+    (`ExtractionReport.summary()`, which the file keeps too, with this run's sizes and timings)."""
 
     adapter_bytes: bytes
     report: Mapping[str, Any]

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import ValidationError
 
 from rvc_lora.errors import AdapterError, RVCLoraError
 from service.engine import Engine
 from service.errors import QueueFull, relabel
+from service.schemas import Extraction
 from service.settings import Settings
 from service.store import AdapterStore, Readable, Staged, StoredAdapter, check_name
 
@@ -49,6 +52,17 @@ def check_index(engine: Engine, settings: Settings, staged: Staged) -> None:
         raise relabel(exc, staged.path, "index file") from exc
     finally:
         slots.release()
+
+
+def check_report(report: Mapping[str, Any], size: int) -> None:
+    """AdapterError (422) unless an adapter file's `extraction` metadata is an extraction report."""
+    try:
+        Extraction.of_stored(report, size)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise AdapterError(f"adapter file: metadata 'extraction' is not an extraction report ({where}: "
+                           f"{err['msg']})") from exc
 
 
 def kind_of(head: bytes) -> Kind:
@@ -108,6 +122,8 @@ def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, stage
             meta = engine.describe_adapter(staged.path)
         except RVCLoraError as exc:
             raise relabel(exc, staged.path, "adapter file") from exc
+        if meta.extraction is not None:  # shown by GET /adapters/{id}: refused now if it cannot be
+            check_report(meta.extraction, staged.size)
         if meta.rank > settings.max_rank:
             raise AdapterError(f"adapter file: rank {meta.rank} exceeds this server's maximum rank {settings.max_rank}")
         if check_output is not None and not store.holds(staged.sha256):  # a re-upload costs no device time

@@ -110,7 +110,7 @@ class RVCEngine:
         info = adapter.info
         return AdapterMeta(label=info.name, rank=info.r, lora_alpha=info.lora_alpha,
                            target_modules=tuple(info.target_modules), base_fingerprint=info.base_fingerprint,
-                           sr=info.sr, version=info.version, f0=info.f0)
+                           sr=info.sr, version=info.version, f0=info.f0, extraction=info.report())
 
     def check_index(self, path: Path) -> None:
         from rvc_lora.pipeline.index import probe_index_file
@@ -127,8 +127,10 @@ class RVCEngine:
                                      progress=False)
         except RVCLoraError as exc:
             raise relabel(exc, self._base_raw.path, "(the resident one)") from exc  # the caller names the voice
-        report = {k: v for k, v in result.report.to_dict().items() if k not in ("base", "voice")}  # server paths
-        return Extracted(result.to_bytes(), report)
+        r = result.report  # its summary, as the adapter file keeps it, and this run's sizes and timings
+        return Extracted(result.to_bytes(), {**r.summary(), "adapter_bytes": r.adapter_bytes,
+                                             "size_ratio": r.size_ratio, "seconds": r.seconds,
+                                             "eval_seconds": r.eval_seconds})
 
     def load_voice(self, adapter: Path, index: Path | None) -> object:
         """The host tier: the adapter file read, checked against the model, in the model dtype (pinned on CUDA,

@@ -106,6 +106,57 @@ class AdapterSummary(BaseModel):
                    has_index=rec.index_sha256 is not None, size_bytes=rec.size_bytes, created_at=rec.created_at)
 
 
+class LayerFit(BaseModel):
+    model_config = BODY
+    name: str
+    kind: str = Field(description="Conv1d, ConvTranspose1d or Linear")
+    shape: list[int]
+    rank: int
+    rel_error: float = Field(description="||dW - BA|| / ||dW|| as stored")
+    energy_kept: float = Field(description="share of ||dW||^2 in the kept singular values")
+    delta_share: float = Field(description="||dW|| / ||W_base||")
+
+
+class Extraction(BaseModel):
+    """How an adapter extracted from a full voice model approximates it (`ExtractionReport.summary()` of
+    `rvc_lora.extract`, which the adapter file keeps in its metadata, with sizes and timings)."""
+
+    model_config = BODY
+    base_fingerprint: str
+    targets: str
+    rank: int = Field(description="the adapter's rank (the largest layer rank)")
+    requested_rank: int | None
+    energy: float | None
+    dtype: str
+    layer_count: int = Field(description="layers stored as low-rank pairs")
+    max_rel_error: float = Field(description="the worst layer's ||dW - BA|| / ||dW||")
+    mean_rel_error: float
+    worst_layers: list[LayerFit] = Field(description="the layers that fit worst, worst first (at most 8)")
+    full_delta_count: int = Field(description="small tensors stored whole")
+    full_delta_values: int
+    skipped_count: int = Field(description="parameters that differ from the base outside the extracted targets")
+    adapter_bytes: int
+    voice_bytes: int
+    size_ratio: float = Field(description="voice model bytes per adapter byte")
+    snr_db: float | None = Field(description="waveform SNR of base + adapter against the voice model, fixed input")
+    base_snr_db: float | None = Field(description="the same for the plain base")
+    eval_frames: int
+    eval_seed: int
+    notes: list[str]
+    seconds: float | None = Field(description="how long the extraction took; null when read back from a stored "
+                                  "adapter (its file keeps the fit, not the run)")
+    eval_seconds: float | None = Field(description="how long the SNR evaluation took; null as `seconds`")
+
+    @classmethod
+    def of_stored(cls, report: Mapping[str, Any], adapter_bytes: int) -> Extraction:
+        """The report an adapter file keeps, with the file's size: ValueError (pydantic's ValidationError) when it
+        is not one. Fields of a newer writer are left out."""
+        known = {k: v for k, v in report.items() if k in cls.model_fields}
+        out = cls.model_validate({**known, "adapter_bytes": adapter_bytes, "size_ratio": 0.0, "seconds": None,
+                                  "eval_seconds": None})
+        return out.model_copy(update={"size_ratio": out.voice_bytes / max(adapter_bytes, 1)})
+
+
 class AdapterOut(BaseModel):
     model_config = BODY
     id: str = Field(description="first 16 hex digits of the file's sha256")
@@ -123,61 +174,28 @@ class AdapterOut(BaseModel):
     sr: int
     version: str
     f0: bool
+    extraction: Extraction | None = Field(default=None, description="for an adapter extracted from a full voice "
+                                          "model (on upload, or by `rvc-lora extract`): how close it comes to it")
 
     @classmethod
     def of(cls, rec: StoredAdapter) -> AdapterOut:
         m = rec.meta
+        report = None if m.extraction is None else Extraction.of_stored(m.extraction, rec.size_bytes)
         return cls(id=rec.id, name=rec.name, sha256=rec.sha256, size_bytes=rec.size_bytes,
                    has_index=rec.index_sha256 is not None, index_bytes=rec.index_bytes, created_at=rec.created_at,
                    label=m.label, rank=m.rank, lora_alpha=m.lora_alpha, target_modules=list(m.target_modules),
-                   base_fingerprint=m.base_fingerprint, sr=m.sr, version=m.version, f0=m.f0)
-
-
-class LayerFit(BaseModel):
-    model_config = BODY
-    name: str
-    kind: str = Field(description="Conv1d, ConvTranspose1d or Linear")
-    shape: list[int]
-    rank: int
-    rel_error: float = Field(description="||dW - BA|| / ||dW|| as stored")
-    energy_kept: float = Field(description="share of ||dW||^2 in the kept singular values")
-    delta_share: float = Field(description="||dW|| / ||W_base||")
-
-
-class Extraction(BaseModel):
-    """How an adapter extracted from a full voice model approximates it (`rvc_lora.extract.ExtractionReport`)."""
-
-    model_config = BODY
-    base_fingerprint: str
-    targets: str
-    rank: int = Field(description="the adapter's rank (the largest layer rank)")
-    requested_rank: int | None
-    energy: float | None
-    dtype: str
-    layers: list[LayerFit]
-    full_delta: list[str] = Field(description="small tensors stored whole")
-    full_delta_values: int
-    skipped: list[str]
-    adapter_bytes: int
-    voice_bytes: int
-    size_ratio: float = Field(description="voice model bytes per adapter byte")
-    max_rel_error: float
-    seconds: float
-    snr_db: float | None = Field(description="waveform SNR of base + adapter against the voice model, fixed input")
-    base_snr_db: float | None = Field(description="the same for the plain base")
-    eval_frames: int
-    eval_seed: int
-    eval_seconds: float
-    notes: list[str]
+                   base_fingerprint=m.base_fingerprint, sr=m.sr, version=m.version, f0=m.f0, extraction=report)
 
 
 class AdapterUpload(AdapterOut):
-    extraction: Extraction | None = Field(default=None, description="present when a voice model was uploaded")
+    """`AdapterOut`; after a voice model's extraction, `extraction` carries this run's timings too."""
 
     @classmethod
     def of_upload(cls, rec: StoredAdapter, extraction: Mapping[str, Any] | None) -> AdapterUpload:
-        return cls(**AdapterOut.of(rec).model_dump(),
-                   extraction=None if extraction is None else Extraction.model_validate(dict(extraction)))
+        out = AdapterOut.of(rec)
+        if extraction is not None:
+            out = out.model_copy(update={"extraction": Extraction.model_validate(dict(extraction))})
+        return cls(**dict(out))
 
 
 class AdapterList(BaseModel):

@@ -3,7 +3,8 @@
 Layout under `root`:
     objects/<id>.safetensors          the adapter file; id = first 16 hex of its sha256
     objects/<id>-<sha16>.index        its retrieval index, if any (named by its own hash)
-    meta/<id>.json                    the commit record: name, hashes, sizes, what the adapter is for
+    meta/<id>.json                    the commit record: name, hashes, sizes, what the adapter is for (`AdapterMeta`:
+                                      with the extraction report its file keeps, for one extracted from a voice)
 
 An upload is copied to a temp file in `objects/` (size cap enforced while copying), fsynced, renamed
 into place, and committed by renaming its sidecar last: after a crash the store holds the whole

@@ -138,6 +138,13 @@ def test_files_that_would_fail_later_or_cost_too_much_are_refused(tmp_path: Path
                              "format_version 0"),
         "long name": (_rewrite(good, tmp_path / "name.safetensors", meta={"name": "x" * 300}), "300 characters"),
         "8194 tensors": (_rewrite(good, tmp_path / "many.safetensors", tensors=empty), "8194 tensors"),
+        "report not JSON": (_rewrite(good, tmp_path / "rj.safetensors", meta={"extraction": "{snr"}),
+                            "extraction is not JSON"),
+        "report nested deep": (_rewrite(good, tmp_path / "rd.safetensors", meta={"extraction": "[" * 100_000}),
+                               "extraction is not JSON"),
+        "report a list": (_rewrite(good, tmp_path / "rl.safetensors", meta={"extraction": "[1]"}), "JSON object"),
+        "report too long": (_rewrite(good, tmp_path / "rb.safetensors",
+                                     meta={"extraction": json.dumps({"notes": ["x" * 1_000_001]})}), "at most"),
     }
     for label, (path, needle) in cases.items():
         with pytest.raises(AdapterError) as info:

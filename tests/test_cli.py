@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +140,12 @@ def test_extract_writes_an_adapter_and_prints_the_report(files: dict[str, Path],
     assert main(["extract", "--base", str(files["model"]), "--voice", str(voice_path), "--rank", "4",
                  "--targets", "all", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "SNR" in text and out.is_file()
+    assert "SNR" in text and out.is_file() and "kept in its metadata" in text
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "adapter" and info["full_deltas"] > 0
+    snr = re.search(r"waveform SNR, base\+adapter vs voice: ([\d.]+) dB", text)
+    assert snr and round(info["extraction_snr_db"], 1) == float(snr.group(1))  # the report travels with the file
 
 
 def test_extract_takes_a_voice_zip_and_writes_its_index_beside(files: dict[str, Path], tmp_path: Path,

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -229,7 +230,7 @@ def test_microphone_take_becomes_the_input(browser: Any, server: Server) -> None
         assert p.clean() == []
 
 
-def test_voices_upload_rename_delete(browser: Any, server: Server, assets: dict[str, Path]) -> None:
+def test_voices_upload_rename_delete(browser: Any, server: Server, assets: dict[str, Path], tmp_path: Path) -> None:
     with open_page(browser, server) as p:
         page = p.page
         p.view("voices")
@@ -261,13 +262,35 @@ def test_voices_upload_rename_delete(browser: Any, server: Server, assets: dict[
         assert "extra-renamed" not in server.names()
         page.fill("#voices-search", "")
 
-        # a full voice model: extracted on the server, its report shown
+        # a full voice model: extracted on the server, its report shown when done ...
         page.set_input_files("#upload-file", str(assets["voice"]))
         page.fill("#upload-name", "full-voice")
         page.click("#upload-form button[type=submit]")
-        report = page.wait_for_selector("#upload-result .report")
-        assert "dB" in report.inner_text() and "full-voice" in server.names()
+        report = page.wait_for_selector("#upload-result .report").inner_text()
+        stored = server.api("GET", "/adapters/full-voice").json()["extraction"]
+        assert f"{stored['snr_db']:.1f} dB" in report and "Layers that fit worst" in report
+        assert stored["worst_layers"][0]["name"] in report and "time" in report
+        assert page.locator("#upload-result .worst-layers tbody tr").count() == len(stored["worst_layers"]) > 0
         p.shot("voices")
+        # ... and in the voice's details, read back from GET /adapters/{id}
+        page.fill("#voices-search", "full-voice")
+        page.wait_for_selector("#voices-info:has-text('1–1 of 1')")
+        page.click("#voices-rows button:has-text('Details')")
+        details = page.wait_for_selector("#details-dialog[open] .report").inner_text()
+        assert f"{stored['snr_db']:.1f} dB" in details and stored["worst_layers"][-1]["name"] in details
+        assert "\ntime" not in details  # the stored report keeps the fit, not the run's timings
+        p.shot("voice-details")
+        page.click("#details-dialog [data-close]")
+
+        # the same voice as a zip (how voices circulate): extracted the same way, its report shown
+        package = tmp_path / "full-voice.zip"
+        with zipfile.ZipFile(package, "w") as zf:
+            zf.write(assets["voice"], "Full Voice/Full Voice.pth")
+        page.set_input_files("#upload-file", str(package))
+        page.fill("#upload-name", "zipped-voice")
+        page.click("#upload-form button[type=submit]")
+        page.wait_for_selector("#upload-status:has-text('Stored: zipped-voice')")
+        assert f"{stored['snr_db']:.1f} dB" in page.inner_text("#upload-result .report")
         assert p.clean() == []
 
 

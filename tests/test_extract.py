@@ -296,6 +296,21 @@ def test_dec_targets_touch_the_decoder_only_and_list_the_rest(voice_files: tuple
     assert report.skipped and not any(n.startswith("dec.") for n in report.skipped)
 
 
+def test_the_report_travels_in_the_adapter_file(voice_files: tuple[Path, Path], tmp_path: Path) -> None:
+    base_path, voice_path = voice_files
+    first = run_extract(base_path, voice_path, 2, tmp_path / "a.safetensors", targets="all")
+    again = run_extract(base_path, voice_path, 2, tmp_path / "b.safetensors", targets="all")
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert data == (tmp_path / "b.safetensors").read_bytes()  # no timings in it: the same id in a store
+    assert again.snr_db == first.snr_db and str(voice_path.parent) not in data.decode("latin-1")  # nor paths
+    kept = load_adapter(tmp_path / "a.safetensors").info.report()
+    assert kept == json.loads(json.dumps(first.summary()))
+    assert kept is not None and kept["snr_db"] == first.snr_db and kept["layer_count"] == len(first.layers) > 8
+    worst = sorted(first.layers, key=lambda x: x.rel_error, reverse=True)[:8]
+    assert [x["name"] for x in kept["worst_layers"]] == [x.name for x in worst]
+    assert kept["max_rel_error"] == worst[0].rel_error and first.adapter_bytes == len(data)
+
+
 def test_synthetic_voice_has_the_asked_delta_shares() -> None:
     base = tiny_model(seed=0)
     before = {k: v.clone() for k, v in base.state_dict().items()}

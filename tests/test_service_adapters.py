@@ -56,7 +56,7 @@ def test_upload_list_get_delete(client: TestClient, tmp_path: Path) -> None:
     r = upload(client, data, name="alice")
     assert r.status_code == 201, r.text
     info = r.json()
-    assert info.pop("extraction") is None  # an adapter upload: nothing was extracted
+    assert info["extraction"] is None  # an adapter upload: nothing was extracted
     assert info["id"] == __import__("hashlib").sha256(data).hexdigest()[:16]
     assert (info["name"], info["rank"], info["label"], info["has_index"]) == ("alice", 4, "voice", False)
     brief = ("id", "name", "label", "rank", "has_index", "size_bytes", "created_at")

@@ -115,10 +115,11 @@ class FakeEngine:
         path = make_adapter(voice.with_name(voice.name + ".safetensors"), data["fake_voice_seed"], rank=min(rank, 8),
                             name=name)
         report = {"base_fingerprint": FAKE_FINGERPRINT, "targets": "all", "rank": min(rank, 8), "requested_rank": rank,
-                  "energy": None, "dtype": "float16", "layers": [], "full_delta": [], "full_delta_values": 0,
-                  "skipped": [], "adapter_bytes": path.stat().st_size, "voice_bytes": voice.stat().st_size,
-                  "size_ratio": 1.0, "max_rel_error": 0.0, "seconds": 0.0, "snr_db": None, "base_snr_db": None,
-                  "eval_frames": 0, "eval_seed": 0, "eval_seconds": 0.0, "notes": []}
+                  "energy": None, "dtype": "float16", "layer_count": 1, "max_rel_error": 0.0, "mean_rel_error": 0.0,
+                  "worst_layers": [], "full_delta_count": 0, "full_delta_values": 0, "skipped_count": 0,
+                  "adapter_bytes": path.stat().st_size, "voice_bytes": voice.stat().st_size, "size_ratio": 1.0,
+                  "snr_db": None, "base_snr_db": None, "eval_frames": 0, "eval_seed": 0, "notes": [], "seconds": 0.0,
+                  "eval_seconds": 0.0}
         try:
             return Extracted(path.read_bytes(), report)
         finally:

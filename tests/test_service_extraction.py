@@ -59,11 +59,17 @@ def test_voice_model_upload_converts_like_the_voice_model(real_client: TestClien
     info = r.json()
     report = info["extraction"]
     assert (info["name"], info["label"], info["rank"]) == ("synth", "synth", 8)
-    assert report["targets"] == "all" and report["requested_rank"] == 8 and report["layers"] and report["full_delta"]
+    assert report["targets"] == "all" and report["requested_rank"] == 8 and report["layer_count"] > 8
+    assert report["full_delta_count"] > 0 and len(report["worst_layers"]) == 8  # the worst 8 of them, worst first
+    errors = [x["rel_error"] for x in report["worst_layers"]]
+    assert errors == sorted(errors, reverse=True) and errors[0] == report["max_rel_error"] >= report["mean_rel_error"]
     assert report["snr_db"] > 30 and report["snr_db"] > report["base_snr_db"] + 10
     assert report["voice_bytes"] == synthetic_voice.stat().st_size and info["size_bytes"] == report["adapter_bytes"]
+    assert report["seconds"] > 0 and report["eval_seconds"] > 0
     assert str(tmp_path) not in r.text and "base" not in report and "voice" not in report  # no server paths
-    assert real_client.get(f"/adapters/{info['id']}").json() == {k: v for k, v in info.items() if k != "extraction"}
+    # the report is kept with the adapter (the run's timings are not)
+    stored = real_client.get(f"/adapters/{info['id']}").json()
+    assert stored == {**info, "extraction": {**report, "seconds": None, "eval_seconds": None}}
 
     wav = sine_wav(0.6, freq=150.0)
     served = real_client.post("/convert", data={"adapter": "synth", "seed": "5", "format": "wav"},
@@ -82,6 +88,35 @@ def test_voice_model_upload_converts_like_the_voice_model(real_client: TestClien
 
     again = upload_voice(real_client, synthetic_voice.read_bytes(), name="synth", rank="8")
     assert (again.status_code, again.json()["id"]) == (200, info["id"])  # deterministic extraction, same bytes
+
+
+def test_the_report_is_kept_with_the_adapter(tiny_service_assets: dict[str, Any], synthetic_voice: Path,
+                                            tmp_path: Path) -> None:
+    from rvc_lora.adapters import load_adapter
+    from rvc_lora.cli import main
+    from tests.test_adapters import _rewrite
+
+    model = tiny_service_assets["model"]
+    app = {"factory": load_engine, "model": model, "hubert": tiny_service_assets["hubert"], "max_rank": 8}
+    with running_app(tmp_path, **app) as client:
+        info = upload_voice(client, synthetic_voice.read_bytes(), name="synth", rank="4").json()
+    with running_app(tmp_path, **app) as client:  # a restart: read back from the store's records
+        stored = client.get("/adapters/synth").json()
+        assert stored["extraction"] == {**info["extraction"], "seconds": None, "eval_seconds": None}
+        assert stored["extraction"]["snr_db"] > 20
+
+        cli = tmp_path / "cli.safetensors"  # `rvc-lora extract` keeps its report in the file, for a later upload
+        assert main(["extract", "--base", str(model), "--voice", str(synthetic_voice), "--rank", "2",
+                     "--out", str(cli)]) == 0
+        r = upload(client, cli.read_bytes(), name="from-cli")
+        assert r.status_code == 201, r.text
+        kept = load_adapter(cli).info.report()
+        assert kept is not None and r.json()["extraction"]["snr_db"] == kept["snr_db"]
+        assert r.json()["extraction"]["rank"] == 2 and r.json()["extraction"]["adapter_bytes"] == cli.stat().st_size
+
+        forged = _rewrite(cli, tmp_path / "forged.safetensors", meta={"extraction": '{"snr_db": 99}'})
+        r = upload(client, forged.read_bytes())
+        assert r.status_code == 422 and "not an extraction report" in r.json()["error"]["message"]
 
 
 def test_default_layout_adapters_still_load(real_client: TestClient, tiny_service_assets: dict[str, Any]) -> None:

@@ -29,18 +29,42 @@ function adapterFacts(a) {
   ];
 }
 
-function extractionReport(r) {
+const GOOD_SNR_DB = 20; // as `rvc-lora extract`: below it the adapter audibly differs from the full voice
+
+function worstLayers(layers) {
+  const head = el("tr", {}, ...["layer", "rank", "rel. error", "energy kept"].map((h) => el("th", { scope: "col" }, h)));
+  const rows = layers.map((x) => el("tr", {},
+    el("td", {}, el("code", {}, x.name)), el("td", { class: "num" }, x.rank),
+    el("td", { class: "num" }, fmt(x.rel_error, 4)), el("td", { class: "num" }, fmt(100 * x.energy_kept, 2, " %"))));
+  return el("div", { class: "table-wrap" }, el("table", { class: "worst-layers" },
+    el("caption", {}, "Layers that fit worst"), el("thead", {}, head), el("tbody", {}, ...rows)));
+}
+
+// `r`: an `Extraction` (POST /adapters after a .pth/.zip, or GET /adapters/{id} of an extracted adapter).
+function extractionReport(r, idPrefix) {
   const rows = [
     ["waveform SNR vs the full voice", fmt(r.snr_db, 1, " dB")],
     ["plain base's SNR (for scale)", fmt(r.base_snr_db, 1, " dB")],
     ["rank", r.requested_rank && r.requested_rank !== r.rank ? `${r.rank} (asked ${r.requested_rank})` : r.rank],
+    ["layers", `${r.targets === "all" ? "every layer" : "decoder"}: ${r.layer_count} low-rank, ${r.full_delta_count} kept whole`],
     ["adapter size", formatBytes(r.adapter_bytes)], ["voice model size", formatBytes(r.voice_bytes)],
-    ["size ratio", `${fmt(r.size_ratio, 1)}×`], ["worst layer error", fmt(r.max_rel_error, 4)],
-    ["layers factored", r.layers.length], ["tensors kept whole", r.full_delta.length],
-    ["time", fmt(r.seconds, 2, " s")],
+    ["size ratio", `1/${fmt(r.size_ratio, 1)}`],
+    ["layer error (worst, mean)", `${fmt(r.max_rel_error, 4)}, ${fmt(r.mean_rel_error, 4)}`],
   ];
-  const box = el("section", { class: "report", "aria-labelledby": "report-title" },
-    el("h3", { id: "report-title" }, "Extraction report"), definitionList(rows));
+  if (r.seconds !== null && r.seconds !== undefined) rows.push(["time", fmt(r.seconds + (r.eval_seconds || 0), 2, " s")]);
+  const title = `${idPrefix}-report-title`;
+  const box = el("section", { class: "report", "aria-labelledby": title },
+    el("h3", { id: title }, "Extraction report"));
+  if (r.snr_db !== null && r.snr_db !== undefined) {
+    const good = r.snr_db >= GOOD_SNR_DB;
+    const hint = r.targets !== "all" ? "every layer (targets all)" : `a higher rank (${Math.min(4 * r.rank, 256)})`;
+    box.append(el("p", { class: good ? "verdict good" : "verdict warn", role: "status" }, good
+      ? `Close to the full voice (${fmt(r.snr_db, 1)} dB SNR).`
+      : `Audibly different from the full voice (${fmt(r.snr_db, 1)} dB SNR, below ${GOOD_SNR_DB} dB): ` +
+        `extract with ${hint}, or use the full voice itself.`));
+  }
+  box.append(definitionList(rows));
+  if (r.worst_layers && r.worst_layers.length) box.append(worstLayers(r.worst_layers));
   if (r.notes && r.notes.length) box.append(el("ul", { class: "notes" }, ...r.notes.map((n) => el("li", {}, n))));
   return box;
 }
@@ -75,7 +99,7 @@ async function upload(event) {
     const verb = response.status === 201 ? "Stored" : "Already stored";
     $("#upload-status").textContent = `${verb}: ${adapterTitle(stored)} (${stored.id}).`;
     out.append(el("h3", {}, `${verb}: ${adapterTitle(stored)}`), definitionList(adapterFacts(stored).slice(0, 8)));
-    if (stored.extraction) out.append(extractionReport(stored.extraction));
+    if (stored.extraction) out.append(extractionReport(stored.extraction, "upload"));
     form.reset();
     $("#upload-rank-field").hidden = true;
     toast(`${verb} ${adapterTitle(stored)}`);
@@ -94,6 +118,7 @@ async function openDetails(a) {
     const full = await getJson(`/adapters/${a.id}`);
     $("#details-title").textContent = adapterTitle(full);
     $("#details-body").replaceChildren(definitionList(adapterFacts(full)));
+    if (full.extraction) $("#details-body").append(extractionReport(full.extraction, "details"));
     $("#details-dialog").showModal();
   } catch (err) {
     showError($("#voices-error"), err);
