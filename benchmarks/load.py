@@ -1,5 +1,14 @@
-"""Load benchmark: N concurrent clients over K adapters against a running rvc-lora server, and in the same
-run the baseline existing RVC servers implement (reload the full checkpoint whenever the voice changes).
+"""Load benchmark: N concurrent clients over K adapters, and in the same run the baseline existing RVC servers
+implement (reload the full checkpoint whenever the voice changes).
+
+Self-contained (issue #14): two servers on the demo assets (full-size v2 40k, random weights), the pipelined
+worker (RVC_LORA_BATCHING=true, RVC_LORA_BANK_SLOTS=K) and the one-at-a-time worker, each with K adapters
+(each with the demo index); phases pm without and with the index, alternated between the servers for
+--rounds rounds, then the reload baseline:
+
+    python benchmarks/load.py --spawn --clients 16 --adapters 8 --requests 64 --audio-s 1
+
+Against a running server (phases K=1 and K=K):
 
     rvc-lora serve --demo &                      # or any server holding >= K adapters
     python benchmarks/load.py --url http://127.0.0.1:8000 --clients 8 --adapters 8 --requests 200 \
@@ -16,9 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -70,7 +82,7 @@ async def swaps_total(client: httpx.AsyncClient) -> float:
 
 
 async def run_phase(client: httpx.AsyncClient, name: str, adapters: list[str], clients: int, requests: int,
-                    seconds: float, audio: bytes, audio_s: float) -> PhaseResult:
+                    seconds: float, audio: bytes, audio_s: float, fields: dict[str, str] | None = None) -> PhaseResult:
     counter = iter(range(requests))
     latencies: list[float] = []
     ok = rejected = errors = 0
@@ -82,8 +94,8 @@ async def run_phase(client: httpx.AsyncClient, name: str, adapters: list[str], c
             if time.monotonic() > deadline:
                 return
             start = time.monotonic()
-            r = await client.post("/convert", data={"adapter": adapters[i % len(adapters)], "seed": str(i)},
-                                  files={"audio": ("in.wav", audio)})
+            r = await client.post("/convert", data={"adapter": adapters[i % len(adapters)], "seed": str(i),
+                                                    **(fields or {})}, files={"audio": ("in.wav", audio)})
             if r.status_code == 200:
                 ok += 1
                 latencies.append(time.monotonic() - start)
@@ -93,6 +105,7 @@ async def run_phase(client: httpx.AsyncClient, name: str, adapters: list[str], c
             else:
                 errors += 1
 
+    print(f"phase {name}: {clients} clients, up to {requests} requests", file=sys.stderr, flush=True)
     swaps_before = await swaps_total(client)
     start = time.monotonic()
     await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -101,7 +114,7 @@ async def run_phase(client: httpx.AsyncClient, name: str, adapters: list[str], c
 
 
 def run_baseline(base: Path, hubert: Path, voices: int, requests: int, seconds: float, audio: bytes,
-                 audio_s: float, device: str) -> PhaseResult:
+                 audio_s: float, device: str, index: Path | None = None) -> PhaseResult:
     """RVC-style: one global voice; a voice change loads that voice's full checkpoint and rebuilds the
     synthesizer (the content encoder stays loaded). The voice files are copies of the base checkpoint:
     the same size and load cost as full voice models."""
@@ -130,18 +143,21 @@ def run_baseline(base: Path, hubert: Path, voices: int, requests: int, seconds: 
                 synth = load_synthesizer_with_lora(files[current], LIBRARY_LAYOUT.lora)
                 converter = VoiceConverter(synth, content, device=device)
             assert converter is not None
-            converter.convert(pcm, 16000, ConvertParams(seed=i))
+            converter.convert(pcm, 16000, ConvertParams(seed=i, f0_method="pm", index_rate=0.75 if index else 0.0),
+                              index=index)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             latencies.append(time.monotonic() - t0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return PhaseResult("baseline (reload .pth)", len(latencies), 0, 0, time.monotonic() - start, latencies, audio_s,
+    return PhaseResult("baseline (reload .pth)" + (" +index" if index else ""), len(latencies), 0, 0,
+                       time.monotonic() - start, latencies, audio_s,
                        swaps)
 
 
-async def fill_adapters(client: httpx.AsyncClient, base: Path, n: int) -> None:
-    """Upload `n` random rank-8 `ups`/`resblocks` adapters for `base` (as the demo's voices are made)."""
+async def fill_adapters(client: httpx.AsyncClient, base: Path, n: int, index: Path | None = None) -> None:
+    """Upload `n` random rank-8 `ups`/`resblocks` adapters for `base` (as the demo's voices are made), each with
+    `index` when given."""
     import torch
 
     from rvc_lora.lora import LoRAConfig
@@ -155,10 +171,115 @@ async def fill_adapters(client: httpx.AsyncClient, base: Path, n: int) -> None:
             synth.load_lora_weights({k: 0.05 * torch.randn(v.shape, generator=gen)
                                      for k, v in synth.get_lora_state_dict().items()})
             path = save_adapter(folder / f"load-{i}.safetensors", synth, name=f"load-{i}", dtype=torch.float16)
-            r = await client.post("/adapters", files={"file": (path.name, path.read_bytes())})
+            files = {"file": (path.name, path.read_bytes())}
+            if index is not None:
+                files["index"] = (index.name, index.read_bytes())
+            r = await client.post("/adapters", files=files)
             r.raise_for_status()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class Server:
+    """`python -m service` in a child process on `port` with the demo base and `env` settings, its own store."""
+
+    def __init__(self, name: str, assets: Path, port: int, env: dict[str, str]) -> None:
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.store = Path(tempfile.mkdtemp(prefix="rvc-load-store-"))
+        manifest = {"model": assets / "demo-base-v2-40k.pth", "hubert": assets / "demo-hubert_base.pt"}
+        full_env = {**os.environ, "RVC_LORA_MODEL": str(manifest["model"]),
+                    "RVC_LORA_HUBERT": str(manifest["hubert"]), "RVC_LORA_ADAPTER_DIR": str(self.store),
+                    "RVC_LORA_PORT": str(port), "RVC_LORA_LOG_LEVEL": "WARNING",
+                    "RVC_LORA_MAX_QUEUED_AUDIO_S": "3600", "RVC_LORA_REQUEST_TIMEOUT_S": "600", **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env,
+                                     cwd=Path(__file__).resolve().parents[1])
+
+    async def ready(self, client: httpx.AsyncClient, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server {self.name} exited with {self.proc.returncode}")
+            try:
+                if (await client.get(f"{self.url}/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.5)
+        raise SystemExit(f"server {self.name} not ready within {timeout:g} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+async def spawn_run(args: argparse.Namespace) -> None:
+    from rvc_lora.demo import ensure_demo_assets
+
+    assets = Path(args.assets)
+    ensure_demo_assets(assets)
+    print("demo assets ready; starting the servers", file=sys.stderr, flush=True)
+    index = assets / "demo-voice-a.index"
+    threads = os.environ.get("RVC_LORA_CPU_THREADS", "2")
+    servers = [Server("batching on", assets, args.port, {"RVC_LORA_BATCHING": "true",
+                                                         "RVC_LORA_BANK_SLOTS": str(args.adapters),
+                                                         "RVC_LORA_CPU_THREADS": threads}),
+               Server("batching off", assets, args.port + 1, {"RVC_LORA_BATCHING": "false"})]
+    audio = test_audio(args.audio_s)
+    results: dict[str, list[PhaseResult]] = {}
+    try:
+        ids: dict[str, list[str]] = {}
+        async with httpx.AsyncClient(timeout=900) as probe:
+            for server in servers:
+                await server.ready(probe)
+        for server in servers:
+            async with httpx.AsyncClient(base_url=server.url, timeout=900) as client:
+                print(f"{server.name}: uploading {args.adapters} adapters", file=sys.stderr, flush=True)
+                await fill_adapters(client, assets / "demo-base-v2-40k.pth", args.adapters, index)
+                ids[server.name] = [a["id"] for a in (await client.get("/adapters")).json()["adapters"]]
+                await run_phase(client, "warm-up", ids[server.name], args.clients, 2 * args.adapters, 120, audio,
+                                args.audio_s, {"f0_method": "pm"})
+        for _ in range(args.rounds):
+            for with_index in (False, True):
+                for server in servers:
+                    name = f"{server.name}, pm" + (" +index" if with_index else "")
+                    async with httpx.AsyncClient(base_url=server.url, timeout=900) as client:
+                        r = await run_phase(client, name, ids[server.name], args.clients, args.requests,
+                                            args.seconds, audio, args.audio_s,
+                                            {"f0_method": "pm", "index_rate": "0.75" if with_index else "0"})
+                    results.setdefault(name, []).append(r)
+    finally:
+        for server in servers:
+            server.stop()
+    merged = [merge(name, runs) for name, runs in results.items()]
+    if not args.no_baseline:
+        merged.append(run_baseline(assets / "demo-base-v2-40k.pth", assets / "demo-hubert_base.pt", args.adapters,
+                                   max(args.requests // 4, args.adapters), args.seconds, audio, args.audio_s, "cpu",
+                                   index))
+    print(f"\nclients={args.clients} voices={args.adapters} audio={args.audio_s:g}s requests/phase={args.requests} "
+          f"rounds={args.rounds} cores={len(os.sched_getaffinity(0))} (demo v2 40k, full size, CPU)\n")
+    print(HEADER)
+    for r in merged:
+        print(r.row())
+    rate = {r.name: r.ok / r.wall_s for r in merged}
+    for suffix in ("pm", "pm +index"):
+        on, off = rate.get(f"batching on, {suffix}"), rate.get(f"batching off, {suffix}")
+        if on and off:
+            print(f"{suffix}: batching on / off throughput = {on / off:.2f}x")
+    base = next((r for r in merged if r.name.startswith("baseline")), None)
+    if base is not None and rate.get("batching on, pm +index"):
+        ratio = rate["batching on, pm +index"] / (base.ok / base.wall_s)
+        print(f"batching on, pm +index / reload baseline = {ratio:.1f}x")
+
+
+def merge(name: str, runs: list[PhaseResult]) -> PhaseResult:
+    """Rounds of one phase as one: counts and wall time added, latencies pooled."""
+    return PhaseResult(name, sum(r.ok for r in runs), sum(r.rejected for r in runs), sum(r.errors for r in runs),
+                       sum(r.wall_s for r in runs), [x for r in runs for x in r.latencies], runs[0].audio_s,
+                       sum(r.swaps for r in runs))
 
 
 async def main() -> None:
@@ -175,7 +296,16 @@ async def main() -> None:
     p.add_argument("--device", default="cpu", help="baseline device (the server's)")
     p.add_argument("--fill", action="store_true",
                    help="with --baseline-model: upload random adapters for it until the server holds K")
+    p.add_argument("--spawn", action="store_true", help="start the two servers (batching on/off) on the demo assets")
+    p.add_argument("--assets", default=os.path.join(tempfile.gettempdir(), "rvc-lora-demo-assets"),
+                   help="with --spawn: the demo assets folder (written on first use)")
+    p.add_argument("--port", type=int, default=8710, help="with --spawn: first of two ports")
+    p.add_argument("--rounds", type=int, default=2, help="with --spawn: phases alternate between servers this often")
+    p.add_argument("--no-baseline", action="store_true", help="with --spawn: skip the reload baseline")
     args = p.parse_args()
+    if args.spawn:
+        await spawn_run(args)
+        return
 
     audio = test_audio(args.audio_s)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

@@ -42,7 +42,8 @@ from service.middleware import BodyLimit, RequestContext
 from service.routes import api_router
 from service.rvc_engine import load_engine
 from service.settings import Settings
-from service.store import AdapterStore, sweep_temp_files
+from service.spool import sweep_temp_files
+from service.store import AdapterStore
 from service.worker import Worker
 
 log = logging.getLogger(__name__)

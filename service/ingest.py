@@ -22,7 +22,8 @@ from service.engine import Engine
 from service.errors import QueueFull, relabel
 from service.schemas import Extraction
 from service.settings import Settings
-from service.store import AdapterStore, Readable, Staged, StoredAdapter, check_name
+from service.spool import Readable
+from service.store import AdapterStore, Staged, StoredAdapter, check_name
 
 Kind = Literal["adapter", "voice"]
 HEAD_BYTES = 9

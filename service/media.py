@@ -22,7 +22,7 @@ from rvc_lora.errors import AudioError, RVCLoraError
 from rvc_lora.pipeline.audio import OUTPUT_FORMATS, SR_16K, EncodeFormat, encode_audio, load_audio_16k, probe_audio
 from service.engine import FRAMES_PER_S, Features, ModelInfo
 from service.errors import BadFeatures, PayloadTooLarge, relabel
-from service.store import capture_upload, process_tag
+from service.spool import capture_upload, process_tag
 
 CHUNK = 1 << 20
 SPOOL_PREFIX = "rvc-upload-"  # + process tag: swept at start when stale or left by this host and pid

@@ -8,7 +8,8 @@ from contextlib import ExitStack
 
 from rvc_lora.voicezip import ZipLimits, member_stream, open_voice_zip
 from service.settings import Settings
-from service.store import AdapterStore, Readable, Staged
+from service.spool import Readable
+from service.store import AdapterStore, Staged
 
 
 def unpack_voice_upload(store: AdapterStore, settings: Settings, staged: Staged, label: str,

@@ -288,7 +288,7 @@ def _aged(path: Path, seconds: float, data: bytes = b"x") -> Path:
 
 
 def test_start_sweeps_only_what_no_live_process_can_be_writing(tmp_path: Path) -> None:
-    from service.store import process_tag
+    from service.spool import process_tag
 
     objects, meta = tmp_path / "objects", tmp_path / "meta"
     objects.mkdir()
@@ -305,7 +305,7 @@ def test_start_sweeps_only_what_no_live_process_can_be_writing(tmp_path: Path) -
 
 
 def test_start_sweeps_stale_audio_spool_files(tmp_path: Path) -> None:
-    from service.store import process_tag
+    from service.spool import process_tag
 
     young = _aged(tmp_path / "rvc-upload-otherpod.7-x.part", 10)
     stale = _aged(tmp_path / "rvc-upload-otherpod.7-y.part", 7200)

@@ -541,7 +541,7 @@ def test_disk_errors_while_buffering_audio_are_507(tmp_path: Path, monkeypatch: 
         if where == "temp file":
             monkeypatch.setattr("service.store.tempfile.mkstemp", _enospc)
         else:
-            _full_fdopen(monkeypatch, "service.store")  # the spool is written by capture_upload
+            _full_fdopen(monkeypatch, "service.spool")  # the spool is written by capture_upload
         r = c.post("/convert", files={"audio": ("a.wav", sine_wav())})
         monkeypatch.undo()
         assert (r.status_code, r.json()["error"]["code"]) == (507, "storage_error")

@@ -26,7 +26,8 @@ from service.schemas import (
     AdapterUpload,
     error_responses,
 )
-from service.store import Readable, check_name
+from service.spool import Readable
+from service.store import check_name
 
 router = APIRouter(tags=["adapters"], dependencies=[Security(bearer_scheme)])
 Ref = Annotated[str, Path(min_length=1, max_length=128, description="adapter id or name")]
