@@ -43,7 +43,7 @@ FULL_DELTA_PATTERNS: tuple[str, ...] = (
 # (benchmarks/bench_fidelity.py, voices fine-tuned in full): the smallest setting whose mean over the voices
 # is within 20 dB SNR (extract's warning line) and 0.6 dB log-mel of the full voice, with voicing >= 0.98.
 # Decoder-only adapters never came near it (about 1 dB SNR at any rank), and leaving out the full deltas
-# of the small tensors capped SNR at about 17 dB; rank 32 on every layer is 9.6 MB, 1/5.8 of the .pth.
+# of the small tensors capped SNR at 17 dB or less; rank 32 on every layer is 9.6 MB, 1/5.8 of the .pth.
 DEFAULT_SERVING_RANK = 32
 DEFAULT_EXTRACT_RANK = DEFAULT_SERVING_RANK
 DEFAULT_EXTRACT_TARGETS: Targets = "all"
