@@ -64,6 +64,7 @@ if [ $dry -eq 1 ]; then
     dev=cpu assets=demo-assets
     step assets 300 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
     step bench-lora 120 $py benchmarks/bench_lora.py --device cpu --swaps 20 --reloads 2 --infer-repeats 1
+    step bench-batch 120 $py benchmarks/bench_batch.py --device cpu --models tiny --batches 1,2 --chunks 0.25 --repeats 1
     step gpu-checks 300 $py benchmarks/gpu_checks.py --assets $assets --device cpu --only precision,compile --swaps 6 --seconds 1
     step bench-pipeline 300 $py benchmarks/bench_pipeline.py --assets $assets --device cpu --seconds 2 \
         --f0-methods pm --repeats 1
@@ -80,6 +81,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$out/dev
 step assets 120 $py -c "from rvc_lora.demo import ensure_demo_assets; ensure_demo_assets('$assets')"
 step tests-gpu 90 $py -m pytest -m gpu -p no:cacheprovider -q
 step bench-lora 45 $py benchmarks/bench_lora.py --device $dev --swaps 300 --reloads 10 --infer-repeats 5
+step bench-batch 90 $py benchmarks/bench_batch.py --device $dev --models full,tiny --full-batches 1,2,4,8,16 --repeats 3
 step gpu-checks 120 $py benchmarks/gpu_checks.py --assets $assets --device $dev
 step bench-pipeline 60 $py benchmarks/bench_pipeline.py --assets $assets --device $dev --f0-methods pm,harvest \
     --repeats 3

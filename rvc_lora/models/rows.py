@@ -104,7 +104,8 @@ class PaddedRows:
     """A batch of rows padded to the longest, on one device. phone `[B, T, D]`, pitch `[B, T]` int64 and nsff0
     `[B, T]` float32 (f0 models, else None), sid `[B]`; per-row plans as `[B]` int64: frames, head, flow_head,
     dec_head, prior_frames, dec_frames; prior `[B, C, Tq]`; sine phase `[B, 1, 1]` and noise `[B, Td * upp, 1]`.
-    shifted: whether any row has a head (the gathers are skipped otherwise); dec_width: max(dec_frames)."""
+    shifted: whether any row has a head (the gathers are skipped otherwise); dec_width: max(dec_frames);
+    ragged: whether rows decode different lengths (the decoder's masks are skipped otherwise)."""
 
     phone: Tensor
     pitch: Tensor | None
@@ -120,6 +121,7 @@ class PaddedRows:
     sine: SineDraws | None
     shifted: bool
     dec_width: int
+    ragged: bool
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         """The fields in order, `sine` as its phase and noise (what `torch.func.vmap` maps over)."""
@@ -128,10 +130,11 @@ class PaddedRows:
                 self.prior_frames, self.dec_frames, self.prior, *sine)
 
     @staticmethod
-    def from_tensors(values: tuple[Tensor | None, ...], shifted: bool, dec_width: int) -> PaddedRows:
+    def from_tensors(values: tuple[Tensor | None, ...], like: PaddedRows) -> PaddedRows:
+        """The inverse of `tensors()`, static fields taken from `like`."""
         *head, phase, noise = values
         sine = None if phase is None or noise is None else SineDraws(phase, noise)
-        return PaddedRows(*head, sine, shifted, dec_width)  # type: ignore[arg-type, call-arg]
+        return PaddedRows(*head, sine, like.shifted, like.dec_width, like.ragged)  # type: ignore[arg-type, call-arg]
 
 
 def infer_padded(synth: RVCSynthesizer, rows: PaddedRows) -> Tensor:
@@ -159,7 +162,8 @@ def infer_padded(synth: RVCSynthesizer, rows: PaddedRows) -> Tensor:
         z = z[..., :t_dec]
         nsff0 = None if nsff0 is None else nsff0[..., :t_dec]
     z = z * sequence_mask(rows.dec_frames, t_dec).unsqueeze(1).to(z.dtype)
+    lengths = rows.dec_frames if rows.ragged else None  # no padding to keep out when every row fills the width
     if isinstance(synth.dec, GeneratorNSF):
         assert nsff0 is not None and rows.sine is not None
-        return synth.dec(z, nsff0, g, draws=rows.sine, lengths=rows.dec_frames)  # type: ignore[no-any-return]
-    return synth.dec(z, g, lengths=rows.dec_frames)  # type: ignore[no-any-return]
+        return synth.dec(z, nsff0, g, draws=rows.sine, lengths=lengths)  # type: ignore[no-any-return]
+    return synth.dec(z, g, lengths=lengths)  # type: ignore[no-any-return]

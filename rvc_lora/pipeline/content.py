@@ -23,7 +23,7 @@ import json
 import math
 import pickletools
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, ClassVar, Literal
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from transformers import HubertConfig, HubertModel
 
 from rvc_lora.errors import AudioError, CheckpointError, ConfigError, ModelUnavailableError, ParameterError
+from rvc_lora.pipeline.batching import run_grouped
 
 __all__ = ["ContentEncoder", "build_random_hubert", "save_fairseq_hubert", "save_hf_hubert"]
 
@@ -150,6 +151,22 @@ class ContentEncoder(nn.Module):
         """16 kHz mono audio `[T]` or `[1, T]` (any float dtype, e.g. RVC's float64 chunk) -> features
         `[1, F, D]` in the encoder's dtype, on its device (D = `feature_dim(version)`)."""
         layer = self._check(version)
+        return self._forward(self._mono(audio16k).view(1, -1), version, layer)
+
+    def extract_batch(self, audios: Sequence[Tensor], version: Version) -> list[Tensor]:
+        """Several inputs as `extract` takes them -> each one's `[1, F, D]` features, inputs of equal length
+        stacked into one forward (exact: see `rvc_lora.pipeline.batching`; unequal lengths are not padded, since
+        HuBERT's group norm over time would then see the padding)."""
+        layer = self._check(version)
+        monos = [self._mono(a) for a in audios]
+
+        def run(group: list[Tensor]) -> list[Tensor]:
+            return list(self._forward(torch.stack(group), version, layer).chunk(len(group)))
+
+        return run_grouped(monos, [m.shape[0] for m in monos], run)
+
+    def _mono(self, audio16k: Tensor) -> Tensor:
+        """`[T]` or `[1, T]` -> `[T]`, checked long enough for one frame."""
         if audio16k.dim() == 2 and audio16k.shape[0] == 1:
             audio16k = audio16k[0]
         if audio16k.dim() != 1:
@@ -158,9 +175,13 @@ class ContentEncoder(nn.Module):
             raise AudioError(
                 f"{audio16k.shape[0]} samples is too short for the content encoder (HuBERT base needs >= 400)"
             )
+        return audio16k
+
+    def _forward(self, audio: Tensor, version: Version, layer: int) -> Tensor:
+        """`[B, T]` audio -> `[B, F, D]` features."""
         # One cast straight to the model dtype, as RVC's `.half()`/`.float()` of the float64 chunk. No waveform
         # normalisation and no attention mask: RVC passes an all-False padding mask, i.e. none.
-        x = audio16k.to(device=self.device, dtype=self.dtype).view(1, -1)
+        x = audio.to(device=self.device, dtype=self.dtype)
         n_layers = int(self.hubert.config.num_hidden_layers)
         with torch.no_grad(), _rng_untouched(self.device):
             out = self.hubert(x, output_hidden_states=layer < n_layers)

@@ -211,23 +211,23 @@ class AdapterBank:
         self._check_fresh()
         device = self._a[0].device if self._a else self.model.base.emb_g.weight.device
         batch = pad_rows(rows, device)
-        with every_slot_active(self.model.slots.layers):  # the slot tensors are substituted: all ranks count
-            audio = self._forward_rows(batch, slots, device)
+        if set(slots) == {0}:  # the resident voice: the model as it is
+            audio = infer_padded(self.model.base, batch)
+        else:
+            with every_slot_active(self.model.slots.layers):  # the slot tensors are substituted: all ranks count
+                audio = self._forward_rows(batch, slots, device)
         return split_audio(audio, rows)
 
     def _forward_rows(self, batch: PaddedRows, slots: Sequence[Slot], device: torch.device) -> Tensor:
         """The padded batch's audio `[B, 1, samples]`, each row with its slot's adapter."""
         if len(set(slots)) == 1:  # one voice: the plain batched forward with its weights
-            params = self._gather([slots[0]], device, squeeze=True)
-            audio: Tensor = functional_call(self._forward, params, (batch,), strict=False)
+            audio: Tensor = functional_call(self._forward, self._voice(slots[0]), (batch,), tie_weights=False)
         else:
-            params = self._gather(list(slots), device, squeeze=False)
-            shifted, width = batch.shifted, batch.dec_width
+            params = self._gather(list(slots), device)
 
             def one_row(p: dict[str, Tensor], *values: Tensor | None) -> Tensor:
-                row = PaddedRows.from_tensors(tuple(None if v is None else v.unsqueeze(0) for v in values),
-                                              shifted, width)
-                out: Tensor = functional_call(self._forward, p, (row,), strict=False)
+                row = PaddedRows.from_tensors(tuple(None if v is None else v.unsqueeze(0) for v in values), batch)
+                out: Tensor = functional_call(self._forward, p, (row,), tie_weights=False)
                 return out[0]
 
             values = batch.tensors()
@@ -235,9 +235,20 @@ class AdapterBank:
             audio = vmap(one_row, in_dims=in_dims)(params, *values)
         return audio
 
-    def _gather(self, slots: list[Slot], device: torch.device, squeeze: bool) -> dict[str, Tensor]:
-        """Each row's adapter tensors under `_PaddedForward`'s parameter names, `[B, ...]` (or one voice's,
-        unbatched, with `squeeze`). Base-voice rows read slot 0 with B zeroed and the base full-delta values."""
+    def _voice(self, slot: Slot) -> dict[str, Tensor]:
+        """One voice's adapter tensors under `_PaddedForward`'s parameter names: views of its slot (no copy),
+        or for the base voice zero B and the base full-delta values."""
+        params: dict[str, Tensor] = {}
+        for name, a, b in zip(self.layer_names, self._a, self._b, strict=True):
+            params[f"synth.{name}.lora_A"] = a[slot or 0]
+            params[f"synth.{name}.lora_B"] = b[slot] if slot is not None else torch.zeros_like(b[0])
+        for path, v, base in zip(self.delta_paths, self._v, self._bases, strict=True):
+            params[f"synth.{path}"] = v[slot] if slot is not None else base
+        return params
+
+    def _gather(self, slots: list[Slot], device: torch.device) -> dict[str, Tensor]:
+        """Each row's adapter tensors under `_PaddedForward`'s parameter names, `[B, ...]`: one `index_select`
+        per tensor. Base-voice rows read slot 0 with B zeroed and the base full-delta values."""
         idx = torch.tensor([0 if s is None else s for s in slots], device=device)
         keep = torch.tensor([s is not None for s in slots], device=device)
         params: dict[str, Tensor] = {}
@@ -248,8 +259,6 @@ class AdapterBank:
         for path, v, base in zip(self.delta_paths, self._v, self._bases, strict=True):
             shape = (-1, *[1] * base.dim())
             params[f"synth.{path}"] = torch.where(keep.view(shape), v.index_select(0, idx), base.unsqueeze(0))
-        if squeeze:
-            params = {k: t[0] for k, t in params.items()}
         return params
 
 

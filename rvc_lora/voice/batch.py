@@ -102,7 +102,8 @@ def pad_rows(rows: Sequence[SynthRow], device: torch.device) -> PaddedRows:
         flow_head=ints([p.flow_head for p in plans]), dec_head=ints([p.dec_head for p in plans]),
         prior_frames=ints([p.prior_frames for p in plans]), dec_frames=ints([p.dec_frames for p in plans]),
         prior=_stack_padded([r.noise.prior[0] for r in rows], 1).to(device),
-        sine=sine, shifted=any(p.head for p in plans), dec_width=max(p.dec_frames for p in plans))
+        sine=sine, shifted=any(p.head for p in plans), dec_width=max(p.dec_frames for p in plans),
+        ragged=len({p.dec_frames for p in plans}) > 1)
 
 
 def split_audio(audio: Tensor, rows: Sequence[SynthRow]) -> list[Tensor]:

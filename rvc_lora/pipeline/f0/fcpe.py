@@ -11,6 +11,7 @@ does not run it) and the network is `FCPENet`. Install the package without its d
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
+from rvc_lora.pipeline.batching import run_grouped
 from rvc_lora.pipeline.f0.base import HOP, INSTALL_HINTS, SR, check_audio, fit_length, frame_count
 from rvc_lora.pipeline.f0.fcpe_net import HIDDEN, N_BINS, N_LAYERS, N_MELS, FCPENet
 from rvc_lora.pipeline.f0.mel import mel_filterbank
@@ -107,8 +109,9 @@ class FCPEPitch:
         return cls(net, device=device)
 
     def log_mel(self, audio16k: NDArray[np.floating]) -> Tensor:
-        """`[N]` -> log-mel `[1, N // 160 + 1, 128]` float32."""
-        x = torch.tensor(audio16k, dtype=torch.float32, device=self.device).unsqueeze(0)  # [1, N]
+        """`[N]` (or `[B, N]`) -> log-mel `[1, N // 160 + 1, 128]` (`[B, ...]`) float32."""
+        x = torch.tensor(audio16k, dtype=torch.float32, device=self.device)
+        x = x.unsqueeze(0) if x.dim() == 1 else x  # [B, N]
         n = x.shape[-1]
         left = (N_FFT - HOP) // 2
         right = max((N_FFT - HOP + 1) // 2, N_FFT - n - left)  # a signal shorter than a window still gets one
@@ -124,10 +127,24 @@ class FCPEPitch:
         return mel[:, :n_frames]
 
     def __call__(self, audio16k: NDArray[np.floating], p_len: int, *, filter_radius: int = 3) -> NDArray[np.float32]:
+        return self._f0(check_audio(audio16k)[None], [p_len])[0]
+
+    def batch(self, audios: Sequence[NDArray[np.floating]], p_lens: Sequence[int], *,
+              filter_radius: int = 3) -> list[NDArray[np.float32]]:
+        """`__call__` for several inputs, those of equal length in one forward (`rvc_lora.pipeline.batching`)."""
+        checked = [check_audio(a) for a in audios]
+
+        def run(group: list[int]) -> list[NDArray[np.float32]]:
+            return self._f0(np.stack([checked[i] for i in group]), [p_lens[i] for i in group])
+
+        return run_grouped(list(range(len(checked))), [len(a) for a in checked], run)
+
+    def _f0(self, audio16k: NDArray[np.floating], p_lens: Sequence[int]) -> list[NDArray[np.float32]]:
+        """`[B, N]` -> each row's f0, fit to its `p_lens` entry."""
         with torch.inference_mode():
-            latent = self.net(self.log_mel(check_audio(audio16k)))  # [1, T, 360]
-            f0 = decode_latent(latent, self.net.cent_table)
-        return fit_length(np.asarray(f0.squeeze(0).cpu().numpy(), dtype=np.float32), p_len)
+            latent = self.net(self.log_mel(audio16k))  # [B, T, 360]
+            f0 = decode_latent(latent, self.net.cent_table).cpu().numpy()
+        return [fit_length(np.asarray(row, dtype=np.float32), n) for row, n in zip(f0, p_lens, strict=True)]
 
 
 def _check_config(path: Path, ckpt: Any) -> None:

@@ -7,6 +7,7 @@ samples, the mel image zero-padded to a multiple of 32 frames, salience threshol
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
+from rvc_lora.pipeline.batching import run_grouped
 from rvc_lora.pipeline.f0.base import HOP, RMVPE_HINT, SR, check_audio, fit_length
 from rvc_lora.pipeline.f0.mel import mel_filterbank
 from rvc_lora.pipeline.f0.rmvpe_net import N_BINS, N_MELS, STAGES, RMVPENet
@@ -73,8 +75,10 @@ class RMVPEPitch:
         return cls(net, device=device, is_half=is_half)
 
     def log_mel(self, audio16k: NDArray[np.floating]) -> Tensor:
-        """`[N]` -> log-mel `[1, 128, N // 160 + 1]` (fp16 when `is_half`, as RVC casts before the log)."""
-        x = torch.tensor(audio16k, dtype=torch.float32, device=self.device).unsqueeze(0)  # [1, N]
+        """`[N]` (or `[B, N]`) -> log-mel `[1, 128, N // 160 + 1]` (`[B, ...]`; fp16 when `is_half`, as RVC casts
+        before the log)."""
+        x = torch.tensor(audio16k, dtype=torch.float32, device=self.device)
+        x = x.unsqueeze(0) if x.dim() == 1 else x  # [B, N]
         spec = torch.stft(
             x, N_FFT, hop_length=HOP, win_length=N_FFT, window=self.window, center=True, return_complex=True
         )  # [1, 513, T], reflect-padded by 512 each side
@@ -85,16 +89,31 @@ class RMVPEPitch:
 
     def salience(self, audio16k: NDArray[np.floating]) -> NDArray[np.float32]:
         """`[N]` -> salience `[N // 160 + 1, 360]` float32."""
+        return np.asarray(self._salience(check_audio(audio16k)[None])[0], dtype=np.float32)
+
+    def batch(self, audios: Sequence[NDArray[np.floating]], p_lens: Sequence[int], *,
+              filter_radius: int = 3) -> list[NDArray[np.float64]]:
+        """`__call__` for several inputs, those of equal length in one forward (`rvc_lora.pipeline.batching`)."""
+        checked = [check_audio(a) for a in audios]
+
+        def run(group: list[int]) -> list[NDArray[np.float64]]:
+            sal = self._salience(np.stack([checked[i] for i in group]))
+            return [fit_length(decode_salience(s), p_lens[i]) for s, i in zip(sal, group, strict=True)]
+
+        return run_grouped(list(range(len(checked))), [len(a) for a in checked], run)
+
+    def _salience(self, audio16k: NDArray[np.floating]) -> NDArray[np.float32]:
+        """`[B, N]` -> salience `[B, N // 160 + 1, 360]` float32."""
         with torch.inference_mode():
-            mel = self.log_mel(check_audio(audio16k))
+            mel = self.log_mel(audio16k)
             n_frames = mel.shape[-1]
             multiple = 1 << STAGES  # the U-Net halves T five times
             n_pad = multiple * ((n_frames - 1) // multiple + 1) - n_frames
             if n_pad > 0:
                 mel = F.pad(mel, (0, n_pad), mode="constant")  # zeros in the log domain, as RVC pads
             mel = mel.half() if self.is_half else mel.float()
-            hidden = self.net(mel)[:, :n_frames]  # [1, T, 360]
-        return np.asarray(hidden.squeeze(0).float().cpu().numpy(), dtype=np.float32)
+            hidden = self.net(mel)[:, :n_frames]  # [B, T, 360]
+        return np.asarray(hidden.float().cpu().numpy(), dtype=np.float32)
 
     def __call__(self, audio16k: NDArray[np.floating], p_len: int, *, filter_radius: int = 3) -> NDArray[np.float64]:
         return fit_length(decode_salience(self.salience(audio16k)), p_len)

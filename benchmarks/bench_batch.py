@@ -1,0 +1,155 @@
+"""Batched synthesis across voices vs the same rows one by one: synthesizer throughput in seconds of audio per second.
+
+For each model (tiny, full-size v2 40k f0; random weights, serving layout: every layer plus full deltas), chunk
+length and batch size B, B rows of B distinct voices (random adapters filling every slot) are synthesized
+  - serially: per row, `swap` the voice into the resident slots and `infer` it (the one-at-a-time worker), and
+  - batched: one `AdapterBank.synthesize` over the B rows (slots acquired before timing: loads not counted).
+Rows are seeded; the table also gives the largest difference between a row's batched and serial audio.
+Run:
+    .venv/bin/python benchmarks/bench_batch.py [--device cpu|cuda] [--models tiny,full] [--batches 1,2,4,8,16]
+        [--chunks 1,0.25] [--full-batches 1,2,4] [--repeats 3]
+`--full-batches` limits the full-size model's batch sizes (the 2-core CPU needs minutes per full-size batch of
+16 one-second rows); pass the same list as `--batches` for the whole grid. Prints one table; every number comes
+from this single run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from rvc_lora import SynthConfig, build_synthesizer
+from rvc_lora.adapters import Adapter, AdapterInfo
+from rvc_lora.demo import V2_40K_CONFIG
+from rvc_lora.lora import FULL_DELTA_PREFIX
+from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, SynthRow, make_row, serving_layout
+
+TINY_CONFIG = [17, 32, 6, 8, 16, 2, 2, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3, [10, 10, 2, 2], 16, [16, 16, 4, 4],
+               3, 8, 40000]  # the test suite's tiny v2 40k geometry
+MODELS = {"tiny": (TINY_CONFIG, 4), "full": (V2_40K_CONFIG, 32)}  # config, serving rank
+FRAMES_PER_S = 100  # content frames per second of audio (10 ms hop)
+Out = TypeVar("Out")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_pair(first: Callable[[], Out], second: Callable[[], Out], repeats: int,
+               device: str) -> tuple[float, float, Out, Out]:
+    """Median seconds of `repeats` runs of each after one warm-up, the two interleaved so that a shared
+    machine's load falls on both alike; then the last outputs of each."""
+    outs = [first(), second()]
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for k, fn in enumerate((first, second)):
+            sync(device)
+            t = time.perf_counter()
+            outs[k] = fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1]), outs[0], outs[1]
+
+
+def random_adapter(model: SynthesizerLoRA, seed: int) -> Adapter:
+    """A random adapter filling every slot of `model`: LoRA pairs at the slot rank and every full delta."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = model.slots
+    tensors = {f"{n}.lora_A": torch.randn(layer.lora_A.shape, generator=gen) * 0.01
+               for n, layer in zip(slots.layer_names, slots.layers, strict=True)}
+    tensors |= {f"{n}.lora_B": torch.randn(layer.lora_B.shape, generator=gen) * 0.01
+                for n, layer in zip(slots.layer_names, slots.layers, strict=True)}
+    tensors |= {FULL_DELTA_PREFIX + n: torch.randn(b.shape, generator=gen) * 0.01
+                for n, b in zip(slots.delta_names, slots.bases, strict=True)}
+    r, cfg = model.layout.max_rank, model.cfg
+    info = AdapterInfo(name=f"random{seed}", r=r, lora_alpha=float(r), target_modules=slots.layer_names,
+                       base_fingerprint=model.fingerprint, sr=cfg.sr, version=cfg.version, f0=cfg.f0,
+                       full_delta=slots.delta_names)
+    return Adapter(info, tensors)
+
+
+def make_rows(model: SynthesizerLoRA, n: int, frames: int, device: str) -> tuple[list[SynthRow], list[dict]]:
+    """n seeded rows of `frames` frames (and the same inputs for the solo `infer`)."""
+    rows, solo = [], []
+    cfg = model.cfg
+    for i in range(n):
+        gen = torch.Generator().manual_seed(1000 + i)
+        phone = torch.randn(frames, cfg.content_dim, generator=gen)
+        nsff0 = 100 + 200 * torch.rand(frames, generator=gen)
+        pitch = torch.randint(1, 256, (frames,), generator=gen)
+        rows.append(make_row(model, phone, pitch, nsff0, sid=0, generator=torch.Generator().manual_seed(i),
+                             device=device))
+        solo.append({"phone": phone[None].to(device), "phone_lengths": torch.tensor([frames], device=device),
+                     "pitch": pitch[None].to(device), "nsff0": nsff0[None].to(device),
+                     "sid": torch.tensor([0], device=device)})
+    return rows, solo
+
+
+def run_serial(model: SynthesizerLoRA, voices: list[PreparedAdapter], solo: list[dict]) -> list[torch.Tensor]:
+    """The rows one by one, as the one-at-a-time worker runs them: swap the row's voice in, seed, `infer`."""
+    out = []
+    for i, (voice, inputs) in enumerate(zip(voices, solo, strict=True)):
+        model.swap(voice)
+        torch.manual_seed(i)
+        out.append(model.infer(**inputs)[0][0, 0])
+    return out
+
+
+@torch.no_grad()
+def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int, device: str) -> list[str]:
+    config, rank = MODELS[name]
+    cfg = SynthConfig.from_list(config, version="v2", f0=True)
+    torch.manual_seed(0)
+    model = SynthesizerLoRA(build_synthesizer(cfg, with_posterior=False), layout=serving_layout(cfg, rank))
+    model = model.to(device).eval()
+    most = max(batches)
+    voices: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed)) for seed in range(most)]
+    bank = AdapterBank(model, most + 1)
+    bank.acquire("serial", voices[0])  # pins slot 0 for good: the serial runs swap their voices through it
+    lines = []
+    for chunk_s in chunks:
+        frames = round(chunk_s * FRAMES_PER_S)
+        for b in batches:
+            rows, solo = make_rows(model, b, frames, device)
+
+            serial = functools.partial(run_serial, model, voices[:b], solo)
+            with bank.hold([(i, voices[i]) for i in range(b)]) as slots:
+                batch = functools.partial(bank.synthesize, rows, slots)
+                t_serial, t_batch, reference, batched = timed_pair(serial, batch, repeats, device)
+            diff = max(float((x - y).abs().max()) for x, y in zip(batched, reference, strict=True))
+            audio_s = b * frames / FRAMES_PER_S
+            lines.append(f"{name:5} {chunk_s:6.2f} {b:5d} {audio_s / t_serial:13.2f} {audio_s / t_batch:13.2f} "
+                         f"{t_serial / t_batch:8.2f}x {diff:10.1e}")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="tiny,full")
+    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--full-batches", default="1,2,4", help="batch sizes for the full-size model")
+    parser.add_argument("--chunks", default="1,0.25", help="chunk lengths in seconds")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    full_batches = [int(x) for x in args.full_batches.split(",")]
+    chunks = [float(x) for x in args.chunks.split(",")]
+    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{platform.processor() or platform.machine()}; median of {args.repeats}; distinct voice per row")
+    print("model chunk     B  serial aud/s   batch aud/s  speedup   max|diff|")
+    for name in args.models.split(","):
+        bench_model(name, full_batches if name == "full" else batches, chunks, args.repeats, args.device)
+
+
+if __name__ == "__main__":
+    main()
