@@ -114,6 +114,8 @@ def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int
     voices: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed)) for seed in range(most)]
     bank = AdapterBank(model, most + 1)
     bank.acquire("serial", voices[0])  # pins slot 0 for good: the serial runs swap their voices through it
+    print(f"{name}: serving layout r={rank}, bank of {bank.size} slots, {bank.slot_nbytes / 2**20:.2f} MiB per slot",
+          flush=True)
     lines = []
     for chunk_s in chunks:
         frames = round(chunk_s * FRAMES_PER_S)

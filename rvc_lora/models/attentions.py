@@ -21,6 +21,13 @@ def _relative_index(t: int, window: int, device: torch.device) -> tuple[Tensor, 
     return offset.clamp(0, 2 * window), inside
 
 
+def _band_index(t: int, window: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The inverse map, for a `[T, 2w+1]` grid: the key column `i + o - w` of each (row, offset) cell, clamped,
+    and whether it is a key (0 <= i + o - w < T)."""
+    key = torch.arange(t, device=device).unsqueeze(1) + torch.arange(2 * window + 1, device=device) - window
+    return key.clamp(0, t - 1), (key >= 0) & (key < t)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with learned relative-position keys and values (window 10, shared across heads).
 
@@ -62,10 +69,10 @@ class MultiHeadAttention(nn.Module):
         scores = scores.masked_fill(attn_mask == 0, -1e4)  # after the relative term, as RVC: exactly -1e4
         p_attn = self.drop(F.softmax(scores, dim=-1))
         out = torch.matmul(p_attn, v)  # [B, H, T, d]
-        # P[i, j] re-indexed by offset j - i + w: a scatter over the band (cells outside it contribute 0)
-        # out of place: under torch.func.vmap (batched synthesis) p_attn is batched and a fresh zeros is not
-        rel_weights = p_attn.new_zeros(b, h, t, 2 * self.window_size + 1).scatter_add(
-            -1, offset.expand(b, h, t, t), p_attn * inside)
+        # P[i, j] re-indexed by offset j - i + w: each band cell is one key's weight, so a gather (cheaper than a
+        # scatter, above all under torch.func.vmap in batched synthesis); offsets past the row's ends weigh 0
+        key, is_key = _band_index(t, self.window_size, x.device)
+        rel_weights = torch.gather(p_attn, -1, key.expand(b, h, t, key.shape[-1])) * is_key
         out = out + torch.matmul(rel_weights, self.emb_rel_v[0])  # [B, H, T, d]
         out = out.transpose(2, 3).contiguous().view(b, c, t)
         result: Tensor = self.conv_o(out)
