@@ -77,7 +77,6 @@ def main() -> None:
     files = write_assets(args.assets)
     settings = Settings(model=files["model"], hubert=files["hubert"], device="cpu", adapter_dir=args.state / "store",
                         work_dir=args.state / "work", api_key=args.key, max_rank=8, shutdown_grace_s=2,
-                        stream_buffer_s=30,  # a loaded 2-core CI machine runs the first blocks slower than realtime
                         seed_adapters={} if args.fake_engine else {name: files[name] for name in ADAPTERS})
     factory = load_engine
     if args.fake_engine:

@@ -3,9 +3,10 @@ against real servers on 127.0.0.1 (`tests/console_server.py`: the real engine on
 
 Checked: the page loads with no failed request and no console error; a conversion through the page plays audio
 of the input's length; the f0 plot has points; uploads, renames and deletes through the page change
-`GET /adapters`; a microphone take (Chromium's fake device) becomes the input, and streams live through
-`WebSocket /stream`; a wrong key shows an error; the
-page fits a phone's width. A screenshot of each view goes to `test-artifacts/console/` (git-ignored).
+`GET /adapters`, and a voice model's extraction report shows after the upload and in its details; a microphone
+take (Chromium's fake device) becomes the input, and streams live through `WebSocket /stream` with the default
+stream buffer; the dark theme keeps text legible (WCAG AA contrast); a wrong key shows an error; the page fits a
+phone's width. A screenshot of each view goes to `test-artifacts/console/` (git-ignored).
 Select these with `-m browser`; they skip, saying why, only where no Chromium is installed.
 """
 
@@ -138,8 +139,8 @@ class Page:
 
 @contextmanager
 def open_page(browser: Any, server: Server, width: int = 1280, height: int = 900,
-              wait_ready: bool = True) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": width, "height": height},
+              wait_ready: bool = True, color_scheme: str = "light") -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme,
                                   permissions=["microphone"], base_url=server.url)
     page = context.new_page()
     out = Page(page)
@@ -322,6 +323,47 @@ def test_live_streams_the_microphone(browser: Any, server: Server) -> None:
         p.shot("live")
         page.click("#live-btn")
         page.wait_for_selector("#live-status:has-text('Stopped')")
+        assert page.inner_text("#live-error") == ""  # the server kept the stream (default stream_buffer_s)
+        assert p.clean() == []
+
+
+def _luminance(css: str) -> float:
+    """WCAG relative luminance of an `rgb(r, g, b)` / `rgba(...)` colour."""
+    channels = [float(v) / 255 for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3]]
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_dark_theme_follows_the_system_and_stays_legible(browser: Any, server: Server) -> None:
+    with open_page(browser, server, color_scheme="dark") as p:
+        page = p.page
+        for view in ("convert", "voices", "status", "live"):
+            p.view(view)
+            # each text's colour and the first opaque background behind it (its own, a card's, the page's)
+            colours = page.evaluate(r"""() => [...document.querySelectorAll('h2, label, p, dt, dd, th, td, button')]
+                .filter((e) => e.offsetParent !== null && e.textContent.trim() && !e.disabled)
+                .map((e) => {
+                  const layers = [];  // backgrounds from the element outwards, up to the first opaque one
+                  for (let b = e; b; b = b.parentElement) {
+                    const c = getComputedStyle(b).backgroundColor.match(/[\d.]+/g).map(Number);
+                    if (c.length === 3) c.push(1);
+                    if (c[3] > 0) layers.push(c);
+                    if (c[3] === 1) break;
+                  }
+                  let [r, g, bl] = layers.length ? layers.pop() : [255, 255, 255];
+                  for (const [lr, lg, lb, a] of layers.reverse()) {
+                    [r, g, bl] = [lr * a + r * (1 - a), lg * a + g * (1 - a), lb * a + bl * (1 - a)];
+                  }
+                  return [getComputedStyle(e).color, `rgb(${r}, ${g}, ${bl})`,
+                          e.tagName + ' ' + e.textContent.trim().slice(0, 30)];
+                })""")
+            assert _luminance(page.evaluate("getComputedStyle(document.body).backgroundColor")) < 0.05, view  # dark
+            assert colours, view
+            for colour, behind, what in colours:
+                ink, paper = _luminance(colour), _luminance(behind)
+                contrast = (max(ink, paper) + 0.05) / (min(ink, paper) + 0.05)
+                assert contrast >= 4.5, (view, what, colour, behind)  # WCAG AA for text
+        p.shot("dark")
         assert p.clean() == []
 
 

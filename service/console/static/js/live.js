@@ -1,5 +1,8 @@
 // Live: the microphone through WebSocket /stream (float32 mono at the audio context's rate), the converted
 // blocks played back in order as they come, with the latency the server reports and the time each block took.
+// When the server falls behind (a slow machine, the first blocks while it warms up), microphone audio is
+// dropped here rather than queued: the server closes a stream with more than `buffer_blocks` waiting, and
+// live speech that arrives late is worth less than a short gap.
 
 import { currentKey } from "./api.js";
 import { $, showError } from "./dom.js";
@@ -23,7 +26,7 @@ async function start() {
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/stream`);
   ws.binaryType = "arraybuffer";
   const pitch = Number($("#live-pitch").value || 0);
-  const s = { ctx, stream, ws, capture, next: 0, blocks: 0, pending: null };
+  const s = { ctx, stream, ws, capture, next: 0, blocks: 0, pending: null, sent: 0, dropped: 0, block: 0, room: 1 };
   session = s;
   ws.addEventListener("open", () => {
     const config = { adapter: voice(), format: "float32", sample_rate: ctx.sampleRate, channels: 1, f0_up_key: pitch };
@@ -35,7 +38,9 @@ async function start() {
       const msg = JSON.parse(event.data);
       if (msg.type === "ready") {
         $("#live-latency").textContent = `${(msg.latency_s * 1000).toFixed(0)} ms algorithmic latency ·`;
-        capture.port.onmessage = (e) => ws.readyState === WebSocket.OPEN && ws.send(e.data.buffer);
+        s.block = msg.block_samples;
+        s.room = Math.max(1, msg.buffer_blocks - 1); // one block of margin: the server counts its own way
+        capture.port.onmessage = (e) => send(s, e.data);
         status.textContent = "Live: speak into the microphone.";
       } else if (msg.type === "block") {
         s.pending = msg;
@@ -54,8 +59,9 @@ async function start() {
     node.start(s.next);
     s.next += buffer.duration;
     s.blocks += 1;
-    const info = s.pending ? ` · last block ${s.pending.server_ms.toFixed(0)} ms on the server`
-      + (s.pending.late_blocks ? ` · ${s.pending.late_blocks} late` : "") : "";
+    const info = (s.pending ? ` · last block ${s.pending.server_ms.toFixed(0)} ms on the server`
+      + (s.pending.late_blocks ? ` · ${s.pending.late_blocks} late` : "") : "")
+      + (s.dropped ? ` · ${(s.dropped / ctx.sampleRate).toFixed(1)} s of input dropped (the server is behind)` : "");
     $("#live-blocks").textContent = `${s.blocks} blocks played${info}`;
     $("#live-blocks").dataset.blocks = String(s.blocks);
   });
@@ -65,6 +71,18 @@ async function start() {
     }
     stop(s);
   });
+}
+
+// Send a captured chunk unless the blocks sent and not yet returned fill the server's buffer.
+function send(s, samples) {
+  if (s.ws.readyState !== WebSocket.OPEN) return;
+  const inFlight = Math.floor(s.sent / s.block) - s.blocks;
+  if (inFlight >= s.room) {
+    s.dropped += samples.length;
+    return;
+  }
+  s.ws.send(samples.buffer);
+  s.sent += samples.length;
 }
 
 function stop(s = session) {
