@@ -202,3 +202,19 @@ def test_a_failing_row_fails_its_request_only(tmp_path: Path, engine_type: type[
         if batching:
             count, ones = _batches(client.get("/metrics").text)
             assert count > ones  # the four went in one batch (then split around the failing row)
+
+
+def test_the_single_voice_path_sees_what_the_bank_wrote(tiny_service_assets: dict[str, Any]) -> None:
+    """Was: after a batch had loaded voice B into the bank's slot 0 (the resident memory), a one-at-a-time
+    conversion with voice A, resident before, skipped its swap and ran in voice B."""
+    from service.rvc_engine import load_engine
+
+    engine: Any = load_engine(Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"],
+                                       max_rank=8, bank_slots=1))
+    a, b = (engine.to_device(engine.load_voice(p, None)) for p in tiny_service_assets["adapters"][:2])
+    vc, bank = engine._vc, engine._bank
+    assert vc.use_adapter(a.adapter) and not vc.use_adapter(a.adapter)
+    with bank.hold([(b.key, b.adapter)]):
+        pass
+    assert vc.model.slots.resident is b.adapter
+    assert vc.use_adapter(a.adapter)  # swapped back in

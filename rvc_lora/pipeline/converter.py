@@ -147,7 +147,6 @@ class VoiceConverter:
         self.content = content.to(self.device, dtype).eval()
         self.rmvpe_path = Path(rmvpe_path) if rmvpe_path else None
         self.pad = pad or steps.PadConfig.select(is_half=self.is_half, gpu_mem_gib=_gpu_mem_gib(self.device))
-        self._resident: PreparedAdapter | None = None
         self._last_prepared: tuple[Adapter, PreparedAdapter] | None = None
         self._indexes: dict[Path, RetrievalIndex] = {}
 
@@ -198,10 +197,10 @@ class VoiceConverter:
             adapter = last[1] if last is not None and last[0] is adapter else self._remember(adapter)
         elif adapter is not None and not isinstance(adapter, PreparedAdapter):
             adapter = self.prepare(adapter)
-        if adapter is self._resident and adapter is not None:
+        if adapter is not None and adapter is self.model.slots.resident:  # the model's record: an adapter bank
+            # over this model writes its resident slots too
             return False
         self.model.swap(adapter)
-        self._resident = adapter
         return True
 
     def _index(self, index: IndexArg) -> RetrievalIndex | None:
@@ -251,7 +250,8 @@ class VoiceConverter:
         method = self.f0_method(params) if self.model.cfg.f0 else None
         with torch.inference_mode():
             out, track = self._pipeline(audio16k, params, retrieval, f0_curve, clock, progress)
-        name = None if self._resident is None else self._resident.info.name
+        resident = self.model.slots.resident
+        name = None if resident is None else resident.info.name
         return ConversionResult(out, steps.output_sr(self.sr, params.resample_sr), clock.times, name, swapped, method,
                                 track)
 
@@ -402,5 +402,6 @@ class VoiceConverter:
                                      nsff0.to(self.device, torch.float32)[None], sid_t)[0]
             else:
                 y = self.model.infer(x, lengths, sid_t)[0]
-        name = None if self._resident is None else self._resident.info.name
+        resident = self.model.slots.resident
+        name = None if resident is None else resident.info.name
         return ConversionResult(y[0, 0].float().cpu().numpy(), self.sr, clock.times, name, swapped)
