@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from rvc_lora.cli_progress import chunk_notes, step
 from rvc_lora.errors import RVCLoraError
 from rvc_lora.fetch import add_models_command
 from rvc_lora.pipeline.f0.base import F0_METHODS
+from rvc_lora.pipeline.params import BOUNDS, DEFAULTS, ConvertParams
 from rvc_lora.stream import cli as stream_cli
 from rvc_lora.voice.layout import DEFAULT_EXTRACT_RANK, DEFAULT_EXTRACT_TARGETS, EXTRACT_TARGETS
 
 log = logging.getLogger("rvc_lora")
 F0_HELP = "pitch extractor (default: rmvpe when --rmvpe is given, else fcpe when torchfcpe is installed, else pm)"
 RMVPE_HELP = "RVC's rmvpe.pt (`rvc-lora models fetch` downloads it); with it, rmvpe is the default --f0-method"
-DEFAULTS = {"f0_method": None, "index_rate": 0.75, "filter_radius": 3, "rms_mix_rate": 0.25, "protect": 0.33}
 
 
 def _out(text: str) -> None:
@@ -60,33 +61,38 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _bounded(name: str) -> Callable[[str], int | float]:
+    """argparse `type` for conversion parameter `name`: parsed and checked against `BOUNDS` at parse time, so a
+    bad value is a usage error naming the flag before any model loads."""
+    bound = BOUNDS[name]
+
+    def parse(text: str) -> int | float:
+        try:
+            value = bound.kind(text)
+        except ValueError:
+            value = None
+        if value is None or bound.problem(name, value) is not None:
+            raise argparse.ArgumentTypeError(f"must be {bound.expected()}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _add_convert_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sid", type=int, default=0, help="speaker id (row of the model's emb_g)")
-    p.add_argument("--pitch", "--f0-up-key", dest="f0_up_key", type=int, default=0, help="transpose, semitones")
-    p.add_argument("--f0-method", default=DEFAULTS["f0_method"], choices=F0_METHODS, help=F0_HELP)
-    p.add_argument("--index-rate", type=float, default=DEFAULTS["index_rate"],
-                   help="share of retrieved features, 0..1 (needs --index)")
-    p.add_argument("--filter-radius", type=int, default=DEFAULTS["filter_radius"],
-                   help="median filter on harvest's f0 (>= 3 applies it)")
-    p.add_argument("--rms-mix-rate", type=float, default=DEFAULTS["rms_mix_rate"],
-                   help="loudness envelope: 1 as converted, 0 as the input")
-    p.add_argument("--protect", type=float, default=DEFAULTS["protect"],
-                   help="consonant protection, 0..0.5 (0.5: off)")
-    p.add_argument("--resample-sr", type=int, default=0, help="output rate in Hz (0: the model's)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="torch.manual_seed before the first chunk (default: none, random)")
+    """One flag per `ConvertParams` field, its range, default and help taken from `BOUNDS` / `DEFAULTS`."""
+    for name, bound in BOUNDS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=_bounded(name), default=DEFAULTS[name],
+                       help=f"{bound.help}; {bound.lo}..{bound.hi}")
+        if name == "f0_up_key":
+            p.add_argument("--f0-method", default=DEFAULTS["f0_method"], choices=F0_METHODS, help=F0_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rmvpe", default=None, help=RMVPE_HELP)
     p.add_argument("--f0-file", default=None,
                    help="RVC's f0 file (lines 'time_s,f0_hz'), written over the extracted f0 as RVC does")
 
 
-def _params(args: argparse.Namespace) -> Any:
-    from rvc_lora.pipeline.params import ConvertParams
-
-    return ConvertParams(sid=args.sid, f0_up_key=args.f0_up_key, f0_method=args.f0_method, index_rate=args.index_rate,
-                         filter_radius=args.filter_radius, rms_mix_rate=args.rms_mix_rate, protect=args.protect,
-                         resample_sr=args.resample_sr, seed=args.seed)
+def _params(args: argparse.Namespace) -> ConvertParams:
+    return ConvertParams(**{f.name: getattr(args, f.name) for f in fields(ConvertParams)})
 
 
 def cmd_demo_assets(args: argparse.Namespace) -> int:

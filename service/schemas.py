@@ -5,6 +5,7 @@ separate file parameter would be rejected as an extra field."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any, Literal
 
 from fastapi import UploadFile
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rvc_lora.pipeline.audio import EncodeFormat
 from rvc_lora.pipeline.f0 import F0Method
+from rvc_lora.pipeline.params import BOUNDS, DEFAULTS, MIN_RESAMPLE_SR
 from service.engine import ConvertOptions
 from service.store import NAME_PATTERN, StoredAdapter
 
@@ -19,8 +21,17 @@ FORM = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 BODY = ConfigDict(extra="forbid", frozen=True)
 
 AdapterRef = Field(default=None, min_length=1, max_length=128, description="adapter id or name; absent: base voice")
-Seed = Field(default=None, ge=0, le=2**32 - 1, description="fixes the synthesizer's noise: same seed, same bytes")
-Sid = Field(default=0, ge=0, le=65535, description="speaker id; must be below the model's speaker count")
+
+
+def param_field(name: str) -> Any:
+    """The form field of conversion parameter `name`: default, bounds and description from `ConvertParams`'
+    `BOUNDS` and `DEFAULTS` (the only place they are written)."""
+    bound = BOUNDS[name]
+    return Field(default=DEFAULTS[name], ge=bound.lo, le=bound.hi, description=bound.help)
+
+
+Seed = param_field("seed")
+Sid = param_field("sid")
 
 
 class ErrorBody(BaseModel):
@@ -40,15 +51,15 @@ class ConvertForm(BaseModel):
                                           "format ffmpeg reads")
     adapter: str | None = AdapterRef
     sid: int = Sid
-    f0_up_key: int = Field(default=0, ge=-24, le=24, description="pitch shift in semitones")
+    f0_up_key: int = param_field("f0_up_key")
     f0_method: F0Method | None = Field(default=None, description="pitch extractor; default: rmvpe when the server "
                                        "has rmvpe.pt, else fcpe when installed, else pm (`GET /model` lists what "
                                        "runs here and the default)")
-    index_rate: float = Field(default=0.75, ge=0, le=1, description="retrieval blend (needs an adapter with an index)")
-    filter_radius: int = Field(default=3, ge=0, le=7, description="median filter on harvest f0 (>= 3 applies it)")
-    rms_mix_rate: float = Field(default=0.25, ge=0, le=1, description="1: loudness as converted, 0: as input")
-    protect: float = Field(default=0.33, ge=0, le=0.5, description="consonant protection (0.5: off)")
-    resample_sr: int = Field(default=0, ge=0, le=96000, description="0: the model's rate, else 16000..96000 Hz")
+    index_rate: float = param_field("index_rate")
+    filter_radius: int = param_field("filter_radius")
+    rms_mix_rate: float = param_field("rms_mix_rate")
+    protect: float = param_field("protect")
+    resample_sr: int = param_field("resample_sr")
     format: EncodeFormat = Field(default="wav", description="output: wav (PCM16), flac, ogg (Vorbis), opus (Ogg), "
                                  "mp3 or m4a (AAC); the Content-Type follows it")
     seed: int | None = Seed
@@ -56,15 +67,12 @@ class ConvertForm(BaseModel):
     @field_validator("resample_sr")
     @classmethod
     def _rate(cls, value: int) -> int:
-        if value and value < 16000:
-            raise ValueError("must be 0 (the model's rate) or 16000..96000 Hz")
+        if 0 < value < MIN_RESAMPLE_SR:
+            raise ValueError(f"must be 0 (the model's rate) or {MIN_RESAMPLE_SR}..{BOUNDS['resample_sr'].hi} Hz")
         return value
 
     def options(self) -> ConvertOptions:
-        return ConvertOptions(sid=self.sid, f0_up_key=self.f0_up_key, f0_method=self.f0_method,
-                              index_rate=self.index_rate, filter_radius=self.filter_radius,
-                              rms_mix_rate=self.rms_mix_rate, protect=self.protect, resample_sr=self.resample_sr,
-                              seed=self.seed)
+        return ConvertOptions(**{f.name: getattr(self, f.name) for f in fields(ConvertOptions)})
 
 
 class InferForm(BaseModel):

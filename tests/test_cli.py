@@ -44,7 +44,7 @@ def test_convert_writes_pcm16_wav_with_every_flag(files: dict[str, Path], tmp_pa
     out = tmp_path / "out.wav"
     code = main(["convert", str(files["input"]), str(out), "--model", str(files["model"]), "--hubert",
                  str(files["hubert"]), "--adapter", str(files["adapter"]), "--index", str(files["index"]),
-                 "--f0-method", "harvest", "--pitch", "12", "--index-rate", "0.5", "--filter-radius", "3",
+                 "--f0-method", "harvest", "--f0-up-key", "12", "--index-rate", "0.5", "--filter-radius", "3",
                  "--rms-mix-rate", "0.5", "--protect", "0.4", "--resample-sr", "32000", "--sid", "1", "--seed", "3",
                  "--device", "cpu"])
     assert code == 0 and "RTF" in capsys.readouterr().out

@@ -28,6 +28,7 @@ import soundfile as sf
 import torch
 from fastapi.testclient import TestClient
 
+from rvc_lora.pipeline.params import BOUNDS
 from tests.test_service_adapters import _bad_adapters, _safetensors_with
 from tests.test_service_app import _flac_claiming, _float_wav, _npz, _silence, _wav_with_sizes
 from tests.test_service_engine import FAKE_LAYER, GOOD_INDEX, adapter_bytes, running_app, sine_wav
@@ -125,11 +126,15 @@ AUDIO_CASES = [
     Case("audio", "no audio field", "/convert", lambda _: {"data": {"seed": "1"}}, 422, ("invalid_request",)),
 ]
 
-# every field of every form: a wrong type and values out of range (all 422 invalid_request unless said)
+# every field of every form: a wrong type and values out of range (all 422 invalid_request unless said); the
+# ranges are ConvertParams' BOUNDS (tests/test_convert_params.py checks the form has exactly them)
+_KEY = int(BOUNDS["f0_up_key"].hi)
 CONVERT_FIELDS: dict[str, list[object]] = {
-    "sid": ["x", -1, 65536, 2], "f0_up_key": ["x", "1.5", -25, 25, 1000, -1000], "f0_method": ["yin", "rmvpe", 3],
+    "sid": ["x", -1, 65536, 2], "f0_up_key": ["x", "1.5", -_KEY - 1, _KEY + 1, 1000, -1000],
+    "f0_method": ["yin", "rmvpe", 3],
     "index_rate": ["x", -0.1, 1.5, "nan", "inf"], "filter_radius": ["x", -1, 8],
-    "rms_mix_rate": ["x", -0.5, 1.5, "-inf"], "protect": ["x", -0.1, 0.51], "resample_sr": ["x", -1, 100, 96001],
+    "rms_mix_rate": ["x", -0.5, 1.5, "-inf"], "protect": ["x", -0.1, 0.51],
+    "resample_sr": ["x", -1, 100, BOUNDS["resample_sr"].hi + 1],
     "format": ["wma", "WAV", 1], "seed": ["x", -1, 2**32, 1.5], "adapter": ["x" * 129], "bogus": [1],
 }
 PARAMETER_CASES = [

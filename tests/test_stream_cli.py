@@ -23,7 +23,7 @@ def test_convert_realtime_writes_what_the_stream_emits(tiny_service_assets: dict
     audio = speech_like(0.8, 48000, seed=1)
     src.write_bytes(encode_audio(audio, 48000, "wav", "FLOAT"))
     args = ["convert", str(src), str(dst), "--model", str(model), "--hubert", str(hubert), "--adapter", str(adapter),
-            "--device", "cpu", "--realtime", "--block-time", "0.1", "--extra-time", "0.5", "--pitch", "3",
+            "--device", "cpu", "--realtime", "--block-time", "0.1", "--extra-time", "0.5", "--f0-up-key", "3",
             "--rms-mix-rate", "0.5", "--seed", "7"]
     assert main(args) == 0
     assert "blocks of 100 ms" in capsys.readouterr().out

@@ -1,28 +1,70 @@
-"""`ConvertParams`: one conversion's parameters, named and defaulted as RVC users know them."""
+"""`ConvertParams`: one conversion's parameters, named and defaulted as RVC users know them.
+
+`BOUNDS` is the only place their ranges are written: `ConvertParams` checks against it, the HTTP form
+(`service/schemas.py` `ConvertForm`) and the CLI flags (`rvc_lora/cli.py`) are generated from it, and tests
+compare the form's OpenAPI schema and the CLI's refusals with it. The transpose is `f0_up_key` everywhere
+(`--f0-up-key` on the command line); `pitch` names the coarse pitch tensor the synthesizer takes, never this.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from rvc_lora.errors import ParameterError
 from rvc_lora.pipeline.f0.base import F0_METHODS
 
-MAX_TRANSPOSE = 48  # semitones: four octaves either way is already far outside any voice
-MAX_RESAMPLE_SR = 192000
+MIN_RESAMPLE_SR = 16000  # resample_sr is 0 (the model's rate) or in [MIN_RESAMPLE_SR, its upper bound]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric parameter's closed range [lo, hi], its type and what it means (the form's description and the
+    flag's help). `nullable`: None is allowed too (the default, e.g. no seed)."""
+
+    kind: type[int] | type[float]
+    lo: int | float
+    hi: int | float
+    help: str
+    nullable: bool = False
+
+    def expected(self) -> str:
+        """What a valid value is, e.g. "an integer in [-48, 48]"."""
+        what = "an integer" if self.kind is int else "a number"
+        return f"{what} in [{self.lo}, {self.hi}]{' or None' if self.nullable else ''}"
+
+    def problem(self, name: str, value: object) -> str | None:
+        """Why `value` is not a valid `name`, or None."""
+        if value is None and self.nullable:
+            return None
+        allowed = int if self.kind is int else (int, float)
+        if isinstance(value, allowed) and not isinstance(value, bool) and math.isfinite(value) \
+                and self.lo <= value <= self.hi:
+            return None
+        return f"{name} must be {self.expected()}, got {value!r}"
+
+
+BOUNDS: dict[str, Bound] = {
+    "sid": Bound(int, 0, 1 << 20, "speaker id (row of the model's emb_g); must be below the model's speaker count"),
+    "f0_up_key": Bound(int, -48, 48, "transpose in semitones"),
+    "index_rate": Bound(float, 0.0, 1.0, "share of retrieved features (0: index off; needs an index)"),
+    "filter_radius": Bound(int, 0, 7, "median filter on harvest's f0 (>= 3 applies it)"),
+    "rms_mix_rate": Bound(float, 0.0, 1.0, "loudness envelope: 1 as converted, 0 as the input"),
+    "protect": Bound(float, 0.0, 0.5, "consonant protection (0.5: off)"),
+    "resample_sr": Bound(int, 0, 192000, f"output rate in Hz: 0 (the model's rate) or {MIN_RESAMPLE_SR} and up"),
+    "seed": Bound(int, 0, 2**32 - 1, "fixes the synthesizer's noise: same seed, same output (exact as a JSON number)",
+                  nullable=True),
+}
 
 
 @dataclass(frozen=True)
 class ConvertParams:
-    """RVC WebUI's single-conversion parameters (defaults as its single-file tab) plus `seed`.
+    """RVC WebUI's single-conversion parameters (defaults as its single-file tab) plus `seed`; ranges in `BOUNDS`.
 
-    sid: speaker row of the model's `emb_g`; f0_up_key: transpose in semitones; f0_method: pm, harvest,
-    rmvpe, fcpe, crepe or crepe-tiny, None = the best available (rmvpe when its weights are configured,
-    else fcpe, else pm: `default_f0_method`); index_rate: share of retrieved features (0 = index off);
-    filter_radius: harvest's median filter switch (> 2 = on); rms_mix_rate: 1 keeps the output's loudness
-    envelope, 0 takes the input's; protect: consonant protection (0.5 = off); resample_sr: output rate (0 = model rate);
-    seed: `torch.manual_seed(seed)` before the first chunk (None = don't touch the generator).
+    f0_method: pm, harvest, rmvpe, fcpe, crepe or crepe-tiny, None = the best available (rmvpe when its weights
+    are configured, else fcpe, else pm: `default_f0_method`); seed: `torch.manual_seed(seed)` before the first
+    chunk (None = don't touch the generator).
     """
 
     sid: int = 0
@@ -36,32 +78,17 @@ class ConvertParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        def integer(name: str, lo: int, hi: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ParameterError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-        def fraction(name: str, hi: float = 1.0) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not 0.0 <= value <= hi:
-                raise ParameterError(f"{name} must be a number in [0, {hi}], got {value!r}")
-
-        integer("sid", 0, 1 << 20)
-        integer("f0_up_key", -MAX_TRANSPOSE, MAX_TRANSPOSE)
-        integer("filter_radius", 0, 7)
-        fraction("index_rate")
-        fraction("rms_mix_rate")
-        fraction("protect", 0.5)
+        for name, bound in BOUNDS.items():
+            if (problem := bound.problem(name, getattr(self, name))) is not None:
+                raise ParameterError(problem)
+        if 0 < self.resample_sr < MIN_RESAMPLE_SR:
+            raise ParameterError(f"resample_sr must be 0 (model rate) or in [{MIN_RESAMPLE_SR}, "
+                                 f"{BOUNDS['resample_sr'].hi}], got {self.resample_sr!r}")
         if self.f0_method is not None and self.f0_method not in F0_METHODS:
             raise ParameterError(f"unknown f0_method {self.f0_method!r}; valid: {', '.join(F0_METHODS)}")
-        if isinstance(self.resample_sr, bool) or not isinstance(self.resample_sr, int) \
-                or not (self.resample_sr == 0 or 16000 <= self.resample_sr <= MAX_RESAMPLE_SR):
-            raise ParameterError(f"resample_sr must be 0 (model rate) or in [16000, {MAX_RESAMPLE_SR}], "
-                                 f"got {self.resample_sr!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise ParameterError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ConvertParams)}

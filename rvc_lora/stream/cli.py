@@ -93,7 +93,7 @@ def add_stream_command(sub: Any) -> None:
     p.add_argument("--fast", action="store_true", help="send as fast as the server takes it, not in realtime")
     p.add_argument("--wire-format", choices=["float32", "pcm16"], default="float32",
                    help="samples on the wire (default %(default)s)")
-    p.add_argument("--pitch", "--f0-up-key", dest="f0_up_key", type=int, default=_D.f0_up_key,
+    p.add_argument("--f0-up-key", dest="f0_up_key", type=int, default=_D.f0_up_key,
                    help="transpose, semitones (default %(default)s)")
     p.add_argument("--f0-method", default=_D.f0_method, choices=F0_METHODS,
                    help="pitch method on the server (default %(default)s)")

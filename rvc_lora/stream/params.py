@@ -8,6 +8,7 @@ from typing import Any
 
 from rvc_lora.errors import ParameterError
 from rvc_lora.pipeline.f0.base import F0_METHODS
+from rvc_lora.pipeline.params import BOUNDS
 
 # Settings that change from the next block on without resetting the stream (RVC's `event_handler`);
 # every other change needs a new stream (RVC stops and restarts, rebuilding all state).
@@ -50,16 +51,11 @@ class StreamParams:
         number("extra_time", 0.05, 5.0)
         number("threshold", GATE_OFF_DB, 0)
         number("formant", -2.0, 2.0)
-        number("index_rate", 0.0, 1.0)
-        number("rms_mix_rate", 0.0, 1.0)
-        key = self.f0_up_key
-        if isinstance(key, bool) or not isinstance(key, int) or not -24 <= key <= 24:
-            raise ParameterError(f"f0_up_key must be an integer in [-24, 24], got {key!r}")
+        for name in ("index_rate", "rms_mix_rate", "f0_up_key", "seed"):  # shared with ConvertParams: its bounds
+            if (problem := BOUNDS[name].problem(name, getattr(self, name))) is not None:
+                raise ParameterError(problem)
         if self.f0_method not in F0_METHODS:
             raise ParameterError(f"unknown f0_method {self.f0_method!r}; valid: {', '.join(F0_METHODS)}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise ParameterError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
 
     @property
     def gate_on(self) -> bool:
