@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
+from rvc_lora.pipeline.params import BOUNDS
 from tests.console_server import INPUT_S, write_assets
 
 pytestmark = pytest.mark.browser
@@ -164,7 +165,7 @@ def test_convert_listen_and_look(browser: Any, server: Server, assets: dict[str,
         assert page.locator("#voice-list option").all_inner_texts()[0].startswith("Base voice")
         assert page.locator("#voice-list option", has_text="demo-voice-a").count() == 1
         # the parameters come from the API's own schema: names, bounds and defaults
-        assert page.get_attribute("#param-f0_up_key", "min") == "-24"
+        assert page.get_attribute("#param-f0_up_key", "min") == str(BOUNDS["f0_up_key"].lo)
         assert page.input_value("#param-protect") == "0.33"
         model = server.api("GET", "/model").json()
         methods = page.locator("#param-f0_method option").all_inner_texts()
