@@ -306,3 +306,38 @@ def test_index_blends_from_the_first_block_it_is_on(voice: VoiceConverter, tmp_p
     np.testing.assert_array_equal(a, c)
     later.update(index_rate=0.75)  # the index is read now, the stream keeps its state
     assert later.blocks == 2 and not np.allclose(later.process(x[2]).audio, off.process(x[2]).audio)
+
+
+def test_blocks_of_many_streams_synthesized_as_one_batch_equal_each_stream_alone(
+        tiny_service_assets: dict[str, list[Path]]) -> None:
+    """The service's path: every stream's `begin`, their `row`s through one `AdapterBank.synthesize` (four voices
+    and the base, distinct seeds), then each `finish`; a formant-shifted stream has no row and runs alone."""
+    from rvc_lora.voice import AdapterBank
+
+    vc = VoiceConverter.from_files(tiny_service_assets["model"], tiny_service_assets["hubert"], device="cpu",
+                                   lora_config=TINY_LORA)
+    bank = AdapterBank(vc.model, 4)
+    adapters = [*tiny_service_assets["adapters"][:4], None]
+    configs = [StreamParams(**{**SHORT.to_dict(), "seed": 10 + i, "f0_up_key": i}) for i in range(5)]
+    formant = StreamParams(**{**SHORT.to_dict(), "formant": 1.5})
+    inputs = [blocks(StreamConverter(vc, SHORT), 4, seed=i) for i in range(6)]
+    alone = [run(StreamConverter(vc, p, adapter=a), x)[0]
+             for p, a, x in zip([*configs, formant], [*adapters, None], inputs, strict=True)]
+    streams = [StreamConverter(vc, p, adapter=a) for p, a in zip([*configs, formant], [*adapters, None],
+                                                                 strict=True)]
+    batched: list[list[np.ndarray]] = [[] for _ in streams]
+    for b in range(4):
+        steps = [s.begin(x[b]) for s, x in zip(streams, inputs, strict=True)]
+        rows = [s.row(step) for s, step in zip(streams, steps, strict=True)]
+        assert rows[-1] is None and all(r is not None for r in rows[:-1])
+        with bank.hold([(str(a), None if a is None else s.adapter) for s, a in zip(streams, adapters, strict=False)]
+                       ) as slots:
+            audio = bank.synthesize([r for r in rows[:-1] if r is not None], slots)
+        for i, (s, step) in enumerate(zip(streams[:-1], steps, strict=False)):
+            batched[i].append(s.finish(step, audio[i]).audio)
+        batched[-1].append(streams[-1].finish(steps[-1], streams[-1].synthesize(steps[-1])).audio)
+    for got, want in zip(batched, alone, strict=True):
+        diff = np.abs(np.stack(got) - want).max()
+        assert diff <= 1e-5, diff  # 3.6e-7 measured (float order of the padded batch)
+    np.testing.assert_array_equal(np.stack(batched[-1]), alone[-1])
+    assert not np.allclose(alone[0], alone[1][: len(alone[0])])

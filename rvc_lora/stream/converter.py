@@ -5,6 +5,10 @@ Per block (§6.5): gate the block (optional), append it to the history `input_wa
 decode the newest `return_length` frames, bring them to the stream rate, copy the input's loudness (RMS
 mix), align them with the previous block's tail (SOLA), cross-fade, and emit the first `block_frame` samples.
 
+`process` runs a block in three stages, which the service runs apart: `begin` (everything before synthesis),
+`synthesize` (the synthesizer alone, in the stream's adapter) or `row` (the same synthesis as a batch row, for
+`rvc_lora.voice.AdapterBank.synthesize` with other streams' rows), and `finish` (everything after).
+
 A stream owns its buffers and its own random generator state, so streams sharing one `VoiceConverter`
 (model, content encoder, adapter slots) can be interleaved in any order and each gives what it gives alone.
 Not thread-safe: the caller runs every stream's blocks on one thread (the service's device worker).
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +31,14 @@ from torch import Tensor
 from rvc_lora.adapters import Adapter
 from rvc_lora.errors import AudioError, ParameterError
 from rvc_lora.models.generator import GeneratorNSF
-from rvc_lora.pipeline.converter import VoiceConverter
+from rvc_lora.pipeline.converter import Stopwatch, VoiceConverter
 from rvc_lora.pipeline.index import RetrievalIndex
 from rvc_lora.pipeline.steps import upsample_features_x2
 from rvc_lora.stream import dsp
 from rvc_lora.stream.f0 import F0Cache, window_f0
 from rvc_lora.stream.params import StreamParams
 from rvc_lora.stream.sizes import HOP_16K, SR_16K, StreamSizes
-from rvc_lora.voice import PreparedAdapter
+from rvc_lora.voice import PreparedAdapter, SynthRow, make_row
 
 STAGES = ("f0", "features", "index", "synth", "postprocess")
 MAX_CHANNELS = 8
@@ -50,6 +53,21 @@ class StreamBlock:
     audio: NDArray[np.float32]
     offset: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    """A block between `StreamConverter.begin` and `finish`: the synthesizer's inputs on the stream's device,
+    content features `feats` `[1, M, C]` (model dtype; M = `sizes.frames`), coarse pitch `[1, M]` int64 and f0 Hz
+    `pitchf` `[1, M]` float32 (None without f0), the formant's decoder length `return_length2` and samples per
+    frame `upp_res` (`return_length` and `upp` at formant 0), and the block's stopwatch."""
+
+    feats: Tensor
+    pitch: Tensor | None
+    pitchf: Tensor | None
+    return_length2: int
+    upp_res: int
+    clock: _Clock
 
 
 class StreamConverter:
@@ -154,46 +172,34 @@ class StreamConverter:
 
     def process(self, block: ArrayLike) -> StreamBlock:
         """One input block `[block_frame]` (mono) or `[block_frame, channels]` at the stream rate -> one
-        output block of the same shape and its SOLA offset."""
+        output block of the same shape and its SOLA offset: `begin`, `synthesize`, `finish` in a row."""
+        step = self.begin(block)
+        return self.finish(step, self.synthesize(step))
+
+    # --- a block's stages (the service batches the synthesis of many streams' blocks) ---------------
+    def begin(self, block: ArrayLike) -> StreamStep:
+        """The block's part before synthesis (device): gate, the input histories, content features over the
+        history, index blend, f0 (cache), and the synthesizer's inputs. Call `finish` on it before the next
+        `begin`: the stream's state is half advanced in between."""
         x = self._mono(block)
         clock = _Clock(self.device)
-        with torch.inference_mode(), self._generator():
-            out, offset = self._block(x, clock)
-        self.blocks += 1
-        audio = out if self.channels == 1 else np.repeat(out[:, None], self.channels, axis=1)
-        return StreamBlock(audio, offset, clock.finish())
-
-    def _block(self, x: NDArray[np.float32], clock: _Clock) -> tuple[NDArray[np.float32], int]:
         p, z = self.params, self.sizes
-        zc, block = z.zc, z.block_frame
-        with clock.stage("postprocess"):
-            if p.gate_on:  # [block + 2 zc]: the previous 2 frames re-gated now that their future is known
-                x = dsp.noise_gate(x, self.rms_buffer, zc, p.threshold)
-            n = x.shape[0]
-            self.input_wav[:-block] = self.input_wav[block:].clone()
-            self.input_wav[-n:] = torch.from_numpy(x).to(self.device)
-            self.input_wav_res[: -z.block_frame_16k] = self.input_wav_res[z.block_frame_16k :].clone()
-            # re-resample the newest frames of the previous write too, now with right context; drop the first
-            # 10 ms of the result, which saw the zero padding of the stateless resampler
-            self.input_wav_res[-HOP_16K * (n // zc + 1) :] = self._to_16k(self.input_wav[-(n + 2 * zc) :])[HOP_16K:]
-        infer_wav = self._infer(clock)
-        with clock.stage("postprocess"):
-            if self._to_sr is not None:
-                infer_wav = self._to_sr(infer_wav)  # [block + sola_buffer + zc]
-            if p.rms_mix_rate < 1:
-                reference = self.input_wav[z.extra_frame :].cpu().numpy()
-                infer_wav = dsp.rms_mix(infer_wav, reference, zc, p.rms_mix_rate)
-            offset = dsp.sola_offset(infer_wav, self.sola_buffer, z.sola_search_frame)
-            infer_wav = infer_wav[offset:]
-            s = z.sola_buffer_frame
-            infer_wav[:s] *= self._fade_in
-            infer_wav[:s] += self.sola_buffer * self._fade_out
-            self.sola_buffer[:] = infer_wav[block : block + s]  # after the crossfade, as RVC takes it
-            out = infer_wav[:block].cpu().numpy().copy()
-        return out, offset
+        zc, n_block = z.zc, z.block_frame
+        with torch.inference_mode(), self._generator():
+            with clock.stage("postprocess"):
+                if p.gate_on:  # [block + 2 zc]: the previous 2 frames re-gated now that their future is known
+                    x = dsp.noise_gate(x, self.rms_buffer, zc, p.threshold)
+                n = x.shape[0]
+                self.input_wav[:-n_block] = self.input_wav[n_block:].clone()
+                self.input_wav[-n:] = torch.from_numpy(x).to(self.device)
+                self.input_wav_res[: -z.block_frame_16k] = self.input_wav_res[z.block_frame_16k :].clone()
+                # re-resample the newest frames of the previous write too, now with right context; drop the
+                # first 10 ms of the result, which saw the zero padding of the stateless resampler
+                self.input_wav_res[-HOP_16K * (n // zc + 1) :] = self._to_16k(self.input_wav[-(n + 2 * zc) :])[HOP_16K:]
+            return self._inputs(clock)
 
-    def _infer(self, clock: _Clock) -> Tensor:
-        """The history -> the newest `return_length` frames, float32 `[return_length * upp]` at the model rate."""
+    def _inputs(self, clock: _Clock) -> StreamStep:
+        """The history -> the synthesizer's inputs for the newest `return_length` frames."""
         p, z = self.params, self.sizes
         model, m = self.voice.model, z.frames
         with clock.stage("features"):
@@ -215,23 +221,65 @@ class StreamConverter:
                 pitchf = self.f0_cache.pitchf[None, -m:] * return_length2 / z.return_length
         with clock.stage("synth"):
             feats = upsample_features_x2(feats)[:, :m]
-            lengths = torch.tensor([m], device=self.device)
+        return StreamStep(feats, pitch, pitchf, return_length2, upp_res, clock)
+
+    def synthesize(self, step: StreamStep) -> Tensor:
+        """The block's synthesis alone (device), drawing from the stream's generator -> float32
+        `[return_length2 * upp]` at the model rate (the formant's length; `finish` brings it back)."""
+        z, model = self.sizes, self.voice.model
+        with torch.inference_mode(), self._generator(), step.clock.stage("synth"):
+            lengths = torch.tensor([step.feats.shape[1]], device=self.device)
             sid = torch.tensor([0], device=self.device)
             heads = {"skip_head": torch.tensor([z.skip_head]), "return_length": torch.tensor([z.return_length]),
-                     "return_length2": torch.tensor([return_length2])}
+                     "return_length2": torch.tensor([step.return_length2])}
             self.voice.use_adapter(self.adapter)
             if isinstance(model.base.dec, GeneratorNSF):
-                y = model.infer(feats, lengths, pitch, pitchf, sid, **heads)[0]
+                y = model.infer(step.feats, lengths, step.pitch, step.pitchf, sid, **heads)[0]
             else:
-                y = model.infer(feats, lengths, sid, **heads)[0]
-            infer_wav: Tensor = y[0, 0].float()
-        if upp_res != z.upp:  # formant: play the stretched chunk back faster, to return_length * upp samples
-            with clock.stage("postprocess"):
-                resampler = self._formant_resamplers.get(upp_res)
+                y = model.infer(step.feats, lengths, sid, **heads)[0]
+            out: Tensor = y[0, 0].float()
+        return out
+
+    def row(self, step: StreamStep) -> SynthRow | None:
+        """The block's synthesis as a batch row (`rvc_lora.voice.make_row`, in the stream's adapter), its random
+        numbers drawn now from the stream's generator, exactly as `synthesize` would draw them; None when the
+        formant is shifted (`return_length2`, which batches do not take): run `synthesize` then."""
+        z = self.sizes
+        if step.return_length2 != z.return_length or step.upp_res != z.upp:
+            return None
+        with torch.inference_mode(), self._generator():
+            return make_row(self.voice.model, step.feats[0], None if step.pitch is None else step.pitch[0],
+                            None if step.pitchf is None else step.pitchf[0], skip_head=z.skip_head,
+                            return_length=z.return_length)
+
+    def finish(self, step: StreamStep, synthesized: Tensor | NDArray[np.float32]) -> StreamBlock:
+        """The block's part after synthesis: `synthesized` (from `synthesize`, or a batch's audio of `row`) at
+        the stream rate, RMS mix, SOLA against the previous block's tail, crossfade -> the output block."""
+        p, z, clock = self.params, self.sizes, step.clock
+        block = z.block_frame
+        with torch.inference_mode(), self._generator(), clock.stage("postprocess"):
+            infer_wav = torch.as_tensor(synthesized, device=self.device).float()
+            if step.upp_res != z.upp:  # formant: play the stretched chunk back faster, to return_length * upp samples
+                resampler = self._formant_resamplers.get(step.upp_res)
                 if resampler is None:
-                    resampler = self._formant_resamplers[upp_res] = dsp.SincResampler(upp_res, z.upp, self.device)
-                infer_wav = resampler(infer_wav[: z.return_length * upp_res])
-        return infer_wav
+                    resampler = self._formant_resamplers[step.upp_res] = dsp.SincResampler(step.upp_res, z.upp,
+                                                                                           self.device)
+                infer_wav = resampler(infer_wav[: z.return_length * step.upp_res])
+            if self._to_sr is not None:
+                infer_wav = self._to_sr(infer_wav)  # [block + sola_buffer + zc]
+            if p.rms_mix_rate < 1:
+                reference = self.input_wav[z.extra_frame :].cpu().numpy()
+                infer_wav = dsp.rms_mix(infer_wav, reference, z.zc, p.rms_mix_rate)
+            offset = dsp.sola_offset(infer_wav, self.sola_buffer, z.sola_search_frame)
+            infer_wav = infer_wav[offset:]
+            s = z.sola_buffer_frame
+            infer_wav[:s] *= self._fade_in
+            infer_wav[:s] += self.sola_buffer * self._fade_out
+            self.sola_buffer[:] = infer_wav[block : block + s]  # after the crossfade, as RVC takes it
+            out = infer_wav[:block].cpu().numpy().copy()
+        self.blocks += 1
+        audio = out if self.channels == 1 else np.repeat(out[:, None], self.channels, axis=1)
+        return StreamBlock(audio, offset, clock.finish())
 
     def _blend_index(self, feats: Tensor, start: int, rate: float) -> None:
         """Blend rows `start:` of `feats` `[1, F, C]` in place with their retrieved neighbours; skipped for the
@@ -261,22 +309,13 @@ class StreamConverter:
                                for i in range(n_blocks)])
 
 
-class _Clock:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times = dict.fromkeys(STAGES, 0.0)
-        self.start = time.perf_counter()
+class _Clock(Stopwatch):
+    """Seconds per stage of one block; `total` is their sum (compute, not the time a block waited for a batch)."""
 
-    @contextmanager
-    def stage(self, name: str) -> Any:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.times[name] += time.perf_counter() - start
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.times = dict.fromkeys(STAGES, 0.0)
 
     def finish(self) -> dict[str, float]:
-        self.times["total"] = time.perf_counter() - self.start
+        self.times["total"] = sum(self.times[k] for k in STAGES)
         return self.times
