@@ -39,7 +39,11 @@ REQUIRED = ("format", "format_version", "r", "lora_alpha", "target_modules", "ba
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What an adapter is for: rank, scale, targets and the base model (fingerprint, sr, version, f0)."""
+    """What an adapter is for: rank, scale, targets and the base model (fingerprint, sr, version, f0).
+
+    The one record of an adapter: the file's metadata (`to_metadata` / `AdapterInfo.from_metadata`), the
+    service's store record (`service.store.StoredAdapter.info`, kept in the same metadata form) and the HTTP
+    schema (`service.schemas.AdapterOut`, generated from these fields) all come from it."""
 
     name: str
     r: int
@@ -63,6 +67,11 @@ class AdapterInfo:
                 "full_delta": json.dumps(list(self.full_delta)), "base_fingerprint": self.base_fingerprint,
                 "sr": str(self.sr), "version": self.version, "f0": str(int(self.f0)),
                 **({} if self.extraction is None else {"extraction": self.extraction})}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], where: str | Path) -> AdapterInfo:
+        """The record `to_metadata` wrote, checked (AdapterError naming `where` when it is not one)."""
+        return _parse_info(Path(where), meta)
 
     def report(self) -> dict[str, object] | None:
         """The extraction report, parsed (None for an adapter that was not extracted)."""

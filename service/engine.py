@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from rvc_lora.adapters import AdapterInfo
 from rvc_lora.pipeline.params import ConvertParams
 from service.errors import JobCancelled
 
@@ -56,21 +57,6 @@ class ModelInfo:
     device: str
     bank_slots: int = 1  # adapter slots for batches of several voices (RVC_LORA_BANK_SLOTS)
     bank_slot_bytes: int = 0  # device memory one slot holds
-
-
-@dataclass(frozen=True)
-class AdapterMeta:
-    """What an adapter file says about itself, after it was checked against the resident base."""
-
-    label: str
-    rank: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    base_fingerprint: str
-    sr: int
-    version: str
-    f0: bool
-    extraction: Mapping[str, Any] | None = None  # the file's extraction report (`rvc_lora.extract`), if extracted
 
 
 @dataclass(frozen=True)
@@ -143,8 +129,8 @@ class Engine(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    def describe_adapter(self, path: Path) -> AdapterMeta:
-        """Read and validate an adapter file against the base (AdapterError / AdapterMismatchError)."""
+    def describe_adapter(self, path: Path) -> AdapterInfo:
+        """Read and validate an adapter file against the base (AdapterError / AdapterMismatchError): its record."""
         ...
 
     def check_index(self, path: Path) -> None:

@@ -120,13 +120,13 @@ def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, stage
     staged_index: Staged | None = None
     try:
         try:
-            meta = engine.describe_adapter(staged.path)
+            info = engine.describe_adapter(staged.path)
         except RVCLoraError as exc:
             raise relabel(exc, staged.path, "adapter file") from exc
-        if meta.extraction is not None:  # shown by GET /adapters/{id}: refused now if it cannot be
-            check_report(meta.extraction, staged.size)
-        if meta.rank > settings.max_rank:
-            raise AdapterError(f"adapter file: rank {meta.rank} exceeds this server's maximum rank {settings.max_rank}")
+        if (report := info.report()) is not None:  # shown by GET /adapters/{id}: refused now if it cannot be
+            check_report(report, staged.size)
+        if info.r > settings.max_rank:
+            raise AdapterError(f"adapter file: rank {info.r} exceeds this server's maximum rank {settings.max_rank}")
         if check_output is not None and not store.holds(staged.sha256):  # a re-upload costs no device time
             try:
                 check_output(staged.path)
@@ -135,6 +135,6 @@ def ingest_staged(store: AdapterStore, engine: Engine, settings: Settings, stage
         if index is not None:
             staged_index = store.stage(index, settings.max_index_bytes, "index file")
             check_index(engine, settings, staged_index)
-        return store.commit(staged, staged_index, name, meta)
+        return store.commit(staged, staged_index, name, info)
     finally:
         store.discard(staged, staged_index)  # committed files were renamed away: this removes leftovers only

@@ -21,7 +21,6 @@ from rvc_lora.errors import ModelUnavailableError
 from service.engine import (
     FRAMES_PER_S,
     SR_16K,
-    AdapterMeta,
     ConvertOptions,
     Engine,
     Extracted,
@@ -35,6 +34,7 @@ from service.errors import DeviceOutOfMemory, relabel
 
 if TYPE_CHECKING:
 
+    from rvc_lora.adapters import AdapterInfo
     from rvc_lora.pipeline.converter import Plan, Stopwatch, VoiceConverter
     from rvc_lora.pipeline.steps import PadConfig
     from rvc_lora.voice import SynthRow as BatchRow
@@ -102,15 +102,12 @@ class RVCEngine:
     def info(self) -> ModelInfo:
         return self._info
 
-    def describe_adapter(self, path: Path) -> AdapterMeta:
+    def describe_adapter(self, path: Path) -> AdapterInfo:
         from rvc_lora.adapters import load_adapter
 
         adapter = load_adapter(path)
         self._vc.model.check_adapter(adapter)  # base, slots and every tensor's shape: what a swap would refuse
-        info = adapter.info
-        return AdapterMeta(label=info.name, rank=info.r, lora_alpha=info.lora_alpha,
-                           target_modules=tuple(info.target_modules), base_fingerprint=info.base_fingerprint,
-                           sr=info.sr, version=info.version, f0=info.f0, extraction=info.report())
+        return adapter.info
 
     def check_index(self, path: Path) -> None:
         from rvc_lora.pipeline.index import probe_index_file

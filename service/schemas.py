@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from rvc_lora.adapters import AdapterInfo
 from rvc_lora.pipeline.audio import EncodeFormat
 from rvc_lora.pipeline.f0 import F0Method
 from rvc_lora.pipeline.params import BOUNDS, DEFAULTS, MIN_RESAMPLE_SR
@@ -110,7 +111,7 @@ class AdapterSummary(BaseModel):
 
     @classmethod
     def of(cls, rec: StoredAdapter) -> AdapterSummary:
-        return cls(id=rec.id, name=rec.name, label=rec.meta.label, rank=rec.meta.rank,
+        return cls(id=rec.id, name=rec.name, label=rec.info.name, rank=rec.info.r,
                    has_index=rec.index_sha256 is not None, size_bytes=rec.size_bytes, created_at=rec.created_at)
 
 
@@ -165,7 +166,9 @@ class Extraction(BaseModel):
         return out.model_copy(update={"size_ratio": out.voice_bytes / max(adapter_bytes, 1)})
 
 
-class AdapterOut(BaseModel):
+class _StoredOut(BaseModel):
+    """The store's part of `AdapterOut`: where the adapter's bytes are and what they hash to."""
+
     model_config = BODY
     id: str = Field(description="first 16 hex digits of the file's sha256")
     name: str | None
@@ -174,25 +177,48 @@ class AdapterOut(BaseModel):
     has_index: bool
     index_bytes: int | None
     created_at: str
-    label: str = Field(description="the name written in the adapter file's metadata")
-    rank: int
-    lora_alpha: float
-    target_modules: list[str]
-    base_fingerprint: str
-    sr: int
-    version: str
-    f0: bool
-    extraction: Extraction | None = Field(default=None, description="for an adapter extracted from a full voice "
-                                          "model (on upload, or by `rvc-lora extract`): how close it comes to it")
+
+
+# `AdapterInfo` (the one adapter record, `rvc_lora.adapters`) as HTTP shows it: its fields, under these names
+# (`name` is the store's name here, so the file's own is its `label`), without the file-format bookkeeping, and
+# with the extraction report parsed (`Extraction`) rather than as text.
+_INFO_AS = {"name": "label", "r": "rank"}
+_INFO_HIDDEN = frozenset({"full_delta", "format_version", "extraction"})
+_INFO_HELP = {"name": "the name written in the adapter file's metadata"}
+
+
+def _info_fields() -> dict[str, Any]:
+    """`create_model` field specs from `AdapterInfo`'s dataclass fields, in their order (tuples as lists)."""
+    hints = get_type_hints(AdapterInfo)
+    specs: dict[str, Any] = {}
+    for f in fields(AdapterInfo):
+        if f.name in _INFO_HIDDEN:
+            continue
+        kind = hints[f.name]
+        if get_origin(kind) is tuple:
+            kind = list[get_args(kind)[0]]  # type: ignore[misc]
+        specs[_INFO_AS.get(f.name, f.name)] = (kind, Field(description=_INFO_HELP.get(f.name)))
+    return specs
+
+
+_AdapterRecord: type[_StoredOut] = create_model(  # the store's part, then the info's, then the report
+    "AdapterRecord", __base__=_StoredOut, **_info_fields(),
+    extraction=(Extraction | None, Field(default=None, description="for an adapter extracted from a full voice "
+                                         "model (on upload, or by `rvc-lora extract`): how close it comes to it")))
+
+
+class AdapterOut(_AdapterRecord):  # type: ignore[misc,valid-type]  # fields made from AdapterInfo's
+    """Every detail of a stored adapter: its store record and its `AdapterInfo`, field for field."""
 
     @classmethod
     def of(cls, rec: StoredAdapter) -> AdapterOut:
-        m = rec.meta
-        report = None if m.extraction is None else Extraction.of_stored(m.extraction, rec.size_bytes)
+        info = rec.info
+        report = info.report()
+        shown = {_INFO_AS.get(f.name, f.name): getattr(info, f.name)
+                 for f in fields(info) if f.name not in _INFO_HIDDEN}
         return cls(id=rec.id, name=rec.name, sha256=rec.sha256, size_bytes=rec.size_bytes,
                    has_index=rec.index_sha256 is not None, index_bytes=rec.index_bytes, created_at=rec.created_at,
-                   label=m.label, rank=m.rank, lora_alpha=m.lora_alpha, target_modules=list(m.target_modules),
-                   base_fingerprint=m.base_fingerprint, sr=m.sr, version=m.version, f0=m.f0, extraction=report)
+                   **shown, extraction=None if report is None else Extraction.of_stored(report, rec.size_bytes))
 
 
 class AdapterUpload(AdapterOut):

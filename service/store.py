@@ -3,8 +3,8 @@
 Layout under `root`:
     objects/<id>.safetensors          the adapter file; id = first 16 hex of its sha256
     objects/<id>-<sha16>.index        its retrieval index, if any (named by its own hash)
-    meta/<id>.json                    the commit record: name, hashes, sizes, what the adapter is for (`AdapterMeta`:
-                                      with the extraction report its file keeps, for one extracted from a voice)
+    meta/<id>.json                    the commit record: name, hashes, sizes, and what the adapter is for (its
+                                      `AdapterInfo`, in the metadata form its file keeps, extraction report included)
 
 An upload is copied to a temp file in `objects/` (size cap enforced while copying), fsynced, renamed
 into place, and committed by renaming its sidecar last: after a crash the store holds the whole
@@ -36,13 +36,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rvc_lora.errors import AdapterNotFoundError
-from service.engine import AdapterMeta
+from rvc_lora.adapters import AdapterInfo
+from rvc_lora.errors import AdapterNotFoundError, RVCLoraError
 from service.errors import InvalidRequest, NameConflict, StorageError
 from service.spool import PART_SUFFIX, STALE_AFTER_S, Readable, capture_upload, process_tag, sweep_temp_files, sweepable
 
@@ -72,6 +72,8 @@ class Staged:
 
 @dataclass(frozen=True)
 class StoredAdapter:
+    """A committed adapter: where and how big its files are, and its `AdapterInfo` (the file's own record)."""
+
     id: str
     name: str | None
     sha256: str
@@ -79,7 +81,7 @@ class StoredAdapter:
     index_sha256: str | None
     index_bytes: int | None
     created_at: str
-    meta: AdapterMeta
+    info: AdapterInfo
 
     @property
     def cache_key(self) -> str:
@@ -87,13 +89,27 @@ class StoredAdapter:
         return f"{self.id}:{(self.index_sha256 or '')[:16]}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The commit record: the info as the adapter file's metadata writes it (`AdapterInfo.to_metadata`)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "info"},
+                "info": self.info.to_metadata()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StoredAdapter:
-        meta = dict(data["meta"])
-        meta["target_modules"] = tuple(meta["target_modules"])
-        return cls(**{**data, "meta": AdapterMeta(**meta)})
+    def from_json(cls, data: dict[str, Any], where: str) -> StoredAdapter:
+        """A commit record read back, its info checked as a file's metadata is (AdapterError otherwise). Records
+        written before the info was kept in that form (`meta`: label, rank, ...) are read too."""
+        data = dict(data)
+        info = (AdapterInfo.from_metadata(data.pop("info"), where) if "info" in data
+                else _legacy_info(data.pop("meta")))
+        return cls(**data, info=info)
+
+
+def _legacy_info(meta: dict[str, Any]) -> AdapterInfo:
+    """The info of a record that an earlier version committed (`meta` with label/rank and a parsed report)."""
+    report = meta.get("extraction")
+    return AdapterInfo(name=meta["label"], r=meta["rank"], lora_alpha=meta["lora_alpha"],
+                       target_modules=tuple(meta["target_modules"]), base_fingerprint=meta["base_fingerprint"],
+                       sr=meta["sr"], version=meta["version"], f0=meta["f0"],
+                       extraction=None if report is None else json.dumps(report))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,10 +156,10 @@ class AdapterStore:
     def _read_record(self, sidecar: Path) -> StoredAdapter | None:
         """A commit record, if it is readable and its adapter file is there; None (logged) otherwise."""
         try:
-            rec = StoredAdapter.from_json(json.loads(sidecar.read_text()))
+            rec = StoredAdapter.from_json(json.loads(sidecar.read_text()), sidecar.name)
         except FileNotFoundError:  # deleted meanwhile (by us or another process)
             return None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, RVCLoraError) as exc:
             log.error("unreadable adapter record, ignored", extra={"file": sidecar.name, "error": str(exc)})
             return None
         if not ID_RE.fullmatch(rec.id) or sidecar.stem != rec.id or not self.adapter_path(rec).is_file():
@@ -232,7 +248,7 @@ class AdapterStore:
             found = self._order
         if query:
             needle = query.casefold()
-            found = [r for r in found if needle in f"{r.name or ''}\n{r.id}\n{r.meta.label}".casefold()]
+            found = [r for r in found if needle in f"{r.name or ''}\n{r.id}\n{r.info.name}".casefold()]
         return found[offset:offset + limit], len(found)
 
     def resolve(self, ref: str) -> StoredAdapter:
@@ -272,7 +288,7 @@ class AdapterStore:
                 s.path.unlink(missing_ok=True)
 
     def commit(self, adapter: Staged, index: Staged | None, name: str | None,
-               meta: AdapterMeta) -> tuple[StoredAdapter, bool]:
+               info: AdapterInfo) -> tuple[StoredAdapter, bool]:
         """Make a staged upload permanent -> (record, created). Same bytes again -> the same record;
         a name held by other bytes, or the same adapter with another name or index -> 409."""
         if name is not None:
@@ -289,7 +305,7 @@ class AdapterStore:
             rec = StoredAdapter(id=adapter_id, name=name, sha256=adapter.sha256, size_bytes=adapter.size,
                                 index_sha256=None if index is None else index.sha256,
                                 index_bytes=None if index is None else index.size,
-                                created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), meta=meta)
+                                created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), info=info)
             try:
                 self._write(rec, adapter, index)
             except OSError as exc:

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from rvc_lora.adapters import AdapterInfo
 from rvc_lora.errors import AdapterNotFoundError
-from service.engine import AdapterMeta
 from service.errors import NameConflict
 from service.store import AdapterStore
 from tests.test_service_engine import (
@@ -32,7 +31,7 @@ from tests.test_service_engine import (
     upload,
 )
 
-META = AdapterMeta(label="v", rank=4, lora_alpha=4.0, target_modules=(FAKE_LAYER,), base_fingerprint="f" * 64,
+META = AdapterInfo(name="v", r=4, lora_alpha=4.0, target_modules=(FAKE_LAYER,), base_fingerprint="f" * 64,
                    sr=40000, version="v2", f0=True)
 
 

@@ -22,7 +22,7 @@ from rvc_lora.errors import AdapterMismatchError, CheckpointError, IndexFileErro
 from rvc_lora.pipeline.converter import F0Track
 from rvc_lora.pipeline.f0 import default_f0_method
 from service.app import create_app
-from service.engine import AdapterMeta, ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered, Row
+from service.engine import ConvertOptions, Engine, Extracted, Features, ModelInfo, Rendered, Row
 from service.errors import DeviceOutOfMemory
 from service.settings import Settings
 
@@ -89,14 +89,13 @@ class FakeEngine:
     def info(self) -> ModelInfo:
         return FAKE_INFO
 
-    def describe_adapter(self, path: Path) -> AdapterMeta:
+    def describe_adapter(self, path: Path) -> AdapterInfo:
         adapter = load_adapter(path)
         i = adapter.info
         if (i.base_fingerprint, i.sr, i.version, i.f0) != (FAKE_FINGERPRINT, 40000, "v2", True) or i.r > 8 \
                 or set(i.target_modules) - {FAKE_LAYER} or i.full_delta:
             raise AdapterMismatchError(f"{path}: not made for the fake base's slots")
-        return AdapterMeta(label=i.name, rank=i.r, lora_alpha=i.lora_alpha, target_modules=i.target_modules,
-                           base_fingerprint=i.base_fingerprint, sr=i.sr, version=i.version, f0=i.f0)
+        return i
 
     def check_index(self, path: Path) -> None:
         if not path.read_bytes().startswith(GOOD_INDEX):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 import time
@@ -14,11 +15,20 @@ import pytest
 
 import service.media
 import service.store
+from rvc_lora.adapters import AdapterInfo, load_adapter
 from rvc_lora.errors import AdapterNotFoundError
-from service.engine import AdapterMeta
-from service.store import SETTLED_S, AdapterStore
+from service.schemas import AdapterOut
+from service.store import SETTLED_S, AdapterStore, StoredAdapter
 from tests.test_service_adapters import META, error_of, stored_files
-from tests.test_service_engine import BlockingEngine, FakeEngine, adapter_bytes, running_app, sine_wav, upload
+from tests.test_service_engine import (
+    BlockingEngine,
+    FakeEngine,
+    adapter_bytes,
+    make_adapter,
+    running_app,
+    sine_wav,
+    upload,
+)
 
 
 def commit(store: AdapterStore, data: bytes, name: str | None) -> Any:
@@ -111,10 +121,10 @@ class GatedEngine(FakeEngine):
         super().__init__()
         self.barrier = threading.Barrier(parties, timeout=20)
 
-    def describe_adapter(self, path: Path) -> AdapterMeta:
-        meta = super().describe_adapter(path)
+    def describe_adapter(self, path: Path) -> AdapterInfo:
+        info = super().describe_adapter(path)
         self.barrier.wait()
-        return meta
+        return info
 
 
 def together(*calls: Any) -> list[Any]:
@@ -209,3 +219,42 @@ def test_delete_then_upload_the_same_bytes_again(tmp_path: Path) -> None:
         r = c.post("/convert", data={"adapter": "erin"}, files={"audio": ("a.wav", sine_wav())})
         assert r.status_code == 200 and r.headers["X-Adapter"] == first["id"]
         assert len(stored_files(tmp_path)) == 2
+
+
+# one adapter record: the file's AdapterInfo is the store's record and the HTTP body's fields
+
+def test_the_stored_record_is_the_files_info_and_http_shows_it_field_for_field(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path / "v.safetensors", 3, rank=2, name="alice's voice")
+    info = load_adapter(path).info
+    store = AdapterStore(tmp_path / "store")
+    rec = store.commit(store.stage(io.BytesIO(path.read_bytes()), 1 << 20, "adapter file"), None, "alice",
+                       FakeEngine().describe_adapter(path))[0]
+    again = AdapterStore(tmp_path / "store").resolve("alice")  # read back from its commit record on disk
+    assert rec.info == again.info == info
+    body = AdapterOut.of(again).model_dump()
+    assert (body["label"], body["rank"]) == (info.name, info.r)
+    for field in ("lora_alpha", "base_fingerprint", "sr", "version", "f0"):
+        assert body[field] == getattr(info, field)
+    assert body["target_modules"] == list(info.target_modules)
+
+
+def test_http_adapter_fields_are_generated_from_the_record() -> None:
+    """Every AdapterInfo field HTTP shows is a field of AdapterOut, with the record's type: none copied by hand."""
+    shown = {"name": "label", "r": "rank", "lora_alpha": "lora_alpha", "target_modules": "target_modules",
+             "base_fingerprint": "base_fingerprint", "sr": "sr", "version": "version", "f0": "f0"}
+    out = AdapterOut.model_fields
+    assert [k for k in out if k in shown.values()] == list(shown.values())  # in the record's order
+    assert out["rank"].annotation is int and out["label"].annotation is str and out["f0"].annotation is bool
+
+
+def test_records_committed_before_the_info_form_are_still_read(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    rec = commit(store, b"adapter-old", "old")
+    legacy = {k: v for k, v in rec.to_json().items() if k != "info"}
+    legacy["meta"] = {"label": "v", "rank": 4, "lora_alpha": 4.0, "target_modules": list(META.target_modules),
+                      "base_fingerprint": META.base_fingerprint, "sr": 40000, "version": "v2", "f0": True,
+                      "extraction": {"rank": 4}}
+    (tmp_path / "meta" / f"{rec.id}.json").write_text(json.dumps(legacy))
+    old = AdapterStore(tmp_path).resolve("old")
+    assert old.info == AdapterInfo(**{**vars(META), "extraction": '{"rank": 4}'})
+    assert old == StoredAdapter.from_json(old.to_json(), "again")  # and written back in the new form

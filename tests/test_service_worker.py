@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rvc_lora.adapters import AdapterInfo
 from service.cache import VoiceCache
-from service.engine import AdapterMeta, ConvertOptions
+from service.engine import ConvertOptions
 from service.errors import ClientGone, QueueFull, ServiceStopping
 from service.metrics import Metrics
 from service.settings import Settings
@@ -18,7 +19,7 @@ from service.store import AdapterStore, StoredAdapter
 from service.worker import ConvertWork, Job, JobResult, Scheduler, Throughput, Worker
 from tests.test_service_engine import BlockingEngine, FakeEngine
 
-META = AdapterMeta(label="v", rank=4, lora_alpha=4.0, target_modules=("dec.ups.0",), base_fingerprint="f" * 64,
+META = AdapterInfo(name="v", r=4, lora_alpha=4.0, target_modules=("dec.ups.0",), base_fingerprint="f" * 64,
                    sr=40000, version="v2", f0=True)
 AUDIO = np.full(1600, 0.1, dtype=np.float32)
 
@@ -30,7 +31,7 @@ def anyio_backend() -> str:
 
 def _rec(name: str) -> StoredAdapter:
     return StoredAdapter(id=name.ljust(16, "0"), name=name, sha256=name * 8, size_bytes=1, index_sha256=None,
-                         index_bytes=None, created_at="", meta=META)
+                         index_bytes=None, created_at="", info=META)
 
 
 def _job(adapter: str | None = None, audio_s: float = 1.0, request_id: str = "r", deadline: float = 1e9) -> Job:
