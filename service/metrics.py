@@ -39,6 +39,8 @@ class Metrics:
                                 registry=r)
         self.batch_size = Histogram("rvc_lora_batch_rows", "synthesizer rows (chunks of requests) per device batch",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_stream_rows = Histogram("rvc_lora_batch_stream_rows", "realtime stream blocks per device batch",
+                                           buckets=(0, *BATCH_SIZE_BUCKETS), registry=r)
         self.batch_frames = Histogram("rvc_lora_batch_frames", "synthesizer frames (10 ms) per device batch",
                                       buckets=BATCH_FRAMES_BUCKETS, registry=r)
         self.device_busy = Counter("rvc_lora_device_busy_seconds_total", "time the device thread spent working "

@@ -230,7 +230,18 @@ class RVCEngine:
 
         v = None if voice is None else _as_voice(voice)
         return StreamConverter(self._vc, params, sr=sr, channels=channels, adapter=None if v is None else v.adapter,
-                               index=None if v is None else v.index)
+                               index=None if v is None else v.index, bank_key=None if v is None else v.key)
+
+    def stream_block(self, stream: Any, block: NDArray[np.float32]) -> tuple[Any, Row | None]:
+        """Device thread: a stream block's stages before synthesis (`StreamConverter.begin`) -> its step and its
+        synthesizer row for `synthesize` (the noise drawn from the stream's generator; the bank holds the stream's
+        own prepared adapter under its file's key, so a deleted adapter's stream keeps its voice), or None when
+        the block must be synthesized alone (`StreamConverter.synthesize`: a shifted formant)."""
+        step = stream.begin(block)
+        row = stream.row(step)
+        if row is None:
+            return step, None
+        return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock))
 
     def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio

@@ -1,5 +1,10 @@
 """WebSocket /stream: realtime conversion, one `StreamConverter` per connection, blocks on the device thread.
 
+Each block: `StreamConverter.begin` on the device thread ahead of queued work; then, with the pipelined worker,
+its synthesizer row goes to the worker's batcher, which synthesizes the blocks of every open stream (any voices)
+in one batch, ahead of conversions' rows; then `finish` on the device thread. One at a time
+(`RVC_LORA_BATCHING=false`) a block is `process`ed whole on the device thread.
+
 Protocol (JSON text messages and binary audio frames; README "Realtime streams" has the full table):
 
 1. The client sends a config message: `adapter` (id or name; absent or null = the base voice), `format`
@@ -161,6 +166,7 @@ class StreamSession:
         self.stats = _Stats()
         self.inbox: asyncio.Queue[tuple[str, Any, float]] = asyncio.Queue()
         self.waiting_blocks = 0
+        self.engine: Any = None
         self.sending_since: float | None = None  # when the pump started the send it is waiting in
 
     async def run(self) -> None:
@@ -228,6 +234,7 @@ class StreamSession:
         except RVCLoraError as exc:
             raise StreamClosed(4503, str(exc)) from exc
         info = engine.info
+        self.engine = engine
         if info.f0 and config.params.f0_method not in info.f0_methods:
             raise StreamClosed(4400, f"config.f0_method: {config.params.f0_method!r} is not available here "
                                      f"(available: {', '.join(info.f0_methods)})")
@@ -319,7 +326,7 @@ class StreamSession:
             self.waiting_blocks -= 1
             x = decode_frames(payload, dtype, stream.channels)
             try:
-                result = await self.worker.on_device(functools.partial(stream.process, x))
+                result = await self._convert(stream, x, block_s)
             except RVCLoraError as exc:
                 raise StreamClosed(4400, f"block {self.stats.seq}: {exc}") from exc
             wait_s = time.monotonic() - arrived
@@ -338,6 +345,18 @@ class StreamSession:
             self.hub.metrics.blocks.inc()
             self.hub.metrics.block_seconds.observe(time.monotonic() - arrived)
             self.stats.seq += 1
+
+    async def _convert(self, stream: Any, x: NDArray[np.float32], block_s: float) -> Any:
+        """One block -> its `StreamBlock`: in stages, its synthesis batched with other streams' blocks (pipelined
+        worker, an engine that cuts stream blocks), else whole on the device thread."""
+        worker, cut = self.worker, getattr(self.engine, "stream_block", None)
+        if cut is None or not worker.batches_rows:
+            return await worker.on_device(functools.partial(stream.process, x))
+        step, row = await worker.stream_step(functools.partial(cut, stream, x))
+        if row is None:  # a shifted formant: synthesized alone
+            return await worker.on_device(lambda: stream.finish(step, stream.synthesize(step)))
+        audio = await worker.synthesize_block(row, block_s)
+        return await worker.on_device(functools.partial(stream.finish, step, audio))
 
     async def _send(self, header: dict[str, Any], data: bytes) -> None:
         self.sending_since = time.monotonic()

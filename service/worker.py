@@ -9,11 +9,11 @@ at once and its remaining work never reaches the device. An exception inside one
 Two ways to run a job (`Settings.batching`):
 - pipelined (default): up to `pipeline_jobs` jobs at once, each through its `Stages` (`service/engine.py`):
   CPU stages on `cpu_threads` threads, content features on the device thread, and synthesizer rows
-  gathered by `_batches`, which hands the device the rows ready at that moment (oldest job first, up to
-  `max_batch_frames`) in one `Engine.synthesize` call. A request has at most one row waiting, so a long
-  input's chunks take turns with short requests. A failing batch is split in halves and retried down to
-  single rows, so one bad row fails its request only; a single row out of device memory sends its request
-  through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
+  gathered by `_batches`, which hands the device the rows ready at that moment (realtime stream blocks first,
+  then oldest job first, up to `max_batch_frames`) in one `Engine.synthesize` call. A request has at most one
+  row waiting, so a long input's chunks take turns with short requests. A failing batch is split in halves and
+  retried down to single rows, so one bad row fails its request only; a single row out of device memory sends
+  its request through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
 - one at a time: each job start to end on the device thread (`Engine.convert` / `Engine.infer`).
 """
 
@@ -193,14 +193,24 @@ class _Outcome:
 
 @dataclass(eq=False)
 class _WaitingRow:
-    """A synthesizer row waiting for the device: its job, the share of the job's audio it renders, and the
-    future its result goes to."""
+    """A synthesizer row waiting for the device: its job (None: a realtime stream's block), the share of the
+    job's audio it renders, and the future its result goes to."""
 
-    job: Job
+    job: Job | None
     row: Row
     audio_s: float
     future: asyncio.Future[NDArray[np.float32]]
     since: float  # perf_counter when it started waiting
+
+    @property
+    def over(self) -> bool:
+        """Nobody waits for it any more (its job is over, or its stream stopped waiting)."""
+        return self.future.done() or (self.job is not None and self.job.future.done())
+
+    @property
+    def order(self) -> tuple[bool, float]:
+        """Stream blocks first (realtime deadlines), then oldest job first."""
+        return (False, self.since) if self.job is None else (True, self.job.enqueued_at)
 
 
 class Worker:
@@ -228,6 +238,7 @@ class Worker:
         self._started: set[Job] = set()
         self._rows: list[_WaitingRow] = []
         self._rows_ready = asyncio.Event()
+        self._stream_steps = 0  # stream blocks on the device before synthesis: the batcher waits for their rows
         self._room: asyncio.Semaphore | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._busy = (0.0, 0.0)  # (perf_counter, device busy seconds) at the start of the busy window
@@ -663,12 +674,12 @@ class Worker:
         return await waiting.future
 
     def _take_batch(self) -> list[_WaitingRow]:
-        """The rows ready now, oldest job first, up to `max_batch_frames` (at least one row); rows of jobs that are
-        over are dropped."""
-        for waiting in [w for w in self._rows if w.job.future.done()]:
+        """The rows ready now, realtime stream blocks first, then oldest job first, up to `max_batch_frames` (at
+        least one row); rows nobody waits for are dropped."""
+        for waiting in [w for w in self._rows if w.over]:
             self._rows.remove(waiting)
             waiting.future.cancel()
-        self._rows.sort(key=lambda w: w.job.enqueued_at)
+        self._rows.sort(key=lambda w: w.order)
         batch: list[_WaitingRow] = []
         frames = 0
         for waiting in self._rows:
@@ -683,7 +694,7 @@ class Worker:
         """Event-loop side of the device: one batch at a time, of the rows waiting when the device is free."""
         loop = asyncio.get_running_loop()
         while True:
-            while not self._rows:
+            while not self._rows or self._stream_steps:  # stream blocks on the device now: their rows join
                 self._rows_ready.clear()
                 await self._rows_ready.wait()
             batch = self._take_batch()
@@ -692,10 +703,12 @@ class Worker:
             now, audio_s = time.perf_counter(), sum(w.audio_s for w in batch)
             for w in batch:
                 self._metrics.stage_wait.labels(stage="synth").observe(now - w.since)
-                self._started.add(w.job)
-                if w.job in self._pending:
-                    self._pending[w.job] = max(self._pending[w.job] - w.audio_s, 0.0)
+                if w.job is not None:
+                    self._started.add(w.job)
+                    if w.job in self._pending:
+                        self._pending[w.job] = max(self._pending[w.job] - w.audio_s, 0.0)
             self._metrics.batch_size.observe(len(batch))
+            self._metrics.batch_stream_rows.observe(sum(w.job is None for w in batch))
             self._metrics.batch_frames.observe(sum(w.row.frames for w in batch))
             self._running_audio_s, self._running_since = audio_s, loop.time()
             self._update_queue_gauges()
@@ -718,10 +731,10 @@ class Worker:
                     w.future.set_result(result)
 
     def _run_batch(self, batch: list[_WaitingRow]) -> list[NDArray[np.float32] | BaseException]:
-        """On the device thread: `_synthesize` with `STOP_REQUESTED` true once every row's job is over."""
-        jobs = [w.job for w in batch]
-        stop_token = STOP_REQUESTED.set(lambda: all(job.future.done() for job in jobs))
-        token = REQUEST_ID.set(jobs[0].request_id if len(jobs) == 1 else "batch")
+        """On the device thread: `_synthesize` with `STOP_REQUESTED` true once nobody waits for any row."""
+        first = batch[0].job
+        stop_token = STOP_REQUESTED.set(lambda: all(w.over for w in batch))
+        token = REQUEST_ID.set(first.request_id if len(batch) == 1 and first is not None else "batch")
         try:
             return self._synthesize([w.row for w in batch])
         finally:
@@ -767,6 +780,29 @@ class Worker:
         """Run `fn` on the device thread, ahead of queued jobs: those go to the thread one step at a time, so `fn`
         waits at most for the step running now (realtime stream blocks use this)."""
         return await asyncio.wrap_future(self._device.submit(fn, first=True))
+
+    # realtime stream blocks
+    @property
+    def batches_rows(self) -> bool:
+        """Whether synthesizer rows go through the device batcher (pipelined worker running)."""
+        return self._batcher is not None
+
+    async def stream_step(self, fn: Callable[[], T]) -> T:
+        """`on_device` for a stream block's stage before synthesis: the batcher holds its next batch until every
+        such stage has returned, so the blocks of streams that arrive together share one batch."""
+        self._stream_steps += 1
+        try:
+            return await self.on_device(fn)
+        finally:
+            self._stream_steps -= 1
+            self._rows_ready.set()
+
+    async def synthesize_block(self, row: Row, audio_s: float) -> NDArray[np.float32]:
+        """A stream block's row through the batcher, ahead of every conversion's row; its audio."""
+        waiting = _WaitingRow(None, row, audio_s, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._rows.append(waiting)
+        self._rows_ready.set()
+        return await waiting.future
 
     def _update_queue_gauges(self) -> None:
         self._metrics.queued_audio.set(self.queued_audio_s)

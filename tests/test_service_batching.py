@@ -218,3 +218,33 @@ def test_the_single_voice_path_sees_what_the_bank_wrote(tiny_service_assets: dic
         pass
     assert vc.model.slots.resident is b.adapter
     assert vc.use_adapter(a.adapter)  # swapped back in
+
+
+@pytest.mark.anyio
+async def test_a_stream_block_is_taken_before_an_older_conversion_row(tmp_path: Path) -> None:
+    """The batcher's order: realtime stream rows first (oldest first among them), then conversion rows oldest job
+    first; `max_batch_frames` still bounds a batch, and rows nobody waits for are dropped."""
+    from service.worker import _WaitingRow
+
+    w = Worker(Settings(adapter_dir=tmp_path, max_batch_frames=20), AdapterStore(tmp_path), Metrics(),
+               lambda _: FakeEngine())
+    loop = asyncio.get_running_loop()
+
+    def waiting(job: Job | None, frames: int, since: float) -> _WaitingRow:
+        return _WaitingRow(job, Row(frames, None), 0.1, loop.create_future(), since)
+
+    old, gone = (Job(name, ConvertWork(np.zeros(1600, np.float32), ConvertOptions()), 0.1, None, 1e9)
+                 for name in ("old", "gone"))
+    for job, at in ((old, 1.0), (gone, 0.5)):
+        job.future, job.enqueued_at = loop.create_future(), at
+    gone.future.cancel()  # its client left
+    convert, dropped = waiting(old, 10, 1.0), waiting(gone, 10, 0.5)
+    stream_a, stream_b = waiting(None, 10, 3.0), waiting(None, 10, 2.0)
+    left = waiting(None, 10, 2.5)
+    left.future.cancel()  # its stream closed
+    w._rows = [dropped, convert, stream_a, left, stream_b]
+    assert w._take_batch() == [stream_b, stream_a]  # 20 frames: the older /convert row waits
+    assert dropped.future.cancelled() and w._rows == [convert]
+    w._rows.append(waiting(None, 15, 4.0))
+    first = w._take_batch()
+    assert [r.job for r in first] == [None] and w._take_batch() == [convert]

@@ -1,5 +1,6 @@
 """WebSocket /stream against a real uvicorn on 127.0.0.1 with the real engine on tiny models: interleaved
-streams each equal to the same stream alone (and to the library), hot changes, limits and close codes, auth."""
+streams (their blocks synthesized in batches across voices) each equal to the same stream alone (and to the
+library), hot changes, limits and close codes, auth."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def service(tiny_service_assets: dict[str, Path | list[Path]],
     assert isinstance(adapters, list)
     cfg = {"model": str(tiny_service_assets["model"]), "hubert": str(tiny_service_assets["hubert"]),
            "device": "cpu", "adapter_dir": str(tmp / "store"), "api_key": KEY, "max_streams": 4,
-           "stream_buffer_s": 0.5, "stream_send_timeout_s": 1.0, "warmup": False,
+           "stream_buffer_s": 0.5, "stream_send_timeout_s": 1.0, "warmup": False, "bank_slots": 4,
            "seed_adapters": {f"voice{i}": str(p) for i, p in enumerate(adapters[:3])}}
     script = tmp / "server.py"
     script.write_text(SERVER.format(root=str(ROOT)))
@@ -85,7 +86,16 @@ STREAMS = [  # (adapter, params, sample rate, channels)
     ("voice0", PARAMS, 16000, 1),
     ("voice1", StreamParams(**{**PARAMS.to_dict(), "seed": 6, "f0_up_key": 4}), 48000, 2),
     (None, StreamParams(**{**PARAMS.to_dict(), "seed": 7, "rms_mix_rate": 0.5}), 16000, 1),
+    ("voice2", StreamParams(**{**PARAMS.to_dict(), "seed": 8, "f0_up_key": -3}), 16000, 1),
 ]
+
+
+def stream_batches(url: str) -> tuple[float, float]:
+    """(device batches, batches with fewer than 2 stream rows) from the server's metrics."""
+    text = httpx.get(url.replace("ws://", "http://").replace("/stream", "/metrics"), timeout=5).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("rvc_lora_batch_stream_rows")}
+    return values["rvc_lora_batch_stream_rows_count"], values['rvc_lora_batch_stream_rows_bucket{le="1.0"}']
 
 
 def _input(i: int, sr: int, channels: int) -> np.ndarray:
@@ -94,6 +104,10 @@ def _input(i: int, sr: int, channels: int) -> np.ndarray:
 
 
 def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
+    """Four streams (three voices and the base, distinct seeds) at once: their blocks meet in the device batches
+    (several stream rows in one batch, several voices in one forward) and each stream's output equals the same
+    stream alone to float rounding (measured: max abs diff <= 2.6e-7, SNR >= 132 dB; the realtime fixture's bar
+    is 1e-4 and 70 dB)."""
     alone = []
     for i, (adapter, params, sr, ch) in enumerate(STREAMS):
         with client(service, adapter=adapter, params=params, sample_rate=sr, channels=ch) as c:
@@ -109,14 +123,20 @@ def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    before = stream_batches(service)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(STREAMS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    after = stream_batches(service)
     assert not errors, errors
+    assert after[0] - before[0] > after[1] - before[1], "no batch held two stream blocks"
     for i, want in enumerate(alone):
-        np.testing.assert_array_equal(results[i], want)
+        assert results[i].shape == want.shape
+        diff = float(np.abs(results[i] - want).max())
+        snr = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / max(np.sum((results[i] - want) ** 2.0), 1e-30))
+        assert diff <= 1e-5 and snr >= 90, (i, diff, snr)
     assert alone[1].shape[1] == 2 and not np.allclose(alone[0], alone[2][: len(alone[0])])
 
 

@@ -76,11 +76,12 @@ class StreamConverter:
     sr: the stream's sample rate (a multiple of 100; default the model rate); channels: of the input
     blocks (averaged to mono) and of the output (the mono result copied to each); adapter: an `Adapter`,
     an adapter file, or None for the base voice, held for the stream's whole life; index: a retrieval index
-    (object or path), read when `index_rate > 0`."""
+    (object or path), read when `index_rate > 0`; bank_key: the adapter's name in an `AdapterBank` that
+    synthesizes this stream's `row`s (one name for one adapter's content: rows of one name share a slot)."""
 
     def __init__(self, voice: VoiceConverter, params: StreamParams | None = None, *, sr: int | None = None,
                  channels: int = 1, adapter: PreparedAdapter | Adapter | str | os.PathLike[str] | None = None,
-                 index: RetrievalIndex | str | os.PathLike[str] | None = None) -> None:
+                 index: RetrievalIndex | str | os.PathLike[str] | None = None, bank_key: str | None = None) -> None:
         if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
             raise ParameterError(f"channels must be an integer in [1, {MAX_CHANNELS}], got {channels!r}")
         self.voice = voice
@@ -90,6 +91,7 @@ class StreamConverter:
         # checked against the model once, here; every block then swaps it in by one fused copy (if another
         # stream's adapter is resident)
         self.adapter = adapter if adapter is None or isinstance(adapter, PreparedAdapter) else voice.prepare(adapter)
+        self.bank_key = bank_key if bank_key is not None else f"stream-{secrets.token_hex(8)}"
         self._index_source = index
         self._index: RetrievalIndex | None = None
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
