@@ -68,8 +68,8 @@ if [ $dry -eq 1 ]; then
     step gpu-checks 300 $py benchmarks/gpu_checks.py --assets $assets --device cpu --only precision,compile --swaps 6 --seconds 1
     step bench-pipeline 300 $py benchmarks/bench_pipeline.py --assets $assets --device cpu --seconds 2 \
         --f0-methods pm --repeats 1
-    step bench-stream 120 $py benchmarks/bench_stream.py --assets $assets --device cpu --models tiny --budget 30 \
-        --rounds 4 --max-streams 4
+    step bench-stream 180 $py benchmarks/bench_stream.py --assets $assets --device cpu --models tiny --budget 30 \
+        --rounds 4 --max-streams 4 --modes serial,batched
     echo "dry run done in $(($(date +%s) - start))s"
     exit 0
 fi
@@ -85,8 +85,8 @@ step bench-batch 90 $py benchmarks/bench_batch.py --device $dev --models full,ti
 step gpu-checks 120 $py benchmarks/gpu_checks.py --assets $assets --device $dev
 step bench-pipeline 60 $py benchmarks/bench_pipeline.py --assets $assets --device $dev --f0-methods pm,harvest \
     --repeats 3
-step bench-stream 90 $py benchmarks/bench_stream.py --assets $assets --device $dev --models full,tiny --budget 40 \
-    --rounds 8 --max-streams 256
+step bench-stream 240 $py benchmarks/bench_stream.py --assets $assets --device $dev --models full,tiny --budget 40 \
+    --rounds 8 --max-streams 256 --modes serial,batched
 
 # The service against a reload-per-voice-change server, real HTTP on loopback, server on the GPU.
 port=8765
