@@ -28,13 +28,13 @@ import torch
 from rvc_lora import SynthConfig, build_synthesizer
 from rvc_lora.adapters import Adapter, AdapterInfo
 from rvc_lora.demo import V2_40K_CONFIG
+from rvc_lora.frames import FRAMES_PER_S
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, SynthRow, make_row, serving_layout
 
 TINY_CONFIG = [17, 32, 6, 8, 16, 2, 2, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3, [10, 10, 2, 2], 16, [16, 16, 4, 4],
                3, 8, 40000]  # the test suite's tiny v2 40k geometry
 MODELS = {"tiny": (TINY_CONFIG, 4), "full": (V2_40K_CONFIG, 32)}  # config, serving rank
-FRAMES_PER_S = 100  # content frames per second of audio (10 ms hop)
 Out = TypeVar("Out")
 
 

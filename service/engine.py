@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 ConvertOptions = ConvertParams  # the library's conversion parameters, validated on construction
 
-SR_16K = 16000
-FRAMES_PER_S = 100  # content features and f0 are 10 ms frames (hop 160 at 16 kHz)
-
 # Set by the worker around each job: true once the job's deadline has passed or its client has gone. An engine
 # checks it between chunks and raises JobCancelled, so abandoned work stops holding the device.
 STOP_REQUESTED: ContextVar[Callable[[], bool]] = ContextVar("stop_requested", default=lambda: False)

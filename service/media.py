@@ -19,8 +19,9 @@ from numpy.lib import format as npy_format
 from numpy.typing import NDArray
 
 from rvc_lora.errors import AudioError, RVCLoraError
-from rvc_lora.pipeline.audio import OUTPUT_FORMATS, SR_16K, EncodeFormat, encode_audio, load_audio_16k, probe_audio
-from service.engine import FRAMES_PER_S, Features, ModelInfo
+from rvc_lora.frames import FRAMES_PER_S, SR_16K
+from rvc_lora.pipeline.audio import OUTPUT_FORMATS, EncodeFormat, encode_audio, load_audio_16k, probe_audio
+from service.engine import Features, ModelInfo
 from service.errors import BadFeatures, PayloadTooLarge, relabel
 from service.spool import capture_upload, process_tag
 

@@ -18,9 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rvc_lora.errors import ModelUnavailableError
+from rvc_lora.frames import FRAMES_PER_S, SR_16K
 from service.engine import (
-    FRAMES_PER_S,
-    SR_16K,
     ConvertOptions,
     Engine,
     Extracted,

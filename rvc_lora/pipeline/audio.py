@@ -26,11 +26,11 @@ import soxr
 from numpy.typing import ArrayLike, NDArray
 
 from rvc_lora.errors import AudioError, AudioTooLongError, ParameterError, UnsupportedAudioError
+from rvc_lora.frames import SR_16K
 from rvc_lora.pipeline import audio_av
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 
-SR_16K = 16000  # the rate of RVC's whole front-end (f0, content features, cut points)
 MIN_DURATION_S = 0.1  # shorter input is rejected with a clear error rather than converted to near nothing
 # The conversion itself (`prepare_16k`) follows RVC: 400 samples at 16 kHz is the content encoder's first
 # frame; below that, RVC's trimmed output is empty and its rms/int16 steps fail on it.

@@ -22,10 +22,11 @@ from torch import Tensor
 
 from rvc_lora.adapters import Adapter, load_adapter
 from rvc_lora.errors import ParameterError
+from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.generator import GeneratorNSF
 from rvc_lora.pipeline import steps
-from rvc_lora.pipeline.audio import SR_16K, AudioSource, decode_audio, prepare_16k, resample, to_int16
+from rvc_lora.pipeline.audio import AudioSource, decode_audio, prepare_16k, resample, to_int16
 from rvc_lora.pipeline.content import ContentEncoder
 from rvc_lora.pipeline.f0 import default_f0_method, get_f0_extractor, overlay_f0, read_f0_file
 from rvc_lora.pipeline.index import RetrievalIndex
@@ -265,10 +266,10 @@ class VoiceConverter:
                                      is_half=self.is_half)
         source = extractor(audio_pad, p_len, filter_radius=params.filter_radius)
         f0 = steps.transpose_f0(source, params.f0_up_key)
-        skip = self.pad.t_pad // steps.WINDOW  # frames of the reflected padding before the input's first sample
+        skip = self.pad.t_pad // HOP_16K  # frames of the reflected padding before the input's first sample
         if f0_curve is not None:  # RVC's f0 file: after the transpose, starting at frame x_pad * 100
             f0 = overlay_f0(f0, f0_curve, skip)
-        frames = (len(audio_pad) - 2 * self.pad.t_pad) // steps.WINDOW
+        frames = (len(audio_pad) - 2 * self.pad.t_pad) // HOP_16K
         track = F0Track(np.asarray(source[skip : skip + frames], dtype=np.float32),
                         np.asarray(f0[skip : skip + frames], dtype=np.float32))
         return (*steps.pitch_tensors(f0, p_len), track)
@@ -288,7 +289,7 @@ class VoiceConverter:
             pitch = pitchf = track = None
             if self.model.cfg.f0:
                 with clock.stage("f0"):
-                    pitch, pitchf, track = self._pitch(audio_pad, len(audio_pad) // steps.WINDOW, params, f0_curve)
+                    pitch, pitchf, track = self._pitch(audio_pad, len(audio_pad) // HOP_16K, params, f0_curve)
         return Plan(params, retrieval, audio, audio_pad, steps.plan_chunks(cuts, len(audio_pad), pad.t_pad), pitch,
                     pitchf, track, clock)
 
@@ -323,7 +324,7 @@ class VoiceConverter:
                         feats = steps.protect_features(feats, steps.upsample_features_x2(feats0), pitchf,
                                                        params.protect)
                 else:
-                    feats = feats[:, : min(feats.shape[1], n // steps.WINDOW)]
+                    feats = feats[:, : min(feats.shape[1], n // HOP_16K)]
         return ChunkFeatures(feats, pitch, pitchf, params.sid)
 
     def synthesize(self, row: ChunkFeatures, clock: Stopwatch | None = None) -> NDArray[np.float32]:

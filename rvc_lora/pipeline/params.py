@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from rvc_lora.errors import ParameterError
+from rvc_lora.frames import SR_16K
 from rvc_lora.pipeline.f0.base import F0_METHODS
 
-MIN_RESAMPLE_SR = 16000  # resample_sr is 0 (the model's rate) or in [MIN_RESAMPLE_SR, its upper bound]
+MIN_RESAMPLE_SR = SR_16K  # resample_sr is 0 (the model's rate) or in [MIN_RESAMPLE_SR, its upper bound]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ The converter calls them in RVC's order::
     audio = highpass(load_audio_16k(src))                        # float64 [N], 16 kHz
     cuts = find_cut_points(audio, pad.t_center, pad.t_query, pad.t_max)
     audio_pad = reflect_pad(audio, pad.t_pad, pad.t_pad)         # [N + 2 t_pad]
-    p_len = len(audio_pad) // WINDOW
+    p_len = len(audio_pad) // HOP_16K
     f0 = transpose_f0(extractor(audio_pad, p_len), f0_up_key)
     pitch, pitchf = pitch_tensors(f0, p_len)                     # [1, p_len] int64 / float32
     for c in plan_chunks(cuts, len(audio_pad), pad.t_pad):
@@ -33,10 +33,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import AudioError, ParameterError
-from rvc_lora.pipeline.audio import SR_16K
-
-WINDOW = 160  # samples per f0 / feature frame at 16 kHz: 10 ms
-FRAMES_PER_S = SR_16K // WINDOW  # 100
+from rvc_lora.frames import CONTENT_HOP, CONTENT_WINDOW, FRAMES_PER_S, HOP_16K, SR_16K
 
 # §3.2: 5th-order Butterworth high-pass at 48 Hz, applied forward-backward (zero phase) at 16 kHz.
 HIGHPASS_B, HIGHPASS_A = scipy.signal.butter(N=5, Wn=48, btype="high", fs=SR_16K)
@@ -133,15 +130,15 @@ def find_cut_points(audio: NDArray[np.floating], t_center: int, t_query: int, t_
     search windows are computed."""
     x = np.asarray(audio, dtype=np.float64)
     n = len(x)
-    half = WINDOW // 2
-    if n + WINDOW <= t_max:
+    half = HOP_16K // 2
+    if n + HOP_16K <= t_max:
         return []
     ap_abs = np.abs(reflect_pad(x, half, half))  # [N + 160]
     cuts: list[int] = []
     for t in range(t_center, n, t_center):
         lo, hi = t - t_query, min(t + t_query, n)
         s = np.zeros(hi - lo)
-        for i in range(WINDOW):  # sequential sum: bit-identical to RVC's accumulation
+        for i in range(HOP_16K):  # sequential sum: bit-identical to RVC's accumulation
             s += ap_abs[lo + i : hi + i]
         cuts.append(lo + int(np.argmin(s)))  # argmin returns the first minimum
     return cuts
@@ -163,26 +160,26 @@ def plan_chunks(cut_points: Sequence[int], n_padded: int, t_pad: int) -> list[Ch
     from the previous cut s to `t + 2 t_pad + 160` (frames `s//160 .. (t + 2 t_pad)//160`), so neighbours
     overlap by one frame; the last chunk runs from the last cut to the end. Bounds are clipped to the
     signal, as python slicing clips them."""
-    p_len = n_padded // WINDOW
+    p_len = n_padded // HOP_16K
     chunks: list[Chunk] = []
     s = 0
     for cut in cut_points:
-        t = cut // WINDOW * WINDOW
-        stop = min(t + 2 * t_pad + WINDOW, n_padded)
-        chunks.append(Chunk(s, stop, s // WINDOW, min((t + 2 * t_pad) // WINDOW, p_len)))
+        t = cut // HOP_16K * HOP_16K
+        stop = min(t + 2 * t_pad + HOP_16K, n_padded)
+        chunks.append(Chunk(s, stop, s // HOP_16K, min((t + 2 * t_pad) // HOP_16K, p_len)))
         s = t
-    chunks.append(Chunk(s, n_padded, s // WINDOW, p_len))
+    chunks.append(Chunk(s, n_padded, s // HOP_16K, p_len))
     return chunks
 
 
 def content_frames(chunk_len: int) -> int:
     """Content-encoder frames for `chunk_len` samples at 16 kHz (HuBERT conv stack): `(L - 400)//320 + 1`."""
-    return (chunk_len - 400) // 320 + 1
+    return (chunk_len - CONTENT_WINDOW) // CONTENT_HOP + 1
 
 
 def synth_frames(chunk_len: int) -> int:
     """10 ms frames synthesized for one chunk (§3.7): `min(L//160, 2 * content_frames(L))`."""
-    return min(chunk_len // WINDOW, 2 * content_frames(chunk_len))
+    return min(chunk_len // HOP_16K, 2 * content_frames(chunk_len))
 
 
 def trim_chunk(y: NDArray[np.floating], t_pad_tgt: int) -> NDArray[np.floating]:
@@ -247,7 +244,7 @@ def upsample_features_x2(feats: Tensor) -> Tensor:
 def align_pitch(feats: Tensor, pitch: Tensor, pitchf: Tensor, chunk_len: int) -> tuple[Tensor, Tensor, Tensor]:
     """Cut features `[B, 2F, C]` and the chunk's pitch `[B, T]`/pitchf `[B, T]` to RVC's
     `p_len = min(chunk_len // 160, 2F)` frames (§3.7) -> (feats, pitch, pitchf), each `p_len` long."""
-    p_len = min(chunk_len // WINDOW, feats.shape[1])
+    p_len = min(chunk_len // HOP_16K, feats.shape[1])
     if pitch.shape[-1] < p_len or pitchf.shape[-1] < p_len:
         raise ParameterError(f"chunk has {pitch.shape[-1]} f0 frames, {p_len} needed")
     return feats[:, :p_len], pitch[..., :p_len], pitchf[..., :p_len]

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from rvc_lora.adapters import Adapter
 from rvc_lora.errors import AudioError, ParameterError
+from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.models.generator import GeneratorNSF
 from rvc_lora.pipeline.converter import Stopwatch, VoiceConverter
 from rvc_lora.pipeline.index import RetrievalIndex
@@ -37,7 +38,7 @@ from rvc_lora.pipeline.steps import upsample_features_x2
 from rvc_lora.stream import dsp
 from rvc_lora.stream.f0 import F0Cache, window_f0
 from rvc_lora.stream.params import StreamParams
-from rvc_lora.stream.sizes import HOP_16K, SR_16K, StreamSizes
+from rvc_lora.stream.sizes import StreamSizes
 from rvc_lora.voice import PreparedAdapter, SynthRow, make_row
 
 STAGES = ("f0", "features", "index", "synth", "postprocess")

@@ -17,20 +17,21 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from rvc_lora.pipeline.f0 import F0_MAX, F0_MIN, HOP, SR, get_f0_extractor
+from rvc_lora.frames import HOP_16K, SR_16K
+from rvc_lora.pipeline.f0 import F0_MAX, F0_MIN, get_f0_extractor
 from rvc_lora.pipeline.f0.pm import TIME_STEP_S, VOICING_THRESHOLD
 from rvc_lora.pipeline.steps import F0_MEL_MAX, F0_MEL_MIN, N_COARSE
 
 CACHE_FRAMES = 1024  # covers the largest history (5 s extra + 0.15 + 0.01 + 1.5 s block = 666 frames)
 EDGE_FRAMES = 3  # leading window frames dropped as edge-affected
 PM_FLOOR = 65.0  # realtime pm's pitch floor (offline uses 50 Hz)
-PM_PAD = math.ceil(1.5 / PM_FLOOR * SR)  # 370: Praat's first frame lands on sample 0 of the window
+PM_PAD = math.ceil(1.5 / PM_FLOOR * SR_16K)  # 370: Praat's first frame lands on sample 0 of the window
 
 
 def realtime_pm(x: NDArray[np.float32]) -> NDArray[np.float64]:
     """Praat pitch of a window `[N]` -> Hz `[N // 160 + 1]`, frame j centred at sample 160 j (0 = unvoiced)."""
-    n = x.shape[0] // HOP + 1
-    sound = parselmouth.Sound(np.pad(x, (PM_PAD, PM_PAD + 1)), SR)
+    n = x.shape[0] // HOP_16K + 1
+    sound = parselmouth.Sound(np.pad(x, (PM_PAD, PM_PAD + 1)), SR_16K)
     pitch = sound.to_pitch_ac(time_step=TIME_STEP_S, voicing_threshold=VOICING_THRESHOLD, pitch_floor=PM_FLOOR,
                               pitch_ceiling=F0_MAX)
     f0 = np.asarray(pitch.selected_array["frequency"], dtype=np.float64)
@@ -41,7 +42,7 @@ def realtime_pm(x: NDArray[np.float32]) -> NDArray[np.float64]:
 
 def realtime_harvest(x: NDArray[np.float32]) -> NDArray[np.float64]:
     """Harvest of a window (one process, no StoneMask refinement), then a 3-tap median filter."""
-    f0, _ = pyworld.harvest(x.astype(np.float64), fs=SR, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=10)
+    f0, _ = pyworld.harvest(x.astype(np.float64), fs=SR_16K, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=10)
     return np.asarray(scipy.signal.medfilt(f0, 3), dtype=np.float64)
 
 
@@ -50,7 +51,7 @@ def window_f0(x: NDArray[np.float32], method: str, semitones: float, *, device: 
     """f0 of one window `[N]` at 16 kHz, transposed by `semitones` -> Hz `[N // 160 + 1]`.
 
     pm and harvest use the realtime settings; rmvpe and fcpe run the offline extractors on the window."""
-    n = x.shape[0] // HOP + 1
+    n = x.shape[0] // HOP_16K + 1
     f0: NDArray[np.floating]
     if method == "pm":
         f0 = realtime_pm(x)

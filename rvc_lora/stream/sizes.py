@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rvc_lora.errors import ParameterError
+from rvc_lora.frames import HOP_16K
 from rvc_lora.stream.params import StreamParams
 
-SR_16K = 16000
-HOP_16K = 160  # samples per 10 ms frame at 16 kHz
 MAX_SOLA_FRAMES = 4  # the SOLA template and the fades are at most 40 ms
 F0_EDGE = 800  # f0 window = newest block + 50 ms
 RMVPE_CHUNK = 5120  # rmvpe's window is a multiple of 32 mel frames, minus one hop

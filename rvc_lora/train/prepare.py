@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from rvc_lora.config import SynthConfig
 from rvc_lora.errors import AudioError, ModelUnavailableError, ParameterError
-from rvc_lora.pipeline.audio import AUDIO_SUFFIXES, SR_16K, decode_audio, resample
+from rvc_lora.frames import HOP_16K, SR_16K
+from rvc_lora.pipeline.audio import AUDIO_SUFFIXES, decode_audio, resample
 from rvc_lora.pipeline.content import ContentEncoder
 from rvc_lora.pipeline.f0 import F0_METHODS, F0Extractor, get_f0_extractor
 from rvc_lora.pipeline.f0.base import RMVPE_HINT
-from rvc_lora.pipeline.steps import WINDOW, f0_to_coarse
+from rvc_lora.pipeline.steps import f0_to_coarse
 from rvc_lora.train.data import DEFAULT_BOUNDARIES, FORMAT, FORMAT_VERSION, MANIFEST
 from rvc_lora.train.errors import TrainingDataError
 from rvc_lora.train.mel import spectrogram
@@ -130,7 +131,7 @@ class _Tools:
         if self._f0 is None:
             self._f0 = get_f0_extractor(self.f0_method, device=self.device,
                                        rmvpe_path=None if self.rmvpe_path is None else Path(self.rmvpe_path))
-        f0 = self._f0(x16, len(x16) // WINDOW, filter_radius=0)  # training: no median filter (spec §4.2)
+        f0 = self._f0(x16, len(x16) // HOP_16K, filter_radius=0)  # training: no median filter (spec §4.2)
         return f0_to_coarse(np.array(f0)), np.asarray(f0, dtype=np.float32)
 
     def features(self, y: NDArray[np.float32], x16: NDArray[np.float32], *, silent: bool = False) -> dict[str, Any]:
@@ -141,7 +142,7 @@ class _Tools:
         out: dict[str, Any] = {"wav": y, "spec": spec, "phone": phone}
         if self.f0_method is not None:
             if silent:  # the mute sample: unvoiced throughout
-                p_len = len(x16) // WINDOW
+                p_len = len(x16) // HOP_16K
                 out["pitch"], out["pitchf"] = np.ones(p_len, np.int64), np.zeros(p_len, np.float32)
             else:
                 out["pitch"], out["pitchf"] = self.pitch(x16)

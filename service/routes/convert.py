@@ -13,6 +13,7 @@ import anyio
 from fastapi import APIRouter, Form, Query, Request, Response, Security
 from fastapi.responses import JSONResponse
 
+from rvc_lora.frames import FRAMES_PER_S
 from rvc_lora.pipeline.f0 import f0_method_problem, preferred_f0_method
 from service import media
 from service.auth import bearer_scheme
@@ -26,7 +27,7 @@ from service.deps import (
     disconnected,
     request_id,
 )
-from service.engine import FRAMES_PER_S, ConvertOptions, ModelInfo
+from service.engine import ConvertOptions, ModelInfo
 from service.errors import InvalidRequest
 from service.schemas import AudioData, ConvertedWithF0, ConvertForm, F0Out, error_responses
 from service.settings import Settings

@@ -7,6 +7,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Form, Request, Response, Security
 
+from rvc_lora.frames import FRAMES_PER_S
 from service import media
 from service.auth import bearer_scheme
 from service.deps import (
@@ -19,7 +20,6 @@ from service.deps import (
     disconnected,
     request_id,
 )
-from service.engine import FRAMES_PER_S
 from service.routes.convert import AUDIO_HEADERS, check_speaker, server_timing
 from service.schemas import InferForm, error_responses
 from service.worker import Job

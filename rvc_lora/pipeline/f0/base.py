@@ -18,9 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rvc_lora.errors import ParameterError
+from rvc_lora.frames import HOP_16K
 
-SR = 16000  # every extractor runs on the pipeline's 16 kHz signal
-HOP = 160  # samples per f0 frame: 10 ms
 F0_MIN = 50.0  # RVC's search range for pm and harvest (Hz)
 F0_MAX = 1100.0
 
@@ -65,7 +64,7 @@ def fit_length(f0: NDArray[_Float], p_len: int) -> NDArray[_Float]:
 
 def frame_count(n_samples: int) -> int:
     """Frames of a centred 10 ms grid over `n_samples`: what rmvpe, harvest and fcpe return (`N // 160 + 1`)."""
-    return n_samples // HOP + 1
+    return n_samples // HOP_16K + 1
 
 
 def _build_pm(device: str, rmvpe_path: Path | None, is_half: bool) -> F0Extractor:

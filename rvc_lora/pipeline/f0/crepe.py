@@ -28,7 +28,8 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
-from rvc_lora.pipeline.f0.base import F0_MAX, F0_MIN, HOP, INSTALL_HINTS, check_audio, fit_length, frame_count
+from rvc_lora.frames import HOP_16K
+from rvc_lora.pipeline.f0.base import F0_MAX, F0_MIN, INSTALL_HINTS, check_audio, fit_length, frame_count
 from rvc_lora.pipeline.f0.crepe_net import N_BINS, WINDOW, CrepeNet
 from rvc_lora.pipeline.f0.rmvpe import CENTS_BASE, CENTS_PER_BIN
 
@@ -66,8 +67,8 @@ def frame_batches(audio: Tensor) -> Iterator[Tensor]:
     n_frames = frame_count(len(audio))
     for start in range(0, n_frames, BATCH):
         stop = min(n_frames, start + BATCH)
-        window = padded[start * HOP : (stop - 1) * HOP + WINDOW]
-        frames = window.unfold(0, WINDOW, HOP).T.contiguous().T  # [B, 1024], strides (1, B)
+        window = padded[start * HOP_16K : (stop - 1) * HOP_16K + WINDOW]
+        frames = window.unfold(0, WINDOW, HOP_16K).T.contiguous().T  # [B, 1024], strides (1, B)
         frames = frames - frames.mean(dim=1, keepdim=True)
         yield frames / torch.clamp(frames.std(dim=1, keepdim=True), min=STD_FLOOR)
 

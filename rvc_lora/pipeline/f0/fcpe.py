@@ -22,8 +22,9 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
+from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.pipeline.batching import run_grouped
-from rvc_lora.pipeline.f0.base import HOP, INSTALL_HINTS, SR, check_audio, fit_length, frame_count
+from rvc_lora.pipeline.f0.base import INSTALL_HINTS, check_audio, fit_length, frame_count
 from rvc_lora.pipeline.f0.fcpe_net import HIDDEN, N_BINS, N_LAYERS, N_MELS, FCPENet
 from rvc_lora.pipeline.f0.mel import mel_filterbank
 
@@ -38,7 +39,8 @@ LOCAL_BINS = 4  # the decode averages argmax +- 4 bins (indices clamped at the e
 
 # What the bundled file's config must say for FCPENet and this front end to be the right ones.
 _EXPECTED_CONFIG: dict[str, dict[str, object]] = {
-    "mel": {"sr": SR, "num_mels": N_MELS, "n_fft": N_FFT, "win_size": N_FFT, "hop_size": HOP, "fmin": 0, "fmax": 8000},
+    "mel": {"sr": SR_16K, "num_mels": N_MELS, "n_fft": N_FFT, "win_size": N_FFT, "hop_size": HOP_16K, "fmin": 0,
+            "fmax": 8000},
     "model": {
         "type": "CFNaiveMelPE",
         "out_dims": N_BINS,
@@ -83,7 +85,7 @@ class FCPEPitch:
     def __init__(self, net: FCPENet, *, device: str = "cpu") -> None:
         self.device = torch.device(device)
         self.net = net.to(self.device).float().eval()
-        basis = mel_filterbank(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=MEL_FMAX, htk=False)
+        basis = mel_filterbank(sr=SR_16K, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=MEL_FMAX, htk=False)
         self.mel_basis = torch.from_numpy(basis).to(self.device)  # [128, 513]
         self.window = torch.hann_window(N_FFT).to(self.device)
 
@@ -113,11 +115,11 @@ class FCPEPitch:
         x = torch.tensor(audio16k, dtype=torch.float32, device=self.device)
         x = x.unsqueeze(0) if x.dim() == 1 else x  # [B, N]
         n = x.shape[-1]
-        left = (N_FFT - HOP) // 2
-        right = max((N_FFT - HOP + 1) // 2, N_FFT - n - left)  # a signal shorter than a window still gets one
+        left = (N_FFT - HOP_16K) // 2
+        right = max((N_FFT - HOP_16K + 1) // 2, N_FFT - n - left)  # a signal shorter than a window still gets one
         x = F.pad(x.unsqueeze(1), (left, right), mode="reflect" if right < n else "constant").squeeze(1)
         spec = torch.stft(
-            x, N_FFT, hop_length=HOP, win_length=N_FFT, window=self.window, center=False, return_complex=True
+            x, N_FFT, hop_length=HOP_16K, win_length=N_FFT, window=self.window, center=False, return_complex=True
         )
         mag = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + MAG_EPS)  # [1, 513, T']
         mel = torch.log(torch.clamp(torch.matmul(self.mel_basis, mag), min=LOG_FLOOR)).transpose(1, 2)

@@ -17,9 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rvc_lora.errors import ParameterError
-from rvc_lora.pipeline.f0.base import HOP, SR
-
-FRAMES_PER_S = SR // HOP  # 100
+from rvc_lora.frames import FRAMES_PER_S
 
 
 def f0_curve_from_table(table: ArrayLike) -> NDArray[np.float64]:

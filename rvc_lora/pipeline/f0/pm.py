@@ -6,9 +6,10 @@ import numpy as np
 import parselmouth
 from numpy.typing import NDArray
 
-from rvc_lora.pipeline.f0.base import F0_MAX, F0_MIN, HOP, SR, check_audio, fit_length
+from rvc_lora.frames import HOP_16K, SR_16K
+from rvc_lora.pipeline.f0.base import F0_MAX, F0_MIN, check_audio, fit_length
 
-TIME_STEP_S = HOP / SR  # 0.01 s, the same float as RVC's `160 / 16000 * 1000 / 1000`
+TIME_STEP_S = HOP_16K / SR_16K  # 0.01 s, the same float as RVC's `160 / 16000 * 1000 / 1000`
 VOICING_THRESHOLD = 0.6
 
 
@@ -29,7 +30,7 @@ class PraatPitch:
 
     def __call__(self, audio16k: NDArray[np.floating], p_len: int, *, filter_radius: int = 3) -> NDArray[np.float64]:
         audio = check_audio(audio16k)
-        pitch = parselmouth.Sound(audio.astype(np.float64), SR).to_pitch_ac(
+        pitch = parselmouth.Sound(audio.astype(np.float64), SR_16K).to_pitch_ac(
             time_step=TIME_STEP_S, voicing_threshold=VOICING_THRESHOLD, pitch_floor=F0_MIN, pitch_ceiling=F0_MAX
         )
         f0 = np.asarray(pitch.selected_array["frequency"], dtype=np.float64)  # Praat's frames, 0 = unvoiced

@@ -17,8 +17,9 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from rvc_lora.errors import CheckpointError, ModelUnavailableError
+from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.pipeline.batching import run_grouped
-from rvc_lora.pipeline.f0.base import HOP, RMVPE_HINT, SR, check_audio, fit_length
+from rvc_lora.pipeline.f0.base import RMVPE_HINT, check_audio, fit_length
 from rvc_lora.pipeline.f0.mel import mel_filterbank
 from rvc_lora.pipeline.f0.rmvpe_net import N_BINS, N_MELS, STAGES, RMVPENet
 
@@ -62,7 +63,7 @@ class RMVPEPitch:
         self.is_half = is_half
         net = net.to(self.device).eval()
         self.net = net.half() if is_half else net.float()
-        basis = mel_filterbank(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=MEL_FMIN, fmax=MEL_FMAX, htk=True)
+        basis = mel_filterbank(sr=SR_16K, n_fft=N_FFT, n_mels=N_MELS, fmin=MEL_FMIN, fmax=MEL_FMAX, htk=True)
         self.mel_basis = torch.from_numpy(basis).to(self.device)  # [128, 513] float32
         self.window = torch.hann_window(N_FFT).to(self.device)  # periodic
 
@@ -80,7 +81,7 @@ class RMVPEPitch:
         x = torch.tensor(audio16k, dtype=torch.float32, device=self.device)
         x = x.unsqueeze(0) if x.dim() == 1 else x  # [B, N]
         spec = torch.stft(
-            x, N_FFT, hop_length=HOP, win_length=N_FFT, window=self.window, center=True, return_complex=True
+            x, N_FFT, hop_length=HOP_16K, win_length=N_FFT, window=self.window, center=True, return_complex=True
         )  # [1, 513, T], reflect-padded by 512 each side
         mel = torch.matmul(self.mel_basis, torch.sqrt(spec.real.pow(2) + spec.imag.pow(2)))
         if self.is_half:
