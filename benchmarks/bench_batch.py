@@ -3,7 +3,9 @@
 For each model (tiny, full-size v2 40k f0; random weights, serving layout: every layer plus full deltas), chunk
 length and batch size B, B rows of B distinct voices (random adapters filling every slot) are synthesized
   - serially: per row, `swap` the voice into the resident slots and `infer` it (the one-at-a-time worker), and
-  - batched: one `AdapterBank.synthesize` over the B rows (slots acquired before timing: loads not counted).
+  - batched: one `AdapterBank.synthesize` over the B rows (slots acquired before timing: loads not counted), its
+    way (`vmap` or `by_voice`, see rvc_lora/voice/bank.py) chosen by the bank's measurements (`auto`, warmed up
+    before timing); the table names the way it ran.
 Rows are seeded; the table also gives the largest difference between a row's batched and serial audio.
 Run:
     .venv/bin/python benchmarks/bench_batch.py [--device cpu|cuda] [--models tiny,full] [--batches 1,2,4,8,16]
@@ -125,11 +127,13 @@ def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int
             serial = functools.partial(run_serial, model, voices[:b], solo)
             with bank.hold([(i, voices[i]) for i in range(b)]) as slots:
                 batch = functools.partial(bank.synthesize, rows, slots)
+                for _ in range(2 * bank.chooser.trials):  # the chooser's trials: both ways measured
+                    batch()
                 t_serial, t_batch, reference, batched = timed_pair(serial, batch, repeats, device)
             diff = max(float((x - y).abs().max()) for x, y in zip(batched, reference, strict=True))
             audio_s = b * frames / FRAMES_PER_S
             lines.append(f"{name:5} {chunk_s:6.2f} {b:5d} {audio_s / t_serial:13.2f} {audio_s / t_batch:13.2f} "
-                         f"{t_serial / t_batch:8.2f}x {diff:10.1e}")
+                         f"{t_serial / t_batch:8.2f}x {diff:10.1e} {bank.last_way}")
             print(lines[-1], flush=True)
     return lines
 
@@ -148,7 +152,7 @@ def main() -> None:
     chunks = [float(x) for x in args.chunks.split(",")]
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}; median of {args.repeats}; distinct voice per row")
-    print("model chunk     B  serial aud/s   batch aud/s  speedup   max|diff|")
+    print("model chunk     B  serial aud/s   batch aud/s  speedup   max|diff| way")
     for name in args.models.split(","):
         bench_model(name, full_batches if name == "full" else batches, chunks, args.repeats, args.device)
 

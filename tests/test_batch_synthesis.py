@@ -13,6 +13,7 @@ from rvc_lora.adapters import Adapter, AdapterInfo
 from rvc_lora.errors import BankFullError, ConfigError
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, make_row, serving_layout, synthesize_rows
+from rvc_lora.voice.bank import Strategy, WayChooser
 from tests.conftest import run_infer, tiny_inputs, tiny_model
 
 TOL = 1e-4
@@ -69,9 +70,11 @@ def _solo(model: SynthesizerLoRA, prepared: PreparedAdapter | None, inputs: dict
 SPECS = [(12, None, None), (31, None, None), (7, None, None), (40, 30, 8), (60, 10, 45), (26, 0, 26)]
 
 
+@pytest.mark.parametrize("way", ["vmap", "by_voice"])
 @pytest.mark.parametrize(("version", "f0", "resblock"),
                          [("v2", True, "1"), ("v1", True, "2"), ("v1", False, "1"), ("v2", False, "2")])
-def test_each_row_of_a_mixed_voice_batch_equals_the_row_run_alone(version: str, f0: bool, resblock: str) -> None:
+def test_each_row_of_a_mixed_voice_batch_equals_the_row_run_alone(version: str, f0: bool, resblock: str,
+                                                                   way: Strategy) -> None:
     model = _model(version, f0, resblock)
     voices = [model.prepare(_adapter(model, 1, 8)), model.prepare(_adapter(model, 2, 3)),
               model.prepare(_adapter(model, 3, 5, only="dec."))]  # ranks 8, 3, 5; one with decoder layers only
@@ -85,6 +88,7 @@ def test_each_row_of_a_mixed_voice_batch_equals_the_row_run_alone(version: str, 
                              skip_head=head, return_length=length))
     model.swap(None)
     bank = AdapterBank(model, 3)
+    bank.strategy = way
     with bank.hold([(v, None if v is None else voices[v]) for v in plan]) as slots:
         assert len({s for s in slots if s is not None}) == 3
         outs = bank.synthesize(rows, slots)
@@ -221,3 +225,57 @@ def test_slots_of_other_ranks_than_the_resident_one_count_in_full() -> None:
 
     assert (rendered(wide) - refs[wide]).abs().max() < TOL
     assert (rendered(other) - refs[other]).abs().max() < TOL
+
+
+def test_a_one_voice_batch_computes_as_the_solo_run_and_leaves_the_model_as_it_was() -> None:
+    """A batch in one voice (slot > 0, or the base voice while slot 0 holds another) binds that voice's slot in
+    place of the resident one for the forward only: the same audio as the solo run, then the resident voice,
+    its ranks and its parameters are back."""
+    model = _model()
+    resident, voice = model.prepare(_adapter(model, 1, 3)), model.prepare(_adapter(model, 2, 6, only="dec."))
+    inputs = _inputs(model, 18, seed=2)
+    refs = {v: _solo(model, v, inputs, seed=5) for v in (voice, None, resident)}
+    bank = AdapterBank(model, 2)
+    state = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
+    ranks = [layer.rank for layer in model.slots.layers]
+    with bank.hold([("resident", resident), ("voice", voice)]) as (zero, one):
+        assert (zero, one) == (0, 1)
+        for slot, v in ((one, voice), (None, None), (zero, resident)):
+            row = make_row(model, **_row_args(model, inputs), generator=torch.Generator().manual_seed(5))
+            assert (bank.synthesize([row], [slot])[0] - refs[v]).abs().max() < TOL
+    assert {n: (p, p.data_ptr()) for n, p in model.named_parameters()} == state
+    assert [layer.rank for layer in model.slots.layers] == ranks
+
+
+def test_the_chooser_tries_both_ways_then_runs_the_faster_and_rechecks_the_other() -> None:
+    chooser = WayChooser(trials=2, window=4, recheck=5)
+    cost = {"by_voice": 3.0, "vmap": 1.0}
+    picks = []
+    for _ in range(15):
+        way = chooser.pick("shape")
+        picks.append(way)
+        chooser.record("shape", way, cost[way])
+    assert picks[:4] == ["by_voice", "by_voice", "vmap", "vmap"]  # the trials, the safe way first
+    assert [i for i, w in enumerate(picks) if w == "by_voice" and i >= 4] == [4, 9, 14]  # calls 5, 10, 15: recheck
+    assert chooser.pick("other shape") == "by_voice"  # shapes are measured apart
+    cost["vmap"] = 10.0  # the load changed: after the window fills with slow timings, the other way wins
+    for _ in range(40):
+        way = chooser.pick("shape")
+        chooser.record("shape", way, cost[way])
+    assert chooser.pick("shape") == "by_voice"
+
+
+def test_auto_runs_either_way_with_the_same_audio() -> None:
+    model = _model()
+    voices = [model.prepare(_adapter(model, s, 4)) for s in (1, 2)]
+    bank = AdapterBank(model, 2)
+    inputs = [_inputs(model, frames, seed=i) for i, frames in enumerate((9, 13))]
+    outs = []
+    with bank.hold([(0, voices[0]), (1, voices[1])]) as slots:
+        for _ in range(4):  # by_voice twice, then vmap twice (the chooser's trials)
+            rows = [make_row(model, **_row_args(model, x), generator=torch.Generator().manual_seed(7)) for x in inputs]
+            outs.append(bank.synthesize(rows, slots))
+    assert sum(len(c) for c in bank.chooser._costs[(2, 4)].values()) == 4
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0], strict=True):
+            assert (a - b).abs().max() < TOL

@@ -12,15 +12,21 @@ is never evicted, and `BankFullError` says every slot is pinned. `synthesize(row
 A, B and full-delta values from the bank (`index_select`: one gather per tensor, no loop over rows) and runs
 `rvc_lora.models.rows.infer_padded` under `torch.func.vmap` with them: each LoRA layer's fused weight
 `W + B_row @ A_row` then becomes a grouped convolution over the rows. A batch in a single voice skips the
-vmap and runs the plain batched forward with that voice's weights.
+vmap and runs the plain batched forward with that voice's slot bound in place of the resident one.
+
+vmap costs per operation, so on a CPU and a small model it can lose to running each voice's rows as their
+own plain batch (`by_voice`: one forward per distinct voice, each exactly the solo computation). `auto` (the
+default) measures both per batch shape (distinct voices, longest row) and runs the faster one
+(`WayChooser`); both give each row what it gives alone, to float rounding.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +41,36 @@ from rvc_lora.voice.model import SynthesizerLoRA
 from rvc_lora.voice.slots import PreparedAdapter
 
 Slot = int | None  # a bank slot index; None is the base voice (no slot)
+Way = Literal["vmap", "by_voice"]  # how a batch of several voices runs (see the module docstring)
+Strategy = Literal["auto", "vmap", "by_voice"]
+
+
+class WayChooser:
+    """Which way runs a batch shape faster, measured on this machine. Per key, each way is tried `trials`
+    times (`by_voice` first: it is never slower than one voice at a time); then the way with the lower cost
+    (the least of its last `window` timings) runs, and every `recheck`-th call of the key tries the other
+    one again, so a change of load or a first-call warm-up does not fix the choice for good."""
+
+    WAYS: tuple[Way, Way] = ("by_voice", "vmap")
+
+    def __init__(self, trials: int = 2, window: int = 4, recheck: int = 32) -> None:
+        self.trials, self.window, self.recheck = trials, window, recheck
+        self._costs: dict[Hashable, dict[Way, deque[float]]] = {}
+        self._calls: dict[Hashable, int] = {}
+
+    def pick(self, key: Hashable) -> Way:
+        costs = self._costs.setdefault(key, {w: deque(maxlen=self.window) for w in self.WAYS})
+        calls = self._calls[key] = self._calls.get(key, 0) + 1
+        for way in self.WAYS:
+            if len(costs[way]) < self.trials:
+                return way
+        best = min(self.WAYS, key=lambda w: min(costs[w]))
+        if calls % self.recheck == 0:
+            return self.WAYS[1 - self.WAYS.index(best)]
+        return best
+
+    def record(self, key: Hashable, way: Way, seconds: float) -> None:
+        self._costs.setdefault(key, {w: deque(maxlen=self.window) for w in self.WAYS})[way].append(seconds)
 
 
 class _PaddedForward(nn.Module):
@@ -59,10 +95,15 @@ class AdapterBank:
         if any(layer.merged for layer in resident.layers):
             raise ConfigError("an adapter bank needs unmerged LoRA layers (unmerge the model first)")
         self.model, self.size = model, slots
+        self.strategy: Strategy = "auto"
+        self.chooser = WayChooser()
+        self.last_way: Way | Literal["one_voice"] | None = None  # how the last `synthesize` ran (benchmarks, logs)
         self._forward = _PaddedForward(model.base)
         self.layer_names = resident.layer_names
         full = full_delta_slots(model.base)
         self.delta_paths: tuple[str, ...] = () if full is None else full.paths
+        self._owners = [(model.base.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2])
+                        for path in self.delta_paths]  # (module, parameter name) of each full-delta value
         self._bases = resident.bases
         # [K, ...] storage; slot 0 takes the resident values and the model's parameters become its views
         self._a = [_stacked(layer.lora_A, slots) for layer in resident.layers]
@@ -77,6 +118,7 @@ class AdapterBank:
         model.refresh_slots()  # list the rebound parameters; slot 0 still holds what was resident
         model.slots.resident = resident.resident
         self._loaded: list[PreparedAdapter | None] = [resident.resident] + [None] * (slots - 1)
+        self._written: list[tuple[int, ...]] = [()] * slots  # slots > 0: the written rank of each LoRA layer
         self._keys: list[Hashable | None] = [None] * slots
         self._where: dict[Hashable, int] = {}
         self._pins = [0] * slots
@@ -178,6 +220,8 @@ class AdapterBank:
         if zero:
             torch._foreach_zero_(zero)
         self._loaded[slot] = prepared
+        ranks = dict(zip(prepared.layers, prepared.ranks, strict=True))
+        self._written[slot] = tuple(ranks.get(i, 0) for i in range(len(self._a)))
 
     def _plan(self, slot: int, layers: tuple[int, ...], ranks: tuple[int, ...], deltas: tuple[int, ...]
               ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -210,41 +254,84 @@ class AdapterBank:
                 raise ConfigError(f"slot {s} is not acquired (acquire it before the batch, release it after)")
         self._check_fresh()
         device = self._a[0].device if self._a else self.model.base.emb_g.weight.device
+        voices = list(dict.fromkeys(slots))  # distinct, in order of first use
+        if len(voices) == 1:  # one voice: the plain batched forward with its slot bound
+            self.last_way = "one_voice"
+            with self._bound(voices[0]):
+                return split_audio(infer_padded(self.model.base, pad_rows(rows, device)), rows)
+        way: Way = self.strategy if self.strategy != "auto" else "vmap"
+        key = (len(voices), max(r.plan.frames for r in rows).bit_length())  # voices, longest row within 2x
+        if self.strategy == "auto":
+            way = self.chooser.pick(key)
+            start = time.perf_counter()
+        self.last_way = way
+        out = self._by_voice(rows, slots, voices, device) if way == "by_voice" else self._vmapped(rows, slots, device)
+        if self.strategy == "auto":
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.chooser.record(key, way, time.perf_counter() - start)
+        return out
+
+    def _by_voice(self, rows: Sequence[SynthRow], slots: Sequence[Slot], voices: list[Slot],
+                  device: torch.device) -> list[Tensor]:
+        """One plain batched forward per voice, over that voice's rows (each padded to its own longest)."""
+        out: list[Tensor | None] = [None] * len(rows)
+        for voice in voices:
+            idx = [i for i, s in enumerate(slots) if s == voice]
+            group = [rows[i] for i in idx]
+            with self._bound(voice):
+                audio = split_audio(infer_padded(self.model.base, pad_rows(group, device)), group)
+            for i, a in zip(idx, audio, strict=True):
+                out[i] = a
+        return [a for a in out if a is not None]
+
+    def _vmapped(self, rows: Sequence[SynthRow], slots: Sequence[Slot], device: torch.device) -> list[Tensor]:
+        """All rows in one forward under `vmap`, each with its slot's adapter tensors (grouped convolutions)."""
         batch = pad_rows(rows, device)
-        if set(slots) == {0}:  # the resident voice: the model as it is
-            audio = infer_padded(self.model.base, batch)
-        else:
-            with every_slot_active(self.model.slots.layers):  # the slot tensors are substituted: all ranks count
-                audio = self._forward_rows(batch, slots, device)
+        params = self._gather(list(slots), device)
+
+        def one_row(p: dict[str, Tensor], *values: Tensor | None) -> Tensor:
+            row = PaddedRows.from_tensors(tuple(None if v is None else v.unsqueeze(0) for v in values), batch)
+            out: Tensor = functional_call(self._forward, p, (row,), tie_weights=False)
+            return out[0]
+
+        values = batch.tensors()
+        in_dims: tuple[Any, ...] = (0, *(None if v is None else 0 for v in values))
+        with every_slot_active(self.model.slots.layers):  # the slot tensors are substituted: all ranks count
+            audio = vmap(one_row, in_dims=in_dims)(params, *values)
         return split_audio(audio, rows)
 
-    def _forward_rows(self, batch: PaddedRows, slots: Sequence[Slot], device: torch.device) -> Tensor:
-        """The padded batch's audio `[B, 1, samples]`, each row with its slot's adapter."""
-        if len(set(slots)) == 1:  # one voice: the plain batched forward with its weights
-            audio: Tensor = functional_call(self._forward, self._voice(slots[0]), (batch,), tie_weights=False)
-        else:
-            params = self._gather(list(slots), device)
-
-            def one_row(p: dict[str, Tensor], *values: Tensor | None) -> Tensor:
-                row = PaddedRows.from_tensors(tuple(None if v is None else v.unsqueeze(0) for v in values), batch)
-                out: Tensor = functional_call(self._forward, p, (row,), tie_weights=False)
-                return out[0]
-
-            values = batch.tensors()
-            in_dims: tuple[Any, ...] = (0, *(None if v is None else 0 for v in values))
-            audio = vmap(one_row, in_dims=in_dims)(params, *values)
-        return audio
-
-    def _voice(self, slot: Slot) -> dict[str, Tensor]:
-        """One voice's adapter tensors under `_PaddedForward`'s parameter names: views of its slot (no copy),
-        or for the base voice zero B and the base full-delta values."""
-        params: dict[str, Tensor] = {}
-        for name, a, b in zip(self.layer_names, self._a, self._b, strict=True):
-            params[f"synth.{name}.lora_A"] = a[slot or 0]
-            params[f"synth.{name}.lora_B"] = b[slot] if slot is not None else torch.zeros_like(b[0])
-        for path, v, base in zip(self.delta_paths, self._v, self._bases, strict=True):
-            params[f"synth.{path}"] = v[slot] if slot is not None else base
-        return params
+    @contextmanager
+    def _bound(self, slot: Slot) -> Iterator[None]:
+        """Inside the block the model computes in `slot`'s voice: its A/B views and full-delta values stand in
+        for slot 0's (plain entries in the modules' parameter dicts: no copy, a few microseconds per tensor),
+        with its written ranks, so the forward is exactly a solo run's. The base voice (None): rank 0 and the
+        base values. Slot 0 is the model as it is."""
+        if slot == 0:
+            yield
+            return
+        layers = self.model.slots.layers
+        ranks = [layer.rank for layer in layers]
+        pairs = [(layer.lora_A, layer.lora_B) for layer in layers]
+        values = [owner._parameters[leaf] for owner, leaf in self._owners]
+        try:
+            for i, layer in enumerate(layers):
+                if slot is None:
+                    layer.rank = 0
+                else:
+                    _stand_in(layer, "lora_A", self._a[i][slot])
+                    _stand_in(layer, "lora_B", self._b[i][slot])
+                    layer.rank = self._written[slot][i]
+            for (owner, leaf), v, base in zip(self._owners, self._v, self._bases, strict=True):
+                _stand_in(owner, leaf, base if slot is None else v[slot])
+            yield
+        finally:
+            for layer, r, (a, b) in zip(layers, ranks, pairs, strict=True):
+                _stand_in(layer, "lora_A", a)
+                _stand_in(layer, "lora_B", b)
+                layer.rank = r
+            for (owner, leaf), value in zip(self._owners, values, strict=True):
+                _stand_in(owner, leaf, value)
 
     def _gather(self, slots: list[Slot], device: torch.device) -> dict[str, Tensor]:
         """Each row's adapter tensors under `_PaddedForward`'s parameter names, `[B, ...]`: one `index_select`
@@ -260,6 +347,12 @@ class AdapterBank:
             shape = (-1, *[1] * base.dim())
             params[f"synth.{path}"] = torch.where(keep.view(shape), v.index_select(0, idx), base.unsqueeze(0))
         return params
+
+
+def _stand_in(module: nn.Module, name: str, value: Tensor | None) -> None:
+    """Make `module.<name>` read `value`: the parameter dict entry replaced directly (`setattr` would insist on
+    an `nn.Parameter`, and `functional_call` costs milliseconds over a model's hundreds of adapter tensors)."""
+    module._parameters[name] = value  # type: ignore[assignment]
 
 
 def _stacked(t: Tensor, slots: int) -> Tensor:
