@@ -163,10 +163,9 @@ class RVCEngine:
 
     def convert(self, audio16k: NDArray[np.float32], options: ConvertOptions, voice: object | None) -> Rendered:
         adapter, index = (None, None) if voice is None else (_as_voice(voice).adapter, _as_voice(voice).index)
-        result = self._in_shorter_chunks_on_oom(lambda: self._vc.convert(
-            audio16k, SR_16K, options, adapter=adapter, index=index, progress=lambda *_: stop_if_requested()))
-        timings = {k: v for k, v in result.timings.items() if k != "decode"}  # decoding is the handler's
-        return Rendered(result.audio, result.sr, timings, result.f0)
+        result = self._in_shorter_chunks_on_oom(lambda: self._vc.convert_16k(  # the handler prepared it
+            audio16k, options, adapter=adapter, index=index, progress=lambda *_: stop_if_requested()))
+        return Rendered(result.audio, result.sr, result.timings, result.f0)
 
     def infer(self, features: Features, voice: object | None) -> Rendered:
         """`INFER_CHUNK_FRAMES` frames at a time (memory and device time per step stay bounded, and an abandoned

@@ -189,8 +189,6 @@ def test_bad_rows_and_unacquired_slots_are_refused() -> None:
     args = _row_args(model, inputs)
     with pytest.raises(ConfigError, match="phone"):
         make_row(model, **{**args, "phone": torch.zeros(10, 3)})
-    with pytest.raises(ConfigError, match="sid"):
-        make_row(model, **{**args, "sid": 99})
     with pytest.raises(ConfigError, match="skip_head"):
         make_row(model, **args, skip_head=3)
     bank = AdapterBank(model, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,11 +11,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from rvc_lora.config import SynthConfig
-from rvc_lora.errors import ConfigError
+from rvc_lora.errors import ConfigError, ParameterError
 from rvc_lora.models.generator import Generator, GeneratorNSF
 from rvc_lora.models.nsf import SineGen
 from rvc_lora.models.resblock import ResBlock1, ResBlock2
-from rvc_lora.models.synthesizer import SYNTHESIZER_CLASSES, build_synthesizer
+from rvc_lora.models.synthesizer import SYNTHESIZER_CLASSES, build_synthesizer, check_sid
 from tests.conftest import DECODERS, randomize_, run_infer, tiny_config, tiny_inputs, tiny_model
 
 FULL = {  # spec §1.1: (upsample_rates, kernels, sr, spec_channels)
@@ -151,11 +152,33 @@ def test_remove_weight_norm_keeps_output_and_renames_keys() -> None:
 
 
 @pytest.mark.parametrize("sid", [3, -1])
-def test_sid_out_of_range_is_a_config_error(sid: int) -> None:
+def test_sid_out_of_range_is_a_parameter_error(sid: int) -> None:
+    with pytest.raises(ParameterError, match=rf"sid: {sid} is out of range, the model has 3 speaker\(s\)"):
+        check_sid(sid, tiny_model().cfg.spk_embed_dim)
+    assert check_sid(2, 3) == 2
+
+
+class _Watched(torch.Tensor):
+    """A sid tensor that records every operation applied to it (reading it on the host would wait for the
+    device)."""
+
+    ops: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        cls.ops.append(getattr(func, "__name__", str(func)))
+        with torch._C.DisableTorchFunctionSubclass():  # results are plain tensors: only sid itself is watched
+            return func(*args, **(kwargs or {}))
+
+
+def test_the_forward_never_reads_sid_back() -> None:
+    """The forward only looks sid up in the speaker table: no comparison, `.item()` or `bool()` of it."""
     model = tiny_model()
-    inputs = tiny_inputs(model) | {"sid": torch.tensor([sid])}
-    with pytest.raises(ConfigError, match="3 speakers"):
-        run_infer(model, inputs)
+    inputs = tiny_inputs(model)
+    _Watched.ops = []
+    inputs["sid"] = inputs["sid"].as_subclass(_Watched)
+    run_infer(model, inputs)
+    assert _Watched.ops == ["embedding"]
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])

@@ -308,6 +308,31 @@ def test_real_engine_end_to_end(real_client: TestClient, tiny_service_assets: di
     assert real_client.post("/convert", data={"sid": "3"}, files=files).status_code == 422
 
 
+@pytest.mark.parametrize("batching", [True, False])
+def test_real_engine_prepares_audio_and_checks_sid_once_per_request(
+        tmp_path: Path, tiny_service_assets: dict[str, Any], monkeypatch: pytest.MonkeyPatch, batching: bool) -> None:
+    """The upload is decoded and prepared (`prepare_16k`) on arrival, and the conversion starts from it; the
+    library checks the speaker id once (the route refused bad ids before queueing)."""
+    import rvc_lora.pipeline.audio
+    import rvc_lora.pipeline.converter
+    from service.rvc_engine import load_engine
+
+    calls: list[str] = []
+
+    def spy(module: Any, name: str) -> None:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+    with running_app(tmp_path, factory=load_engine, model=tiny_service_assets["model"],
+                     hubert=tiny_service_assets["hubert"], max_rank=8, batching=batching) as client:
+        spy(rvc_lora.pipeline.audio, "prepare_16k")
+        spy(rvc_lora.pipeline.converter, "prepare_16k")
+        spy(rvc_lora.pipeline.converter, "check_sid")
+        r = client.post("/convert", data={"seed": "1", "sid": "2"}, files={"audio": ("a.wav", sine_wav(0.3))})
+        assert r.status_code == 200
+    assert sorted(calls) == ["check_sid", "prepare_16k"]
+
+
 def test_real_engine_refuses_adapters_that_do_not_fit(real_client: TestClient,
                                                       tiny_service_assets: dict[str, Any], tmp_path: Path) -> None:
     r = upload(real_client, tiny_service_assets["other_base_adapter"].read_bytes())

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rvc_lora.config import SynthConfig
-from rvc_lora.errors import ConfigError
+from rvc_lora.errors import ConfigError, ParameterError
 from rvc_lora.models.commons import rand_slice_segments, slice_segments
 from rvc_lora.models.encoders import PosteriorEncoder, TextEncoder
 from rvc_lora.models.flow import ResidualCouplingBlock
@@ -28,6 +28,14 @@ ForwardOutput = tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tens
 def _as_int(value: Tensor | int) -> int:
     return int(value.item()) if isinstance(value, Tensor) else int(value)
 
+
+def check_sid(sid: int, n_speakers: int) -> int:
+    """`sid` when it names one of `n_speakers` speakers, else ParameterError. The one check of a speaker id, on
+    the host int where a request enters (`VoiceConverter.plan` and `infer_features`; the service's forms before
+    queueing): the forward takes the id as checked, since comparing a device tensor would wait for the device."""
+    if not 0 <= sid < n_speakers:
+        raise ParameterError(f"sid: {sid} is out of range, the model has {n_speakers} speaker(s)")
+    return sid
 
 class RVCSynthesizer(nn.Module):
     """The VITS-style RVC synthesizer: `enc_p` (prior), `flow`, `dec` (vocoder), `emb_g` (speakers), `enc_q`.
@@ -72,14 +80,9 @@ class RVCSynthesizer(nn.Module):
         if self.enc_q is not None:
             self.enc_q.remove_weight_norm()
 
-    def _check_sid(self, sid: Tensor) -> None:
-        if sid.numel() and bool(((sid < 0) | (sid >= self.emb_g.num_embeddings)).any()):  # one device sync
-            raise ConfigError(f"sid {sid.tolist()} out of range: the model has {self.emb_g.num_embeddings} speakers")
-
     def _infer(self, phone: Tensor, phone_lengths: Tensor, pitch: Tensor | None, nsff0: Tensor | None,
                sid: Tensor, skip_head: Tensor | int | None, return_length: Tensor | int | None,
                return_length2: Tensor | int | None) -> InferOutput:
-        self._check_sid(sid)
         g = self.emb_g(sid).unsqueeze(-1)  # [B, gin, 1]
         streaming = skip_head is not None and return_length is not None
         if streaming:
@@ -145,7 +148,8 @@ class _F0Synthesizer(RVCSynthesizer):
               skip_head: Tensor | int | None = None, return_length: Tensor | int | None = None,
               return_length2: Tensor | int | None = None) -> InferOutput:
         """phone `[B, T, 256|768]`, phone_lengths `[B]` int64, pitch `[B, T]` int64 1..255, nsff0 `[B, T]`
-        float32 Hz, sid `[B]` int64 -> (audio `[B, 1, T_out * upp]`, x_mask, (z, z_p, m_p, logs_p)).
+        float32 Hz, sid `[B]` int64 (ids the caller checked: `check_sid`) -> (audio `[B, 1, T_out * upp]`, x_mask,
+        (z, z_p, m_p, logs_p)).
 
         Draws, in order: randn like m_p, one rand (SineGen's initial phase), randn `[B, T_f0 * upp, 1]`.
         """

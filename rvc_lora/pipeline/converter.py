@@ -25,6 +25,7 @@ from rvc_lora.errors import ParameterError
 from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.generator import GeneratorNSF
+from rvc_lora.models.synthesizer import check_sid
 from rvc_lora.pipeline import steps
 from rvc_lora.pipeline.audio import AudioSource, decode_audio, prepare_16k, resample, to_int16
 from rvc_lora.pipeline.content import ContentEncoder
@@ -239,15 +240,21 @@ class VoiceConverter:
         """
         if f0_file is not None:
             f0_curve = read_f0_file(f0_file)
-        params = params or ConvertParams()
         clock = Stopwatch(self.device)
         with clock.stage("decode"):
             audio16k = prepare_16k(audio, sr)
+        return self.convert_16k(audio16k, params, adapter=adapter, index=index, f0_curve=f0_curve, progress=progress,
+                                clock=clock)
+
+    def convert_16k(self, audio16k: NDArray[np.float32], params: ConvertParams | None = None, *,
+                    adapter: AdapterArg = None, index: IndexArg = None, f0_curve: ArrayLike | None = None,
+                    progress: Progress | None = None, clock: Stopwatch | None = None) -> ConversionResult:
+        """`convert` of audio that `prepare_16k` made already (`[N]` float32 at 16 kHz, peak-normalised): the
+        service decodes and prepares an upload once, on arrival."""
+        params = params or ConvertParams()
+        clock = clock or Stopwatch(self.device)
         swapped = self.use_adapter(adapter)
         retrieval = self._index(index) if params.index_rate > 0 else None
-        if params.sid >= self.model.base.emb_g.num_embeddings:
-            raise ParameterError(f"sid {params.sid} is out of range: the model has "
-                                 f"{self.model.base.emb_g.num_embeddings} speakers")
         method = self.f0_method(params) if self.model.cfg.f0 else None
         with torch.inference_mode():
             out, track = self._pipeline(audio16k, params, retrieval, f0_curve, clock, progress)
@@ -280,6 +287,7 @@ class VoiceConverter:
         """The CPU stage before synthesis (and f0, on the device for a network f0 method): high-pass, cut points,
         reflect padding, f0 and its transpose. `audio16k` `[N]` is what `prepare_16k` returns."""
         clock = clock or Stopwatch(self.device)
+        check_sid(params.sid, self.model.cfg.spk_embed_dim)  # the request's one check (the forward trusts it)
         pad = self.pad
         with torch.inference_mode():
             with clock.stage("postprocess"):
@@ -386,9 +394,7 @@ class VoiceConverter:
                 raise ParameterError("nsff0 must be finite Hz >= 0")
         if not bool(torch.isfinite(phone).all()):
             raise ParameterError("phone contains NaN or inf")
-        if sid >= self.model.base.emb_g.num_embeddings or sid < 0:
-            raise ParameterError(f"sid {sid} is out of range: the model has {self.model.base.emb_g.num_embeddings} "
-                                 "speakers")
+        check_sid(sid, cfg.spk_embed_dim)
         swapped = self.use_adapter(adapter)
         clock = Stopwatch(self.device)
         with torch.inference_mode(), clock.stage("synth"):

@@ -41,8 +41,9 @@ def make_row(model: SynthesizerLoRA, phone: Tensor, pitch: Tensor | None = None,
              return_length: int | None = None, device: torch.device | str | None = None) -> SynthRow:
     """Check a row's inputs against `model` and draw its random numbers from `generator` (None: the default
     generator of the device, as an unseeded solo run). Shapes as in `SynthRow`; `skip_head`/`return_length`
-    as in `infer` (streams). The row's tensors go to `device` (default: the model's). `ConfigError` for bad
-    shapes, a sid out of range, or a SineGen variant other than "B" (variant "A" interpolates over the whole
+    as in `infer` (streams); `sid` as checked by the caller (`check_sid`: `VoiceConverter.plan` checks a
+    request's). The row's tensors go to `device` (default: the model's). `ConfigError` for bad
+    shapes or a SineGen variant other than "B" (variant "A" interpolates over the whole
     row, so padding would change it)."""
     synth, cfg = model.base, model.cfg
     if phone.dim() != 2 or phone.shape[1] != cfg.content_dim or phone.shape[0] < 1:
@@ -56,8 +57,6 @@ def make_row(model: SynthesizerLoRA, phone: Tensor, pitch: Tensor | None = None,
             raise ConfigError(f"this model uses f0: pitch and nsff0 must be [{frames}], got {shapes}")
     elif pitch is not None or nsff0 is not None:
         raise ConfigError("this model has no f0: pass neither pitch nor nsff0")
-    if not 0 <= sid < synth.emb_g.num_embeddings:
-        raise ConfigError(f"sid {sid} out of range: the model has {synth.emb_g.num_embeddings} speakers")
     plan = plan_row(frames, skip_head, return_length)
     target = torch.device(device) if device is not None else synth.emb_g.weight.device
     noise = draw_row_noise(synth, plan, generator, target)

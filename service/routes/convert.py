@@ -13,7 +13,9 @@ import anyio
 from fastapi import APIRouter, Form, Query, Request, Response, Security
 from fastapi.responses import JSONResponse
 
+from rvc_lora.errors import ParameterError
 from rvc_lora.frames import FRAMES_PER_S
+from rvc_lora.models.synthesizer import check_sid
 from rvc_lora.pipeline.f0 import f0_method_problem, preferred_f0_method
 from service import media
 from service.auth import bearer_scheme
@@ -85,8 +87,11 @@ def with_f0(body: bytes, media_type: str, result: JobResult, options: ConvertOpt
 
 
 def check_speaker(info: ModelInfo, sid: int) -> None:
-    if sid >= info.n_speakers:
-        raise InvalidRequest(f"sid: {sid} is out of range, the model has {info.n_speakers} speaker(s)")
+    """Refused before the upload is decoded or queued (the library checks it again where a conversion starts)."""
+    try:
+        check_sid(sid, info.n_speakers)
+    except ParameterError as exc:
+        raise InvalidRequest(str(exc)) from exc
 
 
 @router.post(
