@@ -110,7 +110,9 @@ async def run_phase(client: httpx.AsyncClient, name: str, adapters: list[str], c
     start = time.monotonic()
     await asyncio.gather(*(one_client() for _ in range(clients)))
     wall = time.monotonic() - start
-    return PhaseResult(name, ok, rejected, errors, wall, latencies, audio_s, await swaps_total(client) - swaps_before)
+    result = PhaseResult(name, ok, rejected, errors, wall, latencies, audio_s, await swaps_total(client) - swaps_before)
+    print(result.row(), file=sys.stderr, flush=True)  # as it goes: a run cut short still tells something
+    return result
 
 
 def run_baseline(base: Path, hubert: Path, voices: int, requests: int, seconds: float, audio: bytes,
@@ -223,10 +225,9 @@ async def spawn_run(args: argparse.Namespace) -> None:
     ensure_demo_assets(assets)
     print("demo assets ready; starting the servers", file=sys.stderr, flush=True)
     index = assets / "demo-voice-a.index"
-    threads = os.environ.get("RVC_LORA_CPU_THREADS", "2")
+    extra = dict(item.split("=", 1) for item in args.on_env)
     servers = [Server("batching on", assets, args.port, {"RVC_LORA_BATCHING": "true",
-                                                         "RVC_LORA_BANK_SLOTS": str(args.adapters),
-                                                         "RVC_LORA_CPU_THREADS": threads}),
+                                                         "RVC_LORA_BANK_SLOTS": str(args.adapters), **extra}),
                Server("batching off", assets, args.port + 1, {"RVC_LORA_BATCHING": "false"})]
     audio = test_audio(args.audio_s)
     results: dict[str, list[PhaseResult]] = {}
@@ -302,6 +303,9 @@ async def main() -> None:
     p.add_argument("--port", type=int, default=8710, help="with --spawn: first of two ports")
     p.add_argument("--rounds", type=int, default=2, help="with --spawn: phases alternate between servers this often")
     p.add_argument("--no-baseline", action="store_true", help="with --spawn: skip the reload baseline")
+    p.add_argument("--on-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --spawn: an environment variable for the batching-on server only (repeatable), e.g. "
+                        "RVC_LORA_BANK_SLOTS=1 or RVC_LORA_MAX_BATCH_FRAMES=2000")
     args = p.parse_args()
     if args.spawn:
         await spawn_run(args)

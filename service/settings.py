@@ -15,10 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_cpu_threads() -> int:
     """The cores this process may use, at most 4: the device thread and torch's own threads need cores too."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cores()))
 
 
 class Settings(BaseSettings):
@@ -103,6 +107,11 @@ class Settings(BaseSettings):
                             "keeps the memory of one resident adapter")
     pipeline_jobs: int = Field(default=16, ge=1, description="requests in the pipeline at once (the others wait in "
                                "the queue); more give larger batches and hold more memory")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch's threads per operation; unset: on a "
+                                      "CPU device with the pipelined worker, the cores left by `cpu_threads` (at "
+                                      "least 1), so that the CPU stages running beside the device thread do not "
+                                      "stall torch's threads (oversubscribed, they wait on each other at every "
+                                      "operation); otherwise torch's default")
 
     # operation
     api_key: SecretStr | None = Field(default=None, description="when set, every route but health and metrics needs it")

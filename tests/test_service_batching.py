@@ -70,7 +70,7 @@ async def test_concurrent_seeded_requests_equal_solo_requests_with_batching(
     model = tiny_service_assets["model"]
     adapters = [*tiny_service_assets["adapters"], *_more_adapters(model, tmp_path, (11, 12, 13, 14))]
     settings = Settings(model=model, hubert=tiny_service_assets["hubert"], max_rank=8, adapter_dir=tmp_path / "store",
-                        bank_slots=4, device_cache_size=8, max_batch_frames=4000, cpu_threads=2)
+                        bank_slots=4, device_cache_size=8, max_batch_frames=4000, cpu_threads=2, batching=True)
     app = create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300) as client:
@@ -99,6 +99,17 @@ async def test_concurrent_seeded_requests_equal_solo_requests_with_batching(
     assert after[0] - before[0] > after[1] - before[1], "no batch of more than one row happened"
     worst = [int(np.abs(t - a).max()) if len(t) == len(a) else -1 for t, a in zip(together, alone, strict=True)]
     assert all(0 <= w <= 1 for w in worst), f"max int16 difference per request (-1: length): {worst}"
+
+
+def test_torch_threads_leave_the_cpu_stages_their_cores_on_a_cpu_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import rvc_engine, settings
+
+    monkeypatch.setattr(settings, "usable_cores", lambda: 8)
+    assert rvc_engine.torch_threads(Settings(batching=True, cpu_threads=3), "cpu") == 5
+    assert rvc_engine.torch_threads(Settings(batching=True, cpu_threads=8), "cpu") == 1  # at least one
+    assert rvc_engine.torch_threads(Settings(batching=True, cpu_threads=3, torch_threads=2), "cpu") == 2  # set
+    assert rvc_engine.torch_threads(Settings(batching=False, cpu_threads=3), "cpu") is None  # nothing runs beside
+    assert rvc_engine.torch_threads(Settings(batching=True, cpu_threads=3), "cuda:0") is None  # torch's own cores
 
 
 class ChunkedEngine(FakeEngine):
