@@ -320,3 +320,46 @@ def test_an_adapter_deleted_mid_stream_keeps_its_voice(service: str) -> None:
     np.testing.assert_array_equal(first, want[:b])
     np.testing.assert_array_equal(rest[: len(want) - b], want[b:])
     assert close_code(service, config(adapter="voice2"), AUTH)[0] == 4404  # a new stream cannot open it
+
+
+def test_without_batching_blocks_run_whole_and_equal_the_library_exactly(
+        tiny_service_assets: dict[str, Path | list[Path]], tmp_path: Path) -> None:
+    """RVC_LORA_BATCHING=false keeps the one-at-a-time path: each block is `StreamConverter.process` on the device
+    thread, so the server's stream is the library's bit for bit (no batch moved a float), and no batch ran."""
+    from starlette.testclient import TestClient
+
+    from rvc_lora.pipeline.converter import VoiceConverter
+    from rvc_lora.stream import StreamConverter
+    from service.app import create_app
+    from service.settings import Settings
+
+    adapters = tiny_service_assets["adapters"]
+    assert isinstance(adapters, list)
+    settings = Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], device="cpu",
+                        adapter_dir=tmp_path / "store", warmup=False, batching=False,
+                        seed_adapters={"voice0": str(adapters[0])})
+    x = _input(0, 16000, 1)
+    vc = VoiceConverter.from_files(tiny_service_assets["model"], tiny_service_assets["hubert"],  # type: ignore[arg-type]
+                                   device="cpu")
+    want = StreamConverter(vc, PARAMS, sr=16000, adapter=adapters[0]).convert(x)
+    blocks = want.reshape(-1, round(PARAMS.block_time * 16000))
+    padded = np.zeros(blocks.size, np.float32)
+    padded[: len(x)] = x
+    with TestClient(create_app(settings)) as http:
+        for _ in range(600):  # the seed adapter is stored in the background
+            if http.get("/adapters").json()["adapters"]:
+                break
+            time.sleep(0.1)
+        with http.websocket_connect("/stream") as ws:
+            ws.send_text(json.dumps({"adapter": "voice0", "format": "float32", "sample_rate": 16000,
+                                     **PARAMS.to_dict()}))
+            ready = ws.receive_json()
+            assert ready["type"] == "ready" and ready["block_samples"] == blocks.shape[1]
+            got = []
+            for block in padded.reshape(blocks.shape):
+                ws.send_bytes(block.tobytes())
+                assert ws.receive_json()["type"] == "block"
+                got.append(np.frombuffer(ws.receive_bytes(), np.float32))
+        metrics = http.get("/metrics").text
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    assert "rvc_lora_batch_rows_count 0.0" in metrics
