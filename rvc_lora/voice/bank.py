@@ -48,15 +48,18 @@ Strategy = Literal["auto", "vmap", "by_voice"]
 class WayChooser:
     """Which way runs a batch shape faster, measured on this machine. Per key, each way is tried `trials`
     times (`by_voice` first: it is never slower than one voice at a time); then the way with the lower cost
-    (the least of its last `window` timings) runs, and every `recheck`-th call of the key tries the other
-    one again, so a change of load or a first-call warm-up does not fix the choice for good."""
+    (the least of its last `window` timings) runs, and the other is tried again after `recheck` calls of the
+    key, then after twice as many, and so on (up to `MAX_GAP`): a change of load or a first-call warm-up does
+    not fix the choice for good, and a way that stays slower costs ever less."""
 
     WAYS: tuple[Way, Way] = ("by_voice", "vmap")
+    MAX_GAP = 1024
 
     def __init__(self, trials: int = 2, window: int = 4, recheck: int = 32) -> None:
         self.trials, self.window, self.recheck = trials, window, recheck
         self._costs: dict[Hashable, dict[Way, deque[float]]] = {}
         self._calls: dict[Hashable, int] = {}
+        self._next: dict[Hashable, tuple[int, int]] = {}  # (call at which the other way runs again, the gap)
 
     def pick(self, key: Hashable) -> Way:
         costs = self._costs.setdefault(key, {w: deque(maxlen=self.window) for w in self.WAYS})
@@ -65,7 +68,10 @@ class WayChooser:
             if len(costs[way]) < self.trials:
                 return way
         best = min(self.WAYS, key=lambda w: min(costs[w]))
-        if calls % self.recheck == 0:
+        at, gap = self._next.setdefault(key, (calls - 1 + self.recheck, self.recheck))
+        if calls >= at:
+            gap = min(2 * gap, self.MAX_GAP)
+            self._next[key] = (calls + gap, gap)
             return self.WAYS[1 - self.WAYS.index(best)]
         return best
 
