@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 RVC_REFERENCE = SHARED_FIXTURES / "rvc-reference"
 PIPELINE_REFERENCE = SHARED_FIXTURES / "rvc-pipeline-reference"
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A real service engine sets torch's threads for its process (`service.rvc_engine.torch_threads`); the
+    tests after it keep the test process's own count."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
 
 # Real decoder geometry of each RVC sampling-rate config (spec §1.1), tiny widths.
 DECODERS = {
