@@ -19,11 +19,11 @@ PIPELINE_REFERENCE = SHARED_FIXTURES / "rvc-pipeline-reference"
 @pytest.fixture(autouse=True)
 def _torch_threads_restored() -> Iterator[None]:
     """A real service engine sets torch's threads for its process (`service.rvc_engine.torch_threads`); the
-    tests after it keep the test process's own count."""
+    tests after it keep the test process's own count. Set always: the count a new thread starts with is
+    process-wide, while `get_num_threads` reads this thread's own."""
     threads = torch.get_num_threads()
     yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
 
 
 # Real decoder geometry of each RVC sampling-rate config (spec §1.1), tiny widths.
