@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from rvc_lora.adapters import Adapter, adapter_file_bytes
+from rvc_lora.calibration import CALIBRATION_SECONDS, prepared_inputs
 from rvc_lora.checkpoint import RawCheckpoint, build_from_raw, read_rvc_checkpoint, save_rvc_checkpoint
 from rvc_lora.demo import FILES, ensure_demo_assets
-from rvc_lora.extract import extract_adapter, snr_db
+from rvc_lora.extract import extract_adapter, snr_db, synthetic_inputs
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.metrics import f0_agreement, log_mel_distance
 from rvc_lora.pipeline.audio import resample
@@ -272,8 +273,43 @@ def configs(args: argparse.Namespace) -> Iterator[tuple[str, int, float | None]]
         yield "all", max(args.ranks), energy
 
 
+def truncated(adapter: Adapter, k: int) -> Adapter:
+    """The first k rank slots of every layer: exactly the rank-k extraction for SVD and data-aware alike (each
+    slot is one singular / eigen direction, kept in order), without factoring again."""
+    tensors = {key: t[:, :k] if key.endswith(".lora_B") else t[:k] if key.endswith(".lora_A") else t
+               for key, t in adapter.tensors.items()}
+    r = min(k, adapter.info.r)
+    return Adapter(dataclasses.replace(adapter.info, r=r, lora_alpha=float(r)), tensors)
+
+
+def evaluate_methods(name: str, served: RawCheckpoint, voice: RawCheckpoint, ref: Reference, clips: HeldOut,
+                     args: argparse.Namespace, done: set[tuple[Any, ...]], emit: Any, calibration_dir: Path) -> None:
+    """Data-aware extraction (`rvc_lora.calibration`) on every layer with full deltas, per rank: calibrated on
+    the voice's training speech (`data`) or on synthetic inputs (`synth`, what needs no data)."""
+    for method in args.methods:
+        if method == "svd" or all(("all", rank, None, True, method) in done for rank in args.ranks):
+            continue
+        calib = (prepared_inputs(calibration_dir, args.calibration_s) if method == "data"
+                 else synthetic_inputs(served.config, args.calibration_s))
+        t0 = time.perf_counter()
+        result = extract_adapter(served, voice, rank=max(args.ranks), targets="all", progress=False, evaluate=False,
+                                 calibration=calib)
+        extract_s = time.perf_counter() - t0
+        for rank in args.ranks:
+            if ("all", rank, None, True, method) in done:
+                continue
+            adapter = truncated(result.adapter, rank)
+            model = build_voice_model(served, adapter_layout(adapter.info))
+            model.load_adapter(adapter)
+            size = len(adapter_file_bytes(adapter.tensors, adapter.info, torch.float16))
+            emit({"method": f"all r{rank} {method}", "targets": "all", "rank": rank, "energy": None,
+                  "full_delta": True, "extraction": method, "r": adapter.info.r, "adapter_bytes": size,
+                  "extract_s": extract_s, **distances(ref, render(model, clips))})
+
+
 def evaluate_voice(name: str, served: RawCheckpoint, voice: RawCheckpoint, clips: HeldOut,
-                   args: argparse.Namespace, done: set[tuple[Any, ...]], results: Path, extra: dict[str, Any]) -> None:
+                   args: argparse.Namespace, done: set[tuple[Any, ...]], results: Path, extra: dict[str, Any],
+                   calibration_dir: Path) -> None:
     sr = served.config.sr
     full = build_from_raw(voice)
     ref_audio = render(full, clips)
@@ -291,7 +327,10 @@ def evaluate_voice(name: str, served: RawCheckpoint, voice: RawCheckpoint, clips
     if ("base", None, None) not in done:
         emit({"method": "base alone", "targets": "none", "rank": 0, "energy": None, "full_delta": False,
               "adapter_bytes": 0, **distances(ref, render(build_from_raw(served), clips))})
+    evaluate_methods(name, served, voice, ref, clips, args, done, emit, calibration_dir)
     for _targets, rank, energy in configs(args):
+        if "svd" not in args.methods:
+            break
         variants = [(t, w) for t in TARGET_SETS for w in (True, False)] if energy is None else [("all", True)]
         wanted = [(t, w) for t, w in variants if (t, rank, energy, w) not in done]
         if not wanted:
@@ -333,8 +372,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     def key(item: tuple[str, list[dict[str, Any]]]) -> tuple[Any, ...]:
         r = item[1][0]
-        return (r["targets"] != "none", r["targets"], not r["full_delta"], r["energy"] is not None,
-                statistics.mean(x["adapter_bytes"] for x in item[1]))
+        return (r["targets"] != "none", r["targets"], not r["full_delta"], r.get("extraction", "svd"),
+                r["energy"] is not None, statistics.mean(x["adapter_bytes"] for x in item[1]))
 
     for method, rs in sorted(groups.items(), key=key):
         mb = statistics.mean(x["adapter_bytes"] for x in rs) / 1e6
@@ -360,6 +399,11 @@ def main() -> None:
     parser.add_argument("--clip-s", type=float, default=2.0, help="held-out clip length cap (seconds)")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--energies", type=float, nargs="*", default=list(ENERGIES))
+    parser.add_argument("--methods", nargs="+", default=["svd"], choices=["svd", "data", "synth"],
+                        help="extractions: plain SVD (every target set), data-aware calibrated on the voice's "
+                        "training speech or on synthetic inputs (every layer)")
+    parser.add_argument("--calibration-s", type=float, default=CALIBRATION_SECONDS,
+                        help="seconds of calibration input for data-aware extraction")
     parser.add_argument("--full", action="store_true", help="the full grid: every speaker, 400 steps at lr 1e-4, "
                         "batch 4, 3 clips, more energies (hours on a CPU; minutes on a GPU)")
     parser.add_argument("--table", action="store_true", help="only print the table of what --out holds")
@@ -394,11 +438,13 @@ def main() -> None:
             fine_tune(m, vdir / "train", voice_path, args, seed=100 + i, log=out / "train_log.jsonl")
         done: set[tuple[Any, ...]] = {("base", None, None)} if any(r["voice"] == name and r["targets"] == "none"
                                              for r in read_rows(results) if "method" in r) else set()
-        done |= {(r["targets"], r["rank"], r["energy"], r["full_delta"]) for r in read_rows(results)
-                 if r.get("voice") == name and "method" in r and r["targets"] != "none"}
+        done |= {(r["targets"], r["rank"], r["energy"], r["full_delta"]) + ((r["extraction"],) if "extraction" in r
+                 else ()) for r in read_rows(results) if r.get("voice") == name and "method" in r
+                 and r["targets"] != "none"}
         extra = {"speaker": voice, "pitch": pitch, "steps": args.steps, "lr": args.lr, "base_source": m.source}
         clips = held_out(vdir / "heldout", args.clips, args.clip_s)
-        evaluate_voice(name, served, read_rvc_checkpoint(voice_path), clips, args, done, results, extra)
+        evaluate_voice(name, served, read_rvc_checkpoint(voice_path), clips, args, done, results, extra,
+                       vdir / "train")
     print(table(read_rows(results)))
 
 

@@ -20,7 +20,13 @@ from rvc_lora.fetch import add_models_command
 from rvc_lora.pipeline.f0.base import F0_METHODS
 from rvc_lora.pipeline.params import BOUNDS, DEFAULTS, ConvertParams
 from rvc_lora.stream import cli as stream_cli
-from rvc_lora.voice.layout import DEFAULT_EXTRACT_RANK, DEFAULT_EXTRACT_TARGETS, EXTRACT_TARGETS
+from rvc_lora.voice.layout import (
+    DEFAULT_EXTRACT_METHOD,
+    DEFAULT_EXTRACT_RANK,
+    DEFAULT_EXTRACT_TARGETS,
+    EXTRACT_METHODS,
+    EXTRACT_TARGETS,
+)
 
 log = logging.getLogger("rvc_lora")
 F0_HELP = "pitch extractor (default: rmvpe when --rmvpe is given, else fcpe when torchfcpe is installed, else pm)"
@@ -153,7 +159,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     with voice_files(args.voice) as (voice, index):  # a .pth, or a voice .zip (its .pth and .index)
         report = run_extract(args.base, voice, rank=args.rank, out=args.out, targets=args.targets,
-                             energy=args.energy)  # with --energy, --rank caps the per-layer rank
+                             energy=args.energy, method=args.method, calibrate=args.calibrate)
         _out(report.format())
         if (advice := extraction_advice(report)) is not None:
             sys.stderr.write(f"rvc-lora extract: warning: {advice}\n")
@@ -233,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=list(EXTRACT_TARGETS), default=DEFAULT_EXTRACT_TARGETS,
                    help="layers to adapt: the decoder only, or every layer (default %(default)s, as the server "
                    "extracts)")
+    p.add_argument("--method", choices=list(EXTRACT_METHODS), default=DEFAULT_EXTRACT_METHOD,
+                   help="fit each layer's outputs on calibration input (data-aware, default) or its weights (svd); "
+                   "docs/fidelity.md")
+    p.add_argument("--calibrate", default=None, metavar="PREPARED_DIR",
+                   help="data-aware on the voice's own speech: a folder `rvc-lora prepare` wrote from it "
+                   "(default: synthetic input)")
     p.add_argument("--out", required=True, help="adapter .safetensors to write")
     p.set_defaults(func=cmd_extract)
 

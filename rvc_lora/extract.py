@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +41,12 @@ import torch
 from torch import Tensor, nn
 
 from rvc_lora.adapters import Adapter, AdapterInfo, adapter_file_bytes, save_adapter_tensors
+from rvc_lora.calibration import (
+    CALIBRATION_SECONDS,
+    collect_input_covariances,
+    prepared_inputs,
+    weighted_factorize,
+)
 from rvc_lora.checkpoint import POSTERIOR_PREFIX, RawCheckpoint, build_from_raw, folded_names, read_rvc_checkpoint
 from rvc_lora.config import SynthConfig
 from rvc_lora.errors import AdapterError, AdapterMismatchError, ConfigError
@@ -48,10 +54,13 @@ from rvc_lora.lora import FULL_DELTA_PREFIX, name_matches
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
 from rvc_lora.pipeline.steps import f0_to_coarse
 from rvc_lora.voice import (
+    DEFAULT_EXTRACT_METHOD,
     DEFAULT_EXTRACT_RANK,
     DEFAULT_EXTRACT_TARGETS,
+    EXTRACT_METHODS,
     EXTRACT_TARGETS,
     FULL_DELTA_PATTERNS,
+    ExtractMethod,
     SynthesizerLoRA,
     Targets,
     adapter_layout,
@@ -309,12 +318,17 @@ def extract_adapter(base: str | os.PathLike[str] | RawCheckpoint, voice: str | o
                     targets: Targets = DEFAULT_EXTRACT_TARGETS,
                     name: str | None = None, dtype: torch.dtype = torch.float16, progress: bool = True,
                     evaluate: bool = True, eval_frames: int = 32, eval_seed: int = 0,
-                    threads: int | None = 1) -> ExtractionResult:
+                    threads: int | None = 1, method: ExtractMethod = DEFAULT_EXTRACT_METHOD,
+                    calibration: Sequence[Mapping[str, Tensor]] | None = None) -> ExtractionResult:
     """The adapter that turns `base` into (approximately) `voice`, and its report (module doc for the method).
 
     base, voice: `.pth` paths or `read_rvc_checkpoint` results (a service keeps its base's in memory).
     rank: per-layer rank (with `energy`: the cap); energy: share of each delta's energy to keep, in (0, 1].
     evaluate: run both models on a fixed input (`eval_frames` frames, `eval_seed`) for the report's SNR.
+    method: "svd" factors each delta alone; "data-aware" (the default) factors it for the inputs the layer sees
+    when the voice runs on `calibration` (`rvc_lora.calibration`; `LayerReport.energy_kept` is then the share
+    of output error energy). calibration: synthesizer inputs (`model.infer` keyword arguments, e.g.
+    `calibration.prepared_inputs` of the voice's speech); None: `synthetic_inputs` (no speech needed).
     threads: torch intra-op threads while this runs (process-wide, restored after; None: unchanged). The
     work is memory-bound element-wise ops, `eigh` of at most 1152 x 1152 and a short CPU inference: on a
     2-core CPU shared with other processes one thread was 5-30x faster than two (every OpenMP region waits
@@ -332,16 +346,25 @@ def extract_adapter(base: str | os.PathLike[str] | RawCheckpoint, voice: str | o
         raise ConfigError(f"dtype must be a floating point type, got {dtype}")
     if targets not in EXTRACT_TARGETS:
         raise ConfigError(f"targets must be 'dec' or 'all', got {targets!r}")
+    if method not in EXTRACT_METHODS:
+        raise ConfigError(f"method must be one of {', '.join(EXTRACT_METHODS)}, got {method!r}")
+    if method == "svd" and calibration is not None:
+        raise ConfigError("calibration is for method='data-aware'; method='svd' uses no inputs")
+    if calibration is not None and not calibration:
+        raise ConfigError("calibration: no clips given")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be an int >= 1 or None, got {threads!r}")
     say: Callable[..., None] = log.info if progress else log.debug
     with _intra_op_threads(threads):
-        return _extract(base, voice, rank, energy, targets, name, dtype, say, evaluate, eval_frames, eval_seed)
+        return _extract(base, voice, rank, energy, targets, name, dtype, say, evaluate, eval_frames, eval_seed,
+                        method, calibration)
 
 
 def _extract(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathLike[str] | RawCheckpoint,
              rank: int | None, energy: float | None, targets: Targets, name: str | None, dtype: torch.dtype,
-             say: Callable[..., None], evaluate: bool, eval_frames: int, eval_seed: int) -> ExtractionResult:
+             say: Callable[..., None], evaluate: bool, eval_frames: int, eval_seed: int,
+             method: ExtractMethod = "svd", calibration: Sequence[Mapping[str, Tensor]] | None = None
+             ) -> ExtractionResult:
     start = time.perf_counter()
     base_raw, voice_raw = _raw(base), _raw(voice)
     notes = check_voice_matches_base(base_raw, voice_raw)
@@ -350,7 +373,16 @@ def _extract(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathL
     say("extract: %s over %s, %d layers, %d small tensors", voice_raw.path, base_raw.path, len(layers), len(full))
     tensors = {FULL_DELTA_PREFIX + k: _cast(FULL_DELTA_PREFIX + k, d, dtype) for k in full
                if bool((d := _delta(w_voice[k], w_base[k])).any())}
-    pairs, reports = _factor_layers(layers, w_base, w_voice, rank, energy, dtype, say)
+    covs: dict[str, Tensor] = {}
+    if method == "data-aware":
+        clips = synthetic_inputs(base_raw.config) if calibration is None else calibration
+        t = time.perf_counter()
+        covs = collect_input_covariances(build_from_raw(_without_posterior(voice_raw)), layers, clips)
+        frames = sum(int(c["phone"].shape[1]) for c in clips)
+        notes.append(f"data-aware: each layer fitted to its outputs on {frames / 100:.1f} s of "
+                     + ("synthetic input" if calibration is None else "calibration speech"))
+        say("extract: input covariances of %d layers in %.1f s", len(covs), time.perf_counter() - t)
+    pairs, reports = _factor_layers(layers, w_base, w_voice, rank, energy, dtype, say, covs)
     if not pairs and not tensors:
         raise AdapterError(f"{voice_raw.path}: has exactly the weights of base {base_raw.path} within targets="
                            f"{targets!r}: nothing to extract")
@@ -385,16 +417,21 @@ def _extract(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathL
 
 
 def _factor_layers(layers: Mapping[str, str], w_base: Mapping[str, Tensor], w_voice: Mapping[str, Tensor],
-                   rank: int | None, energy: float | None, dtype: torch.dtype, say: Callable[..., None]
+                   rank: int | None, energy: float | None, dtype: torch.dtype, say: Callable[..., None],
+                   covs: Mapping[str, Tensor] | None = None
                    ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[LayerReport]]:
-    """{layer: (B, A) in `dtype`, unpadded} and one report row per layer whose delta is not zero."""
+    """{layer: (B, A) in `dtype`, unpadded} and one report row per layer whose delta is not zero. Layers with an
+    input covariance in `covs` are factored for their outputs (`weighted_factorize`), the rest by plain SVD."""
     pairs: dict[str, tuple[Tensor, Tensor]] = {}
     reports: list[LayerReport] = []
     for i, (layer, kind) in enumerate(layers.items()):
         w = w_base[f"{layer}.weight"]
         delta = (w_voice[f"{layer}.weight"] - w).reshape(w.shape[0], -1)  # [rows, cols]: lora_B @ lora_A layout
         if bool(delta.any()):
-            b, a, kept = factorize(delta, rank, energy)
+            cov = (covs or {}).get(layer)
+            fit = None if cov is None else weighted_factorize(delta, cov, rank, energy,
+                                                                inputs_on_rows=kind == "ConvTranspose1d")
+            b, a, kept = fit if fit is not None else factorize(delta, rank, energy)
             b, a = _cast(f"{layer}.lora_B", b, dtype), _cast(f"{layer}.lora_A", a, dtype)
             norm = float(torch.linalg.vector_norm(delta))
             err = float(torch.linalg.vector_norm(delta - b.float() @ a.float())) / norm  # as stored
@@ -443,6 +480,13 @@ def fixed_inputs(cfg: SynthConfig, frames: int = 32, seed: int = 0) -> dict[str,
     return inputs
 
 
+def synthetic_inputs(cfg: SynthConfig, seconds: float = CALIBRATION_SECONDS) -> list[dict[str, Tensor]]:
+    """Calibration clips that need no speech: `fixed_inputs` (random content, gliding f0), 2 s each, `seconds`
+    in all (at least one clip)."""
+    clips = max(1, round(seconds / 2))
+    return [fixed_inputs(cfg, 200, seed) for seed in range(clips)]
+
+
 def _audio(model: RVCSynthesizer | SynthesizerLoRA, inputs: Mapping[str, Tensor], seed: int) -> Tensor:
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's RNG state is left alone
         torch.manual_seed(seed)
@@ -456,18 +500,19 @@ def snr_db(reference: Tensor, estimate: Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-30) / max(noise, signal * 1e-20, 1e-30))
 
 
+def _without_posterior(raw: RawCheckpoint) -> RawCheckpoint:
+    weights = {k: v for k, v in raw.weights.items() if not k.startswith(POSTERIOR_PREFIX)}
+    return dataclasses.replace(raw, weights=weights)
+
+
 def evaluate_adapter(base: RawCheckpoint, voice: RawCheckpoint, adapter: Adapter, *, frames: int = 32,
                      seed: int = 0) -> tuple[float, float]:
     """(SNR of base + adapter, SNR of the plain base) against the voice, in dB, CPU fp32, on `fixed_inputs`.
 
     The adapter goes through `SynthesizerLoRA.load_adapter`, as a server would load it."""
-    def without_posterior(raw: RawCheckpoint) -> RawCheckpoint:
-        weights = {k: v for k, v in raw.weights.items() if not k.startswith(POSTERIOR_PREFIX)}
-        return dataclasses.replace(raw, weights=weights)
-
     inputs = fixed_inputs(base.config, frames, seed)
-    reference = _audio(build_from_raw(without_posterior(voice)), inputs, seed)
-    model = build_voice_model(without_posterior(base), adapter_layout(adapter.info))
+    reference = _audio(build_from_raw(_without_posterior(voice)), inputs, seed)
+    model = build_voice_model(_without_posterior(base), adapter_layout(adapter.info))
     model.load_adapter(adapter)
     adapted = _audio(model, inputs, seed)
     model.reset_adapter()
@@ -476,9 +521,13 @@ def evaluate_adapter(base: RawCheckpoint, voice: RawCheckpoint, adapter: Adapter
 
 def run_extract(base: str | os.PathLike[str], voice: str | os.PathLike[str], rank: int | None,
                 out: str | os.PathLike[str], targets: Targets = DEFAULT_EXTRACT_TARGETS,
-                energy: float | None = None) -> ExtractionReport:
-    """What `rvc-lora extract` does: extract, write `out`, return the report (print it with `.format()`)."""
-    result = extract_adapter(base, voice, rank=rank, energy=energy, targets=targets, name=Path(voice).stem)
+                energy: float | None = None, method: ExtractMethod = DEFAULT_EXTRACT_METHOD,
+                calibrate: str | os.PathLike[str] | None = None) -> ExtractionReport:
+    """What `rvc-lora extract` does: extract, write `out`, return the report (print it with `.format()`).
+    `calibrate`: a folder `rvc-lora prepare` wrote from the voice's speech, for the data-aware method."""
+    calibration = prepared_inputs(calibrate) if calibrate is not None else None
+    result = extract_adapter(base, voice, rank=rank, energy=energy, targets=targets, name=Path(voice).stem,
+                             method=method, calibration=calibration)
     result.save(out)
     return result.report
 

@@ -41,7 +41,7 @@ from rvc_lora.train.prepare import highpass, normalize
 from rvc_lora.train.pretrained import VARIANTS, TrainParams
 from rvc_lora.train.slicer import Slicer, segment
 from rvc_lora.train.step import lora_param_groups
-from rvc_lora.voice import SynthesizerLoRA, load_synthesizer_with_lora
+from rvc_lora.voice import SynthesizerLoRA, adapter_layout, load_synthesizer_with_lora
 from tests.conftest import randomize_
 
 SR = 8000  # 80 samples per 10 ms frame: the decoder is two upsample stages, so a step takes milliseconds
@@ -412,6 +412,31 @@ def test_trained_adapter_loads_into_the_served_base(assets: dict[str, Path], wor
     torch.manual_seed(0)
     with torch.no_grad():
         assert not torch.equal(served.infer(*inputs)[0], outs[0])  # the adapter changes the voice
+
+
+def test_full_deltas_train_with_the_lora_and_travel_in_the_adapter(assets: dict[str, Path], work: Path) -> None:
+    job = train(assets, work, work / "voice.safetensors", rank=4, alpha=8, full_delta=True, b_lr_ratio=4.0)
+    a_group, b_group, full_group = job.gan.opt_g.param_groups
+    assert b_group["lr"] == pytest.approx(a_group["lr"] * 2 * 4)  # scale alpha/r = 2, then B's ratio
+    assert full_group["weight_decay"] == 0  # decay would shrink the base's own biases, not their delta
+    trained = {id(p) for p in full_group["params"]}
+    before = {n: p.detach().clone() for n, p in job.model.base.named_parameters() if id(p) in trained}
+    assert any(n.endswith(".bias") for n in before) and "emb_g.weight" in before
+    result = job.fit(1, progress=False)
+    adapter = load_adapter(result.adapter)
+    assert "emb_g.weight" in adapter.info.full_delta and adapter.info.target_modules
+    moved = {n for n, p in job.model.base.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved and all(bool(adapter.tensors[f"full_delta.{n.replace('.base.', '.')}"].any()) for n in moved)
+    served = load_synthesizer_with_lora(assets["served"], adapter_layout(adapter.info).lora)
+    served.load_adapter(result.adapter)  # the served base + adapter is the trained model
+    inputs = (torch.randn(1, 20, 256), torch.tensor([20]), torch.randint(1, 256, (1, 20)),
+              torch.full((1, 20), 150.0), torch.tensor([0]))
+    outs = []
+    for model in (served, job.model.eval()):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs.append(model.infer(*inputs)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 def test_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -34,13 +34,16 @@ LR_DECAY = 0.999875  # ExponentialLR gamma, stepped once per epoch
 ParamGroups = Sequence[dict[str, Any]]
 
 
-def lora_param_groups(a: Sequence[Tensor], b: Sequence[Tensor], lr: float, scale: float) -> list[dict[str, Any]]:
+def lora_param_groups(a: Sequence[Tensor], b: Sequence[Tensor], lr: float, scale: float,
+                      b_lr_ratio: float = 1.0) -> list[dict[str, Any]]:
     """AdamW groups that train the *effective* B (alpha/r folded in) exactly as standard LoRA trains its raw B.
 
     With B_eff = s * B_raw, Adam on B_raw moves B_eff by `s * lr * m / (sqrt(v) + eps / s)` and decays it by
-    `lr * wd`: the same as Adam on B_eff with lr `s * lr`, eps `eps / s` and weight decay `wd / s`. A is unchanged."""
+    `lr * wd`: the same as Adam on B_eff with lr `s * lr`, eps `eps / s` and weight decay `wd / s`. A is unchanged.
+    `b_lr_ratio` multiplies B's learning rate only (LoRA+: B starts at zero and must travel further than A)."""
     return [{"params": list(a), "lr": lr, "eps": EPS, "weight_decay": WEIGHT_DECAY},
-            {"params": list(b), "lr": lr * scale, "eps": EPS / scale, "weight_decay": WEIGHT_DECAY / scale}]
+            {"params": list(b), "lr": lr * scale * b_lr_ratio, "eps": EPS / scale,
+             "weight_decay": WEIGHT_DECAY / scale}]
 
 
 def _grad_norm(params: Iterable[Tensor], max_norm: float | None) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -25,14 +26,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rvc_lora.config import SynthConfig
-from rvc_lora.lora import LoRAConfig, lora_layers
+from rvc_lora.lora import LoRAConfig, full_delta_slots, lora_layers, name_matches
 from rvc_lora.pipeline.audio import encode_audio
 from rvc_lora.train.data import BucketBatchSampler, PreparedInfo, Sample, SegmentDataset, collate, load_segment
 from rvc_lora.train.discriminators import MultiPeriodDiscriminator, load_discriminator
 from rvc_lora.train.errors import TrainingDataError, TrainingStateError
 from rvc_lora.train.pretrained import TrainParams, load_pretrained_base, train_params
 from rvc_lora.train.step import GANTrainer, lora_param_groups
-from rvc_lora.voice import SynthesizerLoRA, save_adapter
+from rvc_lora.voice import FULL_DELTA_PATTERNS, SynthesizerLoRA, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ class LoRATraining:
                discriminator: str | os.PathLike[str] | None = None, device: str | torch.device | None = None,
                fp16: bool | None = None, grad_clip: float | None = DEFAULT_GRAD_CLIP, num_workers: int = 0,
                base_config: SynthConfig | None = None, segment_frames: int | None = None,
-               n_mels: int | None = None) -> LoRATraining:
+               n_mels: int | None = None, full_delta: bool = False, b_lr_ratio: float = 1.0) -> LoRATraining:
         """Everything `fit` needs, seeded with `seed` (see `run_train` for the arguments)."""
+        if not (math.isfinite(b_lr_ratio) and b_lr_ratio > 0):
+            raise ValueError(f"b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
         dev = _device(device)
         info = PreparedInfo.read(Path(work_dir))
         torch.manual_seed(seed)
@@ -121,22 +124,32 @@ class LoRATraining:
         params = train_params(cfg, n_mels=n_mels, segment_frames=segment_frames)
         _check_prepared(info, cfg, params, pretrained.path)
         pretrained.model.segment_size = params.segment_frames
-        lora_config = LoRAConfig(r=rank, lora_alpha=alpha, target_modules=tuple(targets))
+        params_named = [n for n, _ in pretrained.model.named_parameters() if not n.startswith("enc_q.")]
+        full = tuple(p for p in FULL_DELTA_PATTERNS if any(name_matches(p, n) for n in params_named)) if full_delta \
+            else ()  # every small tensor extraction would store whole (no-f0 models have no emb_pitch)
+        lora_config = LoRAConfig(r=rank, lora_alpha=alpha, target_modules=tuple(targets), full_delta_modules=full)
         model = SynthesizerLoRA(pretrained.model, lora_config, fingerprint=pretrained.fingerprint)
         layers = lora_layers(model.base)
         for layer in layers.values():
             layer.init_for_training_()  # A kaiming, B zero: training starts at exactly the base voice
         model.to(dev).train()
+        fulls = _full_delta_parameters(model)
+        for p in fulls:
+            p.requires_grad_(True)
         disc = load_discriminator(discriminator) if discriminator is not None else MultiPeriodDiscriminator(
             cfg.version)
         disc.to(dev).train()
         groups = lora_param_groups([m.lora_A for m in layers.values()], [m.lora_B for m in layers.values()], lr,
-                                   lora_config.scaling)
+                                   lora_config.scaling, b_lr_ratio)
+        if fulls:  # no weight decay: AdamW would pull the base's bias itself, not its delta, towards 0
+            groups.append({"params": fulls, "lr": lr, "weight_decay": 0.0})
         gan = GANTrainer(model, groups, disc, params, f0=cfg.f0, device=dev,
                          fp16=dev.type == "cuda" if fp16 is None else fp16, lr=lr, grad_clip=grad_clip)
         settings = {"fingerprint": pretrained.fingerprint, "rank": rank, "alpha": float(alpha),
                     "targets": list(targets), "segment_frames": params.segment_frames, "n_mels": params.n_mels,
                     "seed": seed}  # the seed also orders the batches: another one cannot continue exactly
+        if full_delta or b_lr_ratio != 1.0:  # only when set: states saved before these options still resume
+            settings.update(full_delta=full_delta, b_lr_ratio=b_lr_ratio)
         return cls(model, gan, info, Path(out), settings, seed=seed, batch_size=batch_size, num_workers=num_workers)
 
     @property
@@ -150,6 +163,7 @@ class LoRATraining:
     def save(self, epoch: int, step: int) -> Path:
         """Adapter, validation sample and resumable state for the end of `epoch`; returns the adapter path."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        sync_full_deltas(self.model)
         stem = self.dir / f"{self.out.stem}_e{epoch:04d}"
         adapter = save_adapter(stem.with_suffix(".safetensors"), self.model, name=self.out.stem)
         self._validation_sample(stem.with_suffix(".wav"))
@@ -252,12 +266,27 @@ class LoRATraining:
                 done = epoch
         bar.close()
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        sync_full_deltas(self.model)
         save_adapter(self.out, self.model, name=self.out.stem)
         seconds = time.perf_counter() - start
         means = {k: float(np.mean([x[k] for x in last])) for k in last[0]} if last else {}
         return TrainResult(self.out, self.state_path, self.log_path, tuple(self.samples), done, step, means,
                            seconds, (step - first_step) / seconds if seconds > 0 else 0.0,
                            sum(p.numel() for p in self.gan.g_params))
+
+
+def _full_delta_parameters(model: SynthesizerLoRA) -> list[torch.nn.Parameter]:
+    """The parameters with a full-delta slot: trained in place; their delta is `param - base` (`sync_full_deltas`)."""
+    slots = full_delta_slots(model.base)
+    return [] if slots is None else [model.base.get_parameter(path) for path in slots.paths]
+
+
+@torch.no_grad()
+def sync_full_deltas(model: SynthesizerLoRA) -> None:
+    """Write each trained full-delta parameter's `param - base` into its slot, which adapters are saved from."""
+    if (slots := full_delta_slots(model.base)) is not None:
+        for i, path in enumerate(slots.paths):
+            slots.delta(i).copy_(model.base.get_parameter(path) - slots.base(i))
 
 
 def _trim_log(path: Path, step: int) -> None:
