@@ -108,8 +108,12 @@ class AdapterBank:
         self.layer_names = resident.layer_names
         full = full_delta_slots(model.base)
         self.delta_paths: tuple[str, ...] = () if full is None else full.paths
-        self._owners = [(model.base.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2])
-                        for path in self.delta_paths]  # (module, parameter name) of each full-delta value
+        # the parameter dicts `_bound` writes: each LoRA layer's, and (dict, name) of each full-delta value
+        self._layer_params: list[dict[str, Any]] = [layer._parameters for layer in resident.layers]
+        self._owner_params: list[tuple[dict[str, Any], str]] = [
+            (model.base.get_submodule(path.rpartition(".")[0])._parameters, path.rpartition(".")[2])
+            for path in self.delta_paths]
+        self._views: dict[Slot, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
         self._bases = resident.bases
         # [K, ...] storage; slot 0 takes the resident values and the model's parameters become its views
         self._a = [_stacked(layer.lora_A, slots) for layer in resident.layers]
@@ -310,34 +314,48 @@ class AdapterBank:
     @contextmanager
     def _bound(self, slot: Slot) -> Iterator[None]:
         """Inside the block the model computes in `slot`'s voice: its A/B views and full-delta values stand in
-        for slot 0's (plain entries in the modules' parameter dicts: no copy, a few microseconds per tensor),
-        with its written ranks, so the forward is exactly a solo run's. The base voice (None): rank 0 and the
-        base values. Slot 0 is the model as it is."""
+        for slot 0's, with its written ranks, so the forward is exactly a solo run's. The base voice (None):
+        rank 0 and the base values. Slot 0 is the model as it is. The entries are written straight into the
+        modules' parameter dicts and the ranks into their `__dict__`s (no copy; `setattr` would insist on
+        `nn.Parameter`s and costs microseconds per tensor, `functional_call` milliseconds per model)."""
         if slot == 0:
             yield
             return
         layers = self.model.slots.layers
-        ranks = [layer.rank for layer in layers]
-        pairs = [(layer.lora_A, layer.lora_B) for layer in layers]
-        values = [owner._parameters[leaf] for owner, leaf in self._owners]
+        a_views, b_views, values = self._slot_views(slot)
+        written = (0,) * len(layers) if slot is None else self._written[slot]
+        params, owners = self._layer_params, self._owner_params
+        saved_pairs = [(p["lora_A"], p["lora_B"]) for p in params]
+        saved_ranks = [layer.rank for layer in layers]
+        saved_values = [p[leaf] for p, leaf in owners]
         try:
-            for i, layer in enumerate(layers):
-                if slot is None:
-                    layer.rank = 0
-                else:
-                    _stand_in(layer, "lora_A", self._a[i][slot])
-                    _stand_in(layer, "lora_B", self._b[i][slot])
-                    layer.rank = self._written[slot][i]
-            for (owner, leaf), v, base in zip(self._owners, self._v, self._bases, strict=True):
-                _stand_in(owner, leaf, base if slot is None else v[slot])
+            if slot is not None:
+                for p, a, b in zip(params, a_views, b_views, strict=True):
+                    p["lora_A"], p["lora_B"] = a, b
+            for layer, r in zip(layers, written, strict=True):
+                layer.__dict__["rank"] = r
+            for (p, leaf), v in zip(owners, values, strict=True):
+                p[leaf] = v
             yield
         finally:
-            for layer, r, (a, b) in zip(layers, ranks, pairs, strict=True):
-                _stand_in(layer, "lora_A", a)
-                _stand_in(layer, "lora_B", b)
-                layer.rank = r
-            for (owner, leaf), value in zip(self._owners, values, strict=True):
-                _stand_in(owner, leaf, value)
+            for p, (a, b) in zip(params, saved_pairs, strict=True):
+                p["lora_A"], p["lora_B"] = a, b
+            for layer, r in zip(layers, saved_ranks, strict=True):
+                layer.__dict__["rank"] = r
+            for (p, leaf), v in zip(owners, saved_values, strict=True):
+                p[leaf] = v
+
+    def _slot_views(self, slot: Slot) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """A and B of every layer and every full-delta value in `slot` (views, made once: the storage never
+        moves); the base voice: no A/B, the base values."""
+        views = self._views.get(slot)
+        if views is None:
+            if slot is None:
+                views = [], [], list(self._bases)
+            else:
+                views = [a[slot] for a in self._a], [b[slot] for b in self._b], [v[slot] for v in self._v]
+            self._views[slot] = views
+        return views
 
     def _gather(self, slots: list[Slot], device: torch.device) -> dict[str, Tensor]:
         """Each row's adapter tensors under `_PaddedForward`'s parameter names, `[B, ...]`: one `index_select`
@@ -353,12 +371,6 @@ class AdapterBank:
             shape = (-1, *[1] * base.dim())
             params[f"synth.{path}"] = torch.where(keep.view(shape), v.index_select(0, idx), base.unsqueeze(0))
         return params
-
-
-def _stand_in(module: nn.Module, name: str, value: Tensor | None) -> None:
-    """Make `module.<name>` read `value`: the parameter dict entry replaced directly (`setattr` would insist on
-    an `nn.Parameter`, and `functional_call` costs milliseconds over a model's hundreds of adapter tensors)."""
-    module._parameters[name] = value  # type: ignore[assignment]
 
 
 def _stacked(t: Tensor, slots: int) -> Tensor:
