@@ -20,8 +20,8 @@ as they come, a rerun skips finished runs; `--table` prints the table from it.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_train_fidelity.py --out /tmp/fidelity
 
-(defaults: 1 voice, 10 steps at lr 3e-4, batch 2: well under an hour on 2 shared CPU cores). `--long`: 200
-steps at RVC's lr 1e-4, batch 4, 3 voices (hours on a CPU; minutes on a GPU with --device cuda).
+(defaults: 1 voice, 10 steps at lr 3e-4, batch 2: about 45 minutes on 2 shared CPU cores). `--long`: 200
+steps at RVC's lr 1e-4, batch 4, 3 voices (many hours on this CPU; the runs are CPU-only).
 """
 
 from __future__ import annotations

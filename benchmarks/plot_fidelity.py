@@ -36,7 +36,7 @@ def main(src: str, dst: str) -> None:
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_method[r["method"]].append(r)
-    lines: dict[tuple[str, bool], list[tuple[float, dict[str, float], int]]] = defaultdict(list)
+    lines: dict[tuple[str, bool, str], list[tuple[float, dict[str, float], int]]] = defaultdict(list)
     energy_pts: list[tuple[float, dict[str, float], str]] = []
     base: dict[str, float] = {}
     for rs in by_method.values():
@@ -48,17 +48,21 @@ def main(src: str, dst: str) -> None:
         elif r0["energy"] is not None:
             energy_pts.append((mb, vals, f"{r0['targets']}{'' if r0['full_delta'] else ' -full'} e{r0['energy']:g}"))
         else:
-            lines[(r0["targets"], r0["full_delta"])].append((mb, vals, r0["rank"]))
+            lines[(r0["targets"], r0["full_delta"], r0.get("extraction", "svd"))].append((mb, vals, r0["rank"]))
     voices = sorted({r["voice"] for r in rows})
     fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.6), dpi=80)
-    colors = {"dec": "tab:blue", "dec+flow": "tab:orange", "all": "tab:green"}
+    colors = {"dec": "tab:blue", "dec+flow": "tab:orange", "all": "tab:green", "data": "tab:purple",
+              "synth": "tab:brown"}
+    names = {"data": "data-aware (speech)", "synth": "data-aware (synthetic input)"}
     for ax, (key, title) in zip(axes, PANELS, strict=True):
-        for (targets, full), pts in sorted(lines.items()):
+        for (targets, full, how), pts in sorted(lines.items()):
             pts.sort(key=lambda p: p[0])
+            label = f"{targets}{'' if full else ', no full deltas'}" + (f", {names.get(how, how)}" if how != "svd"
+                                                                         else ", SVD" if targets == "all" else "")
             ax.plot([p[0] for p in pts], [p[1][key] for p in pts], marker="o" if full else "x",
-                    linestyle="-" if full else "--", color=colors.get(targets, "k"),
-                    label=f"{targets}{'' if full else ', no full deltas'}")
-            if key == "snr_db" and full and targets == "all":
+                    linestyle="-" if full else "--", color=colors.get(how if how != "svd" else targets, "k"),
+                    label=label)
+            if key == "snr_db" and full and targets == "all" and how in ("svd", "synth"):
                 for mb, vals, rank in pts:
                     ax.annotate(f"r{rank}", (mb, vals[key]), fontsize=7, xytext=(2, 3), textcoords="offset points")
         for mb, vals, label in energy_pts:

@@ -189,7 +189,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_train(args.work_dir, base=args.base, out=args.out, rank=args.rank, alpha=args.alpha,
                        targets=tuple(t for t in args.targets.split(",") if t), epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, save_every=args.save_every, resume=args.resume,
-                       seed=args.seed, discriminator=args.discriminator, device=args.device)
+                       seed=args.seed, discriminator=args.discriminator, device=args.device,
+                       full_delta=args.full_deltas, b_lr_ratio=args.b_lr_ratio)
     _out(str(result))
     from rvc_lora.train.voice_index import build_voice_index
 
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="passes over the prepared data")
     p.add_argument("--batch-size", type=int, default=4, help="segments per step")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    p.add_argument("--full-deltas", action="store_true",
+                   help="also train the small tensors (biases, norms, embeddings) whole, as extraction stores them")
+    p.add_argument("--b-lr-ratio", type=float, default=1.0, help="LoRA B's learning rate over A's (LoRA+)")
     p.add_argument("--save-every", type=int, default=5, help="write a checkpoint every N epochs")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in WORK_DIR")
     p.add_argument("--seed", type=int, default=1234, help="random seed")

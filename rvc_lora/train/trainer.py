@@ -302,16 +302,20 @@ def run_train(work_dir: str | os.PathLike[str], base: str | os.PathLike[str], ou
               discriminator: str | os.PathLike[str] | None = None, device: str | torch.device | None = None,
               fp16: bool | None = None, grad_clip: float | None = DEFAULT_GRAD_CLIP, num_workers: int = 0,
               base_config: SynthConfig | None = None, segment_frames: int | None = None,
-              n_mels: int | None = None, progress: bool = True) -> TrainResult:
+              n_mels: int | None = None, progress: bool = True, full_delta: bool = False,
+              b_lr_ratio: float = 1.0) -> TrainResult:
     """Train a rank-`rank` LoRA adapter for the data prepared in `work_dir` over the pretrained `base`
     (which must carry `enc_q`) and write it to `out` (safetensors, the format the service serves).
 
     `discriminator`: a pretrained `D*.pth` (strongly recommended), else one from scratch. `device` None picks
     CUDA when available; `fp16` None means fp16 autocast on CUDA only. `grad_clip`: max total gradient norm
     (None: measure only, as RVC). `segment_frames`/`n_mels` override RVC's per-variant numbers (tiny models).
-    `resume` continues from `<work_dir>/checkpoints/state.pt` to `epochs` in total, exactly as one run would."""
+    `resume` continues from `<work_dir>/checkpoints/state.pt` to `epochs` in total, exactly as one run would.
+    `full_delta`: also train the small tensors (biases, norms, embeddings: `FULL_DELTA_PATTERNS`) whole, stored
+    as full deltas as extraction stores them; `b_lr_ratio`: B's learning rate over A's (LoRA+; 1: plain LoRA)."""
     job = LoRATraining.create(work_dir, base, out, rank=rank, alpha=alpha, targets=targets, batch_size=batch_size,
                               lr=lr, seed=seed, discriminator=discriminator, device=device, fp16=fp16,
                               grad_clip=grad_clip, num_workers=num_workers, base_config=base_config,
-                              segment_frames=segment_frames, n_mels=n_mels)
+                              segment_frames=segment_frames, n_mels=n_mels, full_delta=full_delta,
+                              b_lr_ratio=b_lr_ratio)
     return job.fit(epochs, save_every=save_every, resume=resume, progress=progress)
