@@ -2,7 +2,8 @@
 
 Both sides run the same front end (f0, content encoder, index blend, post-processing: `VoiceConverter`'s stages)
 on the same input; they differ in the synthesizer. "plain" is RVC's architecture built from the same checkpoint
-with no LoRA wrappers and weight norm removed (what RVC's inference runs); "ours" is the library's model
+with no LoRA wrappers, weight norm removed, and `torch.nn`'s own convolutions (what RVC's inference runs; ours
+run the decoder's as channels-last 2-D convolutions on the CPU, `rvc_lora.convs`); "ours" is the library's model
 (`VoiceConverter.from_files`, the library slot layout) in the base voice and with an r=8 adapter. Each row is a
 set of alternating pairs (plain first in even pairs, ours first in odd ones), so that load on a shared machine
 hits both sides alike; the table gives per-stage medians and the median of the per-pair total ratios.
@@ -24,6 +25,7 @@ import torch
 from numpy.typing import NDArray
 
 from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
+from rvc_lora.convs import Conv1d, ConvTranspose1d
 from rvc_lora.demo import ensure_demo_assets, speech_like
 from rvc_lora.frames import SR_16K
 from rvc_lora.models.synthesizer import RVCSynthesizer
@@ -54,10 +56,21 @@ class PlainConverter(VoiceConverter):
         return out
 
 
+def stock_torch(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with `torch.nn`'s own convolution classes (the same parameters), as RVC builds its modules."""
+    for module in model.modules():
+        if type(module) is Conv1d:
+            module.__class__ = torch.nn.Conv1d
+        elif type(module) is ConvTranspose1d:
+            module.__class__ = torch.nn.ConvTranspose1d
+    return model
+
+
 def plain_converter(ours: VoiceConverter, model_path: Path) -> PlainConverter:
     plain = build_from_raw(read_rvc_checkpoint(model_path)).eval()
     plain.remove_weight_norm()
     plain.drop_posterior()
+    stock_torch(plain)
     vc = PlainConverter(ours.model, ours.content, device=ours.device)
     vc.plain = plain.to(ours.device)
     return vc

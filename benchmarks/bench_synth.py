@@ -1,5 +1,6 @@
 """The synthesizer alone: the plain RVC architecture (no LoRA wrappers, weight norm removed, built from the same
-checkpoint) beside ours with an empty slot, an adapter, the library layout and the serving layout.
+checkpoint, `torch.nn`'s own convolutions) beside ours with an empty slot, an adapter, the library layout and
+the serving layout.
 
 Full-size v2 40k f0 with random weights (the architecture is what costs; `rvc-lora demo` assets have the same
 shapes). Each row runs in alternating pairs with the plain model in one process, so load on a shared machine
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from bench_lora import V2_40K, random_adapter
+from bench_pipeline import stock_torch
 
 from rvc_lora import SynthConfig, build_synthesizer, save_rvc_checkpoint
 from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
@@ -35,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = read_rvc_checkpoint(save_rvc_checkpoint(Path(tmp) / "base.pth",
                                                       build_synthesizer(cfg, with_posterior=False).eval()))
-    plain = build_from_raw(raw).eval()
+    plain = stock_torch(build_from_raw(raw).eval())
     plain.remove_weight_norm()
     variants: dict[str, SynthesizerLoRA] = {}
     for label, layout, rank in (("library layout (r=8 ups+resblocks)", LIBRARY_LAYOUT, 8),

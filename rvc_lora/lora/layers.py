@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rvc_lora.convs import conv_transpose1d
 from rvc_lora.errors import AdapterError, AdapterMismatchError, ConfigError
 
 AdaptableLayer = nn.Conv1d | nn.ConvTranspose1d | nn.Linear | nn.Embedding
@@ -269,9 +270,8 @@ class LoRAConvTranspose1d(LoRALayer):
         base = self.base
         padding = base.padding
         assert not isinstance(padding, str)  # ConvTranspose1d only takes int padding
-        if not self.training:  # one transposed conv with W + BA (see LoRALayer)
-            return F.conv_transpose1d(x, base.weight + self.delta_weight(), base.bias, base.stride, padding,
-                                      base.output_padding, 1, base.dilation)
+        if not self.training:  # one transposed conv with W + BA (see LoRALayer); channels-last on the CPU
+            return conv_transpose1d(x, base.weight + self.delta_weight(), base.bias, base)
         y: Tensor = base(x)
         h = F.conv1d(self.lora_dropout(x), self.lora_B.t().unsqueeze(-1))  # [r, C_in, 1] -> h [B, r, T]
         a = self.lora_A.view(-1, base.out_channels, base.kernel_size[0])  # [r, C_out, k]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rvc_lora.convs import Conv1d, ConvTranspose1d
 from rvc_lora.models.commons import LRELU_SLOPE, remove_weight_norm, weight_norm
 from rvc_lora.models.nsf import SineDraws, SineGenVariant, SourceModuleHnNSF
 from rvc_lora.models.resblock import make_resblock
@@ -48,15 +49,15 @@ class Generator(nn.Module):
         self.upp = math.prod(upsample_rates)
         self.ups_rates = tuple(upsample_rates)
         ch = upsample_initial_channel
-        self.conv_pre = nn.Conv1d(initial_channel, ch, 7, 1, padding=3)
+        self.conv_pre = Conv1d(initial_channel, ch, 7, 1, padding=3)
         self.ups = nn.ModuleList(
-            weight_norm(nn.ConvTranspose1d(ch >> i, ch >> (i + 1), k, u, padding=(k - u) // 2))
+            weight_norm(ConvTranspose1d(ch >> i, ch >> (i + 1), k, u, padding=(k - u) // 2))
             for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes, strict=True)))
         self.resblocks = nn.ModuleList(
             make_resblock(resblock, ch >> (i + 1), k, d)
             for i in range(self.num_upsamples)
             for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True))
-        self.conv_post = nn.Conv1d(ch >> self.num_upsamples, 1, 7, 1, padding=3, bias=False)
+        self.conv_post = Conv1d(ch >> self.num_upsamples, 1, 7, 1, padding=3, bias=False)
         if gin_channels:
             self.cond = nn.Conv1d(gin_channels, ch, 1)
 
@@ -119,9 +120,9 @@ class GeneratorNSF(Generator):
             c_out = upsample_initial_channel >> (i + 1)
             if i + 1 < self.num_upsamples:
                 s = math.prod(upsample_rates[i + 1 :])  # the source, at audio rate, down to this stage's rate
-                self.noise_convs.append(nn.Conv1d(1, c_out, kernel_size=s * 2, stride=s, padding=s // 2))
+                self.noise_convs.append(Conv1d(1, c_out, kernel_size=s * 2, stride=s, padding=s // 2))
             else:
-                self.noise_convs.append(nn.Conv1d(1, c_out, kernel_size=1))
+                self.noise_convs.append(Conv1d(1, c_out, kernel_size=1))
 
     def _excitation(self, i: int, har: Tensor | None) -> Tensor | float:
         assert har is not None

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rvc_lora.convs import Conv1d
 from rvc_lora.models.commons import LRELU_SLOPE, get_padding, remove_weight_norm, weight_norm
 
 
 def _dilated_convs(channels: int, kernel_size: int, dilations: Sequence[int]) -> nn.ModuleList:
     return nn.ModuleList(
-        weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=get_padding(kernel_size, d)))
+        weight_norm(Conv1d(channels, channels, kernel_size, dilation=d, padding=get_padding(kernel_size, d)))
         for d in dilations)
 
 
