@@ -1,12 +1,12 @@
-"""A whole conversion, stage by stage: the plain RVC-architecture synthesizer beside ours, in one process.
+"""A whole conversion, stage by stage: the plain RVC architecture beside ours, in one process.
 
-Both sides run the same front end (f0, content encoder, index blend, post-processing: `VoiceConverter`'s stages)
-on the same input; they differ in the synthesizer. "plain" is RVC's architecture built from the same checkpoint
-with no LoRA wrappers, weight norm removed, and `torch.nn`'s own convolutions (what RVC's inference runs; ours
-run the decoder's as channels-last 2-D convolutions on the CPU, `rvc_lora.convs`); "ours" is the library's model
-(`VoiceConverter.from_files`, the library slot layout) in the base voice and with an r=8 adapter. Each row is a
-set of alternating pairs (plain first in even pairs, ours first in odd ones), so that load on a shared machine
-hits both sides alike; the table gives per-stage medians and the median of the per-pair total ratios.
+Both sides run `VoiceConverter`'s stages (f0, content encoder, index blend, synthesis, post-processing) on the
+same input. "plain" is RVC's architecture built from the same checkpoint: no LoRA wrappers, weight norm removed,
+and `torch.nn`'s own convolutions in the synthesizer and the content encoder (what RVC's inference runs). "ours"
+is the library's (`VoiceConverter.from_files`, the library slot layout; its convolutions channels-last on the
+CPU, `rvc_lora.convs`) in the base voice and with an r=8 adapter. Each row is a set of alternating pairs (plain
+first in even pairs, ours first in odd ones), so that load on a shared machine hits both sides alike; the table
+gives per-stage medians and the median of the per-pair total ratios.
 
 Full-size v2 40k demo assets (`rvc-lora demo`, written on first use, random weights of the real shapes), pm,
 index_rate 0.75, after a warm-up conversion of each side. Run (about 6 minutes on a quiet 2-core CPU):
@@ -16,6 +16,7 @@ index_rate 0.75, after a warm-up conversion of each side. Run (about 6 minutes o
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from numpy.typing import NDArray
 
 from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
-from rvc_lora.convs import Conv1d, ConvTranspose1d
+from rvc_lora.convs import use_torch_convolutions
 from rvc_lora.demo import ensure_demo_assets, speech_like
 from rvc_lora.frames import SR_16K
 from rvc_lora.models.synthesizer import RVCSynthesizer
@@ -56,22 +57,13 @@ class PlainConverter(VoiceConverter):
         return out
 
 
-def stock_torch(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with `torch.nn`'s own convolution classes (the same parameters), as RVC builds its modules."""
-    for module in model.modules():
-        if type(module) is Conv1d:
-            module.__class__ = torch.nn.Conv1d
-        elif type(module) is ConvTranspose1d:
-            module.__class__ = torch.nn.ConvTranspose1d
-    return model
-
-
 def plain_converter(ours: VoiceConverter, model_path: Path) -> PlainConverter:
     plain = build_from_raw(read_rvc_checkpoint(model_path)).eval()
     plain.remove_weight_norm()
     plain.drop_posterior()
-    stock_torch(plain)
-    vc = PlainConverter(ours.model, ours.content, device=ours.device)
+    use_torch_convolutions(plain)
+    content = use_torch_convolutions(copy.deepcopy(ours.content))  # RVC's HuBERT: torch's own convolutions
+    vc = PlainConverter(ours.model, content, device=ours.device)
     vc.plain = plain.to(ours.device)
     return vc
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from bench_lora import V2_40K, random_adapter
-from bench_pipeline import stock_torch
 
 from rvc_lora import SynthConfig, build_synthesizer, save_rvc_checkpoint
 from rvc_lora.checkpoint import build_from_raw, read_rvc_checkpoint
+from rvc_lora.convs import use_torch_convolutions
 from rvc_lora.voice import LIBRARY_LAYOUT, SynthesizerLoRA, serving_layout
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = read_rvc_checkpoint(save_rvc_checkpoint(Path(tmp) / "base.pth",
                                                       build_synthesizer(cfg, with_posterior=False).eval()))
-    plain = stock_torch(build_from_raw(raw).eval())
+    plain = use_torch_convolutions(build_from_raw(raw).eval())
     plain.remove_weight_norm()
     variants: dict[str, SynthesizerLoRA] = {}
     for label, layout, rank in (("library layout (r=8 ups+resblocks)", LIBRARY_LAYOUT, 8),

@@ -7,14 +7,19 @@ signals with 2 threads, bit-identical for transposed convolutions and within flo
 others. The output `[B, C_out, T']` keeps channels-last strides `(T' * C_out, 1, C_out)`, and elementwise ops
 keep them too, so the next convolution needs no copy. Training (grad enabled) and other devices take
 `torch.nn`'s own path. Imports nothing of ours: the architecture (`rvc_lora.models`) builds its decoder from
-these classes, and the LoRA wrappers (`rvc_lora.lora`) call `conv_transpose1d` for their fused path.
+these classes, the LoRA wrappers (`rvc_lora.lora`) call `conv_transpose1d` for their fused path, and the
+content encoder's HuBERT feature extractor is switched to them (`use_fast_convolutions`).
 """
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _fast(x: Tensor) -> bool:
@@ -54,6 +59,24 @@ def conv_transpose1d(x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.C
                                   layer.dilation)
     return F.conv_transpose2d(_channels_last(x), weight.unsqueeze(2), bias, (1, layer.stride[0]), (0, padding[0]),
                               (0, layer.output_padding[0]), layer.groups, (1, layer.dilation[0])).squeeze(2)
+
+
+def use_fast_convolutions(module: ModuleT) -> ModuleT:
+    """Every plain `nn.Conv1d` / `nn.ConvTranspose1d` inside `module` becomes one of these (the same object and
+    parameters: the classes add behaviour, no state), e.g. a content encoder built by another library."""
+    return _reclass(module, {nn.Conv1d: Conv1d, nn.ConvTranspose1d: ConvTranspose1d})
+
+
+def use_torch_convolutions(module: ModuleT) -> ModuleT:
+    """The inverse of `use_fast_convolutions`: `torch.nn`'s own classes (benchmarks' plain baseline)."""
+    return _reclass(module, {Conv1d: nn.Conv1d, ConvTranspose1d: nn.ConvTranspose1d})
+
+
+def _reclass(module: ModuleT, classes: dict[type[nn.Module], type[nn.Module]]) -> ModuleT:
+    for m in module.modules():
+        if (kind := classes.get(type(m))) is not None:
+            m.__class__ = kind
+    return module
 
 
 class ConvTranspose1d(nn.ConvTranspose1d):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import HubertConfig, HubertModel
 
+from rvc_lora.convs import use_fast_convolutions
 from rvc_lora.errors import AudioError, CheckpointError, ModelUnavailableError, ParameterError
 from rvc_lora.pipeline.content import ContentEncoder, build_random_hubert, save_fairseq_hubert, save_hf_hubert
 
@@ -154,7 +155,7 @@ def test_hf_save_pretrained_folder_loads(encoder: ContentEncoder, tmp_path: Path
 
 
 def test_transformers_reads_our_hf_folder(encoder: ContentEncoder, tmp_path: Path) -> None:
-    model = HubertModel.from_pretrained(save_hf_hubert(encoder, tmp_path))  # eval mode
+    model = use_fast_convolutions(HubertModel.from_pretrained(save_hf_hubert(encoder, tmp_path)))  # eval, our convs
     assert torch.equal(hidden_states(model, AUDIO)[12], encoder.extract(AUDIO, "v2"))
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from rvc_lora.convs import Conv1d, ConvTranspose1d
-from tests.conftest import tiny_model
+from rvc_lora.convs import Conv1d, ConvTranspose1d, use_torch_convolutions
+from rvc_lora.pipeline.content import build_random_hubert
+from tests.conftest import TINY_HUBERT, tiny_model
 
 
 @pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 5, 1), (1, 15, 3), (4, 2, 1)])
@@ -39,3 +40,15 @@ def test_the_decoder_is_built_from_them() -> None:
     dec = tiny_model().dec
     kinds = {type(m) for m in dec.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))}
     assert {Conv1d, ConvTranspose1d} <= kinds
+
+
+def test_the_content_encoder_uses_them_and_a_baseline_can_have_torchs_back() -> None:
+    encoder = build_random_hubert(TINY_HUBERT, seed=3)
+    x = torch.randn(4000, dtype=torch.float64)
+    with torch.inference_mode():
+        fast = encoder.extract(x, "v2")
+    assert Conv1d in {type(m) for m in encoder.modules()} and nn.Conv1d not in {type(m) for m in encoder.modules()}
+    use_torch_convolutions(encoder)
+    assert Conv1d not in {type(m) for m in encoder.modules()}
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder.extract(x, "v2"), fast, atol=1e-5, rtol=1e-5)

