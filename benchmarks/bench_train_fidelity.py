@@ -76,6 +76,7 @@ CONFIGS: dict[str, tuple[tuple[str, ...], int, bool, float] | None] = {
     "dec r8": (DEC, 8, False, 1.0), "dec r32": (DEC, 32, False, 1.0), "dec r128": (DEC, 128, False, 1.0),
     "all r8": (ALL, 8, False, 1.0), "all r32": (ALL, 32, False, 1.0), "all r128": (ALL, 128, False, 1.0),
     "all+full r32": (ALL, 32, True, 1.0), "all+full r32 Bx16": (ALL, 32, True, 16.0),
+    "dec r8 Bx16": (DEC, 8, False, 16.0),
 }
 ALPHA = 16.0  # `rvc-lora train --alpha` default
 

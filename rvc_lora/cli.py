@@ -21,9 +21,14 @@ from rvc_lora.pipeline.f0.base import F0_METHODS
 from rvc_lora.pipeline.params import BOUNDS, DEFAULTS, ConvertParams
 from rvc_lora.stream import cli as stream_cli
 from rvc_lora.voice.layout import (
+    DEFAULT_B_LR_RATIO,
     DEFAULT_EXTRACT_METHOD,
     DEFAULT_EXTRACT_RANK,
     DEFAULT_EXTRACT_TARGETS,
+    DEFAULT_FULL_DELTA,
+    DEFAULT_TRAIN_ALPHA,
+    DEFAULT_TRAIN_RANK,
+    DEFAULT_TRAIN_TARGETS,
     EXTRACT_METHODS,
     EXTRACT_TARGETS,
 )
@@ -264,15 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir", help="folder written by `rvc-lora prepare` (checkpoints and log go here too)")
     p.add_argument("--base", required=True, help="a pretrained base with enc_q, e.g. f0G40k.pth")
     p.add_argument("--out", required=True, help="adapter .safetensors to write")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / rank)")
-    p.add_argument("--targets", default="ups,resblocks", help="comma-separated layer families to adapt")
+    p.add_argument("--rank", type=int, default=DEFAULT_TRAIN_RANK, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=DEFAULT_TRAIN_ALPHA,
+                   help="LoRA alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TRAIN_TARGETS),
+                   help="comma-separated layer name patterns to adapt (default: every layer extraction writes; "
+                   "the decoder alone: ups,resblocks)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the prepared data")
     p.add_argument("--batch-size", type=int, default=4, help="segments per step")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
-    p.add_argument("--full-deltas", action="store_true",
+    p.add_argument("--full-deltas", action=argparse.BooleanOptionalAction, default=DEFAULT_FULL_DELTA,
                    help="also train the small tensors (biases, norms, embeddings) whole, as extraction stores them")
-    p.add_argument("--b-lr-ratio", type=float, default=1.0, help="LoRA B's learning rate over A's (LoRA+)")
+    p.add_argument("--b-lr-ratio", type=float, default=DEFAULT_B_LR_RATIO,
+                   help="LoRA B's learning rate over A's (LoRA+; 1: plain LoRA)")
     p.add_argument("--save-every", type=int, default=5, help="write a checkpoint every N epochs")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in WORK_DIR")
     p.add_argument("--seed", type=int, default=1234, help="random seed")

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from rvc_lora import LoRAConfig, SynthConfig, build_synthesizer, load_adapter, save_rvc_checkpoint
+from rvc_lora import SynthConfig, build_synthesizer, load_adapter, save_rvc_checkpoint
 from rvc_lora.errors import CheckpointError
 from rvc_lora.lora import base_state_dict
 from rvc_lora.pipeline.content import ContentEncoder, build_random_hubert
@@ -42,6 +42,7 @@ from rvc_lora.train.pretrained import VARIANTS, TrainParams
 from rvc_lora.train.slicer import Slicer, segment
 from rvc_lora.train.step import lora_param_groups
 from rvc_lora.voice import SynthesizerLoRA, adapter_layout, load_synthesizer_with_lora
+from rvc_lora.voice.layout import DEFAULT_TRAIN_RANK
 from tests.conftest import randomize_
 
 SR = 8000  # 80 samples per 10 ms frame: the decoder is two upsample stages, so a step takes milliseconds
@@ -397,8 +398,7 @@ def test_trained_adapter_loads_into_the_served_base(assets: dict[str, Path], wor
     result = job.fit(1, progress=False)
     adapter = load_adapter(result.adapter)
     assert (adapter.info.r, adapter.info.sr, adapter.info.version, adapter.info.f0) == (4, SR, "v1", True)
-    served = load_synthesizer_with_lora(assets["served"], LoRAConfig(r=4, lora_alpha=8,
-                                                                     target_modules=["ups", "resblocks"]))
+    served = load_synthesizer_with_lora(assets["served"], adapter_layout(adapter.info).lora)
     served.load_adapter(result.adapter)
     inputs = (torch.randn(1, 20, 256), torch.tensor([20]), torch.randint(1, 256, (1, 20)),
               torch.full((1, 20), 150.0), torch.tensor([0]))
@@ -462,7 +462,7 @@ def test_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
 
 def test_resume_refuses_other_settings(assets: dict[str, Path], work: Path) -> None:
     train(assets, work, work / "v.safetensors").fit(1, progress=False)
-    with pytest.raises(TrainingStateError, match="rank=8"):
+    with pytest.raises(TrainingStateError, match=f"rank={DEFAULT_TRAIN_RANK}, this run has 4"):
         train(assets, work, work / "v.safetensors", rank=4).fit(2, resume=True, progress=False)
 
 

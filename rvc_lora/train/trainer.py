@@ -1,6 +1,7 @@
 """`rvc-lora train`: a LoRA voice adapter over a frozen pretrained base (spec §4.3-§4.7).
 
-Only the LoRA tensors of the generator train (and the discriminator). Every `save_every` epochs, and
+Only the LoRA tensors of the generator train, with the small tensors (biases, norms, embeddings) whole by
+default (`full_delta`; saved as the adapter's full deltas), and the discriminator. Every `save_every` epochs, and
 at the end, `<work_dir>/checkpoints/` gets `<name>_e<epoch>.safetensors` (the service's adapter
 format), `<name>_e<epoch>.wav` (a validation sample: the adapted model on the first training segment)
 and `state.pt` (LoRA, discriminator, optimisers, schedulers, loss scaler, step, RNG states), from
@@ -34,6 +35,13 @@ from rvc_lora.train.errors import TrainingDataError, TrainingStateError
 from rvc_lora.train.pretrained import TrainParams, load_pretrained_base, train_params
 from rvc_lora.train.step import GANTrainer, lora_param_groups
 from rvc_lora.voice import FULL_DELTA_PATTERNS, SynthesizerLoRA, save_adapter
+from rvc_lora.voice.layout import (
+    DEFAULT_B_LR_RATIO,
+    DEFAULT_FULL_DELTA,
+    DEFAULT_TRAIN_ALPHA,
+    DEFAULT_TRAIN_RANK,
+    DEFAULT_TRAIN_TARGETS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +115,13 @@ class LoRATraining:
 
     @classmethod
     def create(cls, work_dir: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str], *,
-               rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("ups", "resblocks"),
-               batch_size: int = 4, lr: float = 1e-4, seed: int = 1234,
+               rank: int = DEFAULT_TRAIN_RANK, alpha: float = DEFAULT_TRAIN_ALPHA,
+               targets: Sequence[str] = DEFAULT_TRAIN_TARGETS, batch_size: int = 4, lr: float = 1e-4, seed: int = 1234,
                discriminator: str | os.PathLike[str] | None = None, device: str | torch.device | None = None,
                fp16: bool | None = None, grad_clip: float | None = DEFAULT_GRAD_CLIP, num_workers: int = 0,
                base_config: SynthConfig | None = None, segment_frames: int | None = None,
-               n_mels: int | None = None, full_delta: bool = False, b_lr_ratio: float = 1.0) -> LoRATraining:
+               n_mels: int | None = None, full_delta: bool = DEFAULT_FULL_DELTA,
+               b_lr_ratio: float = DEFAULT_B_LR_RATIO) -> LoRATraining:
         """Everything `fit` needs, seeded with `seed` (see `run_train` for the arguments)."""
         if not (math.isfinite(b_lr_ratio) and b_lr_ratio > 0):
             raise ValueError(f"b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
@@ -297,13 +306,14 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 def run_train(work_dir: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str], *,
-              rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = ("ups", "resblocks"), epochs: int = 20,
+              rank: int = DEFAULT_TRAIN_RANK, alpha: float = DEFAULT_TRAIN_ALPHA,
+              targets: Sequence[str] = DEFAULT_TRAIN_TARGETS, epochs: int = 20,
               batch_size: int = 4, lr: float = 1e-4, save_every: int = 5, resume: bool = False, seed: int = 1234,
               discriminator: str | os.PathLike[str] | None = None, device: str | torch.device | None = None,
               fp16: bool | None = None, grad_clip: float | None = DEFAULT_GRAD_CLIP, num_workers: int = 0,
               base_config: SynthConfig | None = None, segment_frames: int | None = None,
-              n_mels: int | None = None, progress: bool = True, full_delta: bool = False,
-              b_lr_ratio: float = 1.0) -> TrainResult:
+              n_mels: int | None = None, progress: bool = True, full_delta: bool = DEFAULT_FULL_DELTA,
+              b_lr_ratio: float = DEFAULT_B_LR_RATIO) -> TrainResult:
     """Train a rank-`rank` LoRA adapter for the data prepared in `work_dir` over the pretrained `base`
     (which must carry `enc_q`) and write it to `out` (safetensors, the format the service serves).
 

@@ -54,6 +54,17 @@ ExtractMethod = Literal["svd", "data-aware"]
 EXTRACT_METHODS: tuple[ExtractMethod, ...] = ("svd", "data-aware")
 DEFAULT_EXTRACT_METHOD: ExtractMethod = "data-aware"
 
+# `rvc-lora train`'s defaults, from benchmarks/bench_train_fidelity.py (docs/fidelity.md): on the same data and
+# steps as a full fine-tune, LoRA on the decoder alone (ups, resblocks; any rank 8-128) got under a third of the
+# full fine-tune's validation gain; every layer extraction writes, with the small tensors trained whole (stored
+# as full deltas) and B's learning rate 16x A's (LoRA+), matched it. Rank 32: the serving and extraction rank,
+# so what training writes fits the serving layout as extracted adapters do.
+DEFAULT_TRAIN_RANK = DEFAULT_SERVING_RANK
+DEFAULT_TRAIN_ALPHA = 16.0
+DEFAULT_TRAIN_TARGETS: tuple[str, ...] = EXTRACT_TARGETS["all"]
+DEFAULT_FULL_DELTA = True
+DEFAULT_B_LR_RATIO = 16.0
+
 
 @dataclass(frozen=True)
 class SlotLayout:
