@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from rvc_lora.cli_progress import chunk_notes, step
 from rvc_lora.errors import AudioError, ParameterError, RVCLoraError
+from rvc_lora.host_memory import DEFAULT_MALLOC_REUSE_BYTES, reuse_freed_memory
 from rvc_lora.pipeline.audio import AUDIO_SUFFIXES, OUTPUT_FORMATS, encode_audio, format_for_suffix, probe_audio
 from rvc_lora.stream import cli as stream_cli
 from rvc_lora.voicezip import voice_files
@@ -174,6 +175,7 @@ def load_converter(args: argparse.Namespace) -> tuple[VoiceConverter, float]:
     """The converter for `args` (model files checked to exist first), and the seconds loading took."""
     from rvc_lora.pipeline.converter import VoiceConverter
 
+    reuse_freed_memory(DEFAULT_MALLOC_REUSE_BYTES)  # large signals reuse the heap instead of faulting in pages
     with step(f"loading models ({Path(args.voice or args.model).name}, {Path(args.hubert).name})") as s:
         vc = VoiceConverter.from_files(args.model, args.hubert, device=args.device, rmvpe=args.rmvpe,
                                        max_rank=args.max_rank, adapters=[args.adapter] if args.adapter else [])

@@ -50,6 +50,7 @@ from rvc_lora.calibration import (
 from rvc_lora.checkpoint import POSTERIOR_PREFIX, RawCheckpoint, build_from_raw, folded_names, read_rvc_checkpoint
 from rvc_lora.config import SynthConfig
 from rvc_lora.errors import AdapterError, AdapterMismatchError, ConfigError
+from rvc_lora.frames import FRAMES_PER_S
 from rvc_lora.lora import FULL_DELTA_PREFIX, name_matches
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
 from rvc_lora.pipeline.steps import f0_to_coarse
@@ -379,7 +380,7 @@ def _extract(base: str | os.PathLike[str] | RawCheckpoint, voice: str | os.PathL
         t = time.perf_counter()
         covs = collect_input_covariances(build_from_raw(_without_posterior(voice_raw)), layers, clips)
         frames = sum(int(c["phone"].shape[1]) for c in clips)
-        notes.append(f"data-aware: each layer fitted to its outputs on {frames / 100:.1f} s of "
+        notes.append(f"data-aware: each layer fitted to its outputs on {frames / FRAMES_PER_S:.1f} s of "
                      + ("synthetic input" if calibration is None else "calibration speech"))
         say("extract: input covariances of %d layers in %.1f s", len(covs), time.perf_counter() - t)
     pairs, reports = _factor_layers(layers, w_base, w_voice, rank, energy, dtype, say, covs)
@@ -469,7 +470,7 @@ def _file_bytes(raw: RawCheckpoint) -> int:
 def fixed_inputs(cfg: SynthConfig, frames: int = 32, seed: int = 0) -> dict[str, Tensor]:
     """A deterministic input: random content features, a gliding f0 contour with an unvoiced stretch, sid 0."""
     gen = torch.Generator().manual_seed(seed)
-    t = np.arange(frames) / 100.0  # 10 ms frames
+    t = np.arange(frames) / FRAMES_PER_S
     f0 = 150.0 * 2 ** (0.5 * np.sin(2 * np.pi * 1.5 * t))
     f0[frames // 3 : frames // 3 + max(frames // 10, 1)] = 0.0
     inputs = {"phone": torch.randn(1, frames, cfg.content_dim, generator=gen),

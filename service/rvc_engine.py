@@ -79,10 +79,14 @@ class RVCEngine:
             raise ModelUnavailableError("RVC_LORA_MODEL and RVC_LORA_HUBERT must name the base checkpoint and the "
                                         "content encoder")
         device = _resolve_device(settings.device)
-        if (threads := torch_threads(settings, device)) is not None:
+        if settings.torch_threads is not None:
             import torch
 
-            torch.set_num_threads(threads)  # here, on the device thread, before any model runs (see torch_threads)
+            torch.set_num_threads(settings.torch_threads)  # here, on the device thread, before any model runs
+        if settings.malloc_reuse_bytes:
+            from rvc_lora.host_memory import reuse_freed_memory
+
+            reuse_freed_memory(settings.malloc_reuse_bytes)
         self._base_raw = read_rvc_checkpoint(settings.model)
         cfg = self._base_raw.config
         layout = serving_layout(cfg, settings.max_rank, setting=f"start the server with RVC_LORA_MAX_RANK >= the "
@@ -302,21 +306,6 @@ def shorter_chunks(pad: PadConfig) -> list[PadConfig]:
         out.append(PadConfig(x_pad=pad.x_pad, x_query=max(1, min(pad.x_query, center // 4)), x_center=center,
                              x_max=center + max(pad.x_max - pad.x_center, 1)))
     return out
-
-
-def torch_threads(settings: Settings, device: str) -> int | None:
-    """Torch's threads per operation for this server (None: leave torch's default, one per core). On a CPU device
-    the pipelined worker runs the CPU stages (`cpu_threads`) beside the device thread on the same cores; torch's
-    threads wait for each other at the end of every operation, so one of them descheduled by a CPU stage stalls
-    them all (measured on the 2-core CPU: a tiny synthesis 10x to 100x slower with 2 torch threads under load
-    than with 1). So they get the cores the CPU stages leave, at least one."""
-    from service.settings import usable_cores
-
-    if settings.torch_threads is not None:
-        return settings.torch_threads
-    if device.split(":")[0] == "cpu" and settings.batching:
-        return max(1, usable_cores() - settings.cpu_threads)
-    return None
 
 
 def _resolve_device(device: str) -> str:

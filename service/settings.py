@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rvc_lora.host_memory import DEFAULT_MALLOC_REUSE_BYTES, INT_MAX
+
 MiB = 1024 * 1024
 
 
@@ -107,11 +109,14 @@ class Settings(BaseSettings):
                             "keeps the memory of one resident adapter")
     pipeline_jobs: int = Field(default=16, ge=1, description="requests in the pipeline at once (the others wait in "
                                "the queue); more give larger batches and hold more memory")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch's threads per operation; unset: on a "
-                                      "CPU device with the pipelined worker, the cores left by `cpu_threads` (at "
-                                      "least 1), so that the CPU stages running beside the device thread do not "
-                                      "stall torch's threads (oversubscribed, they wait on each other at every "
-                                      "operation); otherwise torch's default")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch's threads per operation; unset: "
+                                      "torch's default, one per core (the CPU stages are a small share of a "
+                                      "request's work, so they share the cores with torch rather than keep some "
+                                      "idle: on the 2-core CPU the pipelined worker ran 1.7x faster with 2 torch "
+                                      "threads than with 1)")
+    malloc_reuse_bytes: int = Field(default=DEFAULT_MALLOC_REUSE_BYTES, ge=0, le=INT_MAX, description="CPU "
+                                    "allocations up to this size are served from malloc's reusable heap instead of "
+                                    "fresh pages (glibc; see rvc_lora/host_memory.py); 0 keeps malloc's defaults")
 
     # operation
     api_key: SecretStr | None = Field(default=None, description="when set, every route but health and metrics needs it")

@@ -18,7 +18,7 @@ PIPELINE_REFERENCE = SHARED_FIXTURES / "rvc-pipeline-reference"
 
 @pytest.fixture(autouse=True)
 def _torch_threads_restored() -> Iterator[None]:
-    """A real service engine sets torch's threads for its process (`service.rvc_engine.torch_threads`); the
+    """A real service engine sets torch's threads for its process (`RVC_LORA_TORCH_THREADS`); the
     tests after it keep the test process's own count. Set always: the count a new thread starts with is
     process-wide, while `get_num_threads` reads this thread's own."""
     threads = torch.get_num_threads()

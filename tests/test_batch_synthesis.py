@@ -246,7 +246,7 @@ def test_a_one_voice_batch_computes_as_the_solo_run_and_leaves_the_model_as_it_w
 
 
 def test_the_chooser_tries_both_ways_then_runs_the_faster_and_rechecks_the_other() -> None:
-    chooser = WayChooser(trials=2, window=4, recheck=5)
+    chooser = WayChooser(trials=2, window=4, recheck=5, overhead=0.5)
     cost = {"by_voice": 3.0, "vmap": 1.0}
     picks = []
     for _ in range(20):
@@ -264,6 +264,25 @@ def test_the_chooser_tries_both_ways_then_runs_the_faster_and_rechecks_the_other
     assert chooser.pick("shape") == "by_voice"
 
 
+def test_a_much_slower_way_is_rechecked_rarely() -> None:
+    chooser = WayChooser(recheck=8, overhead=0.02)
+    cost = {"by_voice": 1.0, "vmap": 2.0}  # vmap twice as slow: a recheck costs one batch
+    picks = []
+    for _ in range(400):
+        way = chooser.pick((3, 8))
+        picks.append(way)
+        chooser.record((3, 8), way, cost[way])
+    assert picks[:2] == ["by_voice", "vmap"]  # one trial each
+    rechecks = [i for i, w in enumerate(picks) if w == "vmap" and i >= 2]
+    assert rechecks == [51, 151, 351]  # first after (2 - 1) / 0.02 = 50 calls, then gaps of 100 and 200
+    assert sum(cost[w] for w in picks[2:]) <= 1.02 * len(picks[2:])  # rechecks cost at most the 2% overhead
+
+
+def test_chooser_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="trials 0"):
+        WayChooser(trials=0)
+
+
 def test_auto_runs_either_way_with_the_same_audio() -> None:
     model = _model()
     voices = [model.prepare(_adapter(model, s, 4)) for s in (1, 2)]
@@ -271,10 +290,11 @@ def test_auto_runs_either_way_with_the_same_audio() -> None:
     inputs = [_inputs(model, frames, seed=i) for i, frames in enumerate((9, 13))]
     outs = []
     with bank.hold([(0, voices[0]), (1, voices[1])]) as slots:
-        for _ in range(4):  # by_voice twice, then vmap twice (the chooser's trials)
+        for _ in range(4):  # by_voice, then vmap (the chooser's trials), then the faster
             rows = [make_row(model, **_row_args(model, x), generator=torch.Generator().manual_seed(7)) for x in inputs]
             outs.append(bank.synthesize(rows, slots))
-    assert sum(len(c) for c in bank.chooser._costs[(2, 4)].values()) == 4
+    costs = bank.chooser._costs[(2, 4)]  # 2 voices (bit length 2), rows of 9-13 frames (bit length 4)
+    assert sum(len(c) for c in costs.values()) == 4 and min(len(c) for c in costs.values()) >= 1
     for out in outs[1:]:
         for a, b in zip(out, outs[0], strict=True):
             assert (a - b).abs().max() < TOL

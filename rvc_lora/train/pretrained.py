@@ -26,6 +26,7 @@ from rvc_lora.checkpoint import (
 )
 from rvc_lora.config import SynthConfig, parse_sr
 from rvc_lora.errors import CheckpointError, ConfigError
+from rvc_lora.frames import FRAMES_PER_S
 from rvc_lora.models.synthesizer import RVCSynthesizer, build_synthesizer
 
 LEGACY_SEGMENT = 32  # what RVC's savers write as config[1] (spec §1.1); training uses `TrainParams.segment_frames`
@@ -92,7 +93,7 @@ class TrainParams:
 def train_params(cfg: SynthConfig, *, n_mels: int | None = None, segment_frames: int | None = None) -> TrainParams:
     """The training numbers for `cfg`: RVC's table for the six shipped variants, else derived from the config
     (n_fft from `spec_channels`, hop = `upp`, crop = `cfg.segment_size`, `DEFAULT_N_MELS` mels)."""
-    if cfg.upp * 100 != cfg.sr:
+    if cfg.upp * FRAMES_PER_S != cfg.sr:
         raise ConfigError(f"config: {cfg.upp} samples per frame at {cfg.sr} Hz is not RVC's 10 ms frame grid "
                           "(content and f0 frames are 10 ms)")
     variant = VARIANTS.get((cfg.version, cfg.sr))

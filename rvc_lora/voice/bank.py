@@ -16,12 +16,13 @@ vmap and runs the plain batched forward with that voice's slot bound in place of
 
 vmap costs per operation, so on a CPU and a small model it can lose to running each voice's rows as their
 own plain batch (`by_voice`: one forward per distinct voice, each exactly the solo computation). `auto` (the
-default) measures both per batch shape (distinct voices, longest row) and runs the faster one
+default) measures both per batch shape (distinct voices, longest row; each within 2x) and runs the faster one
 (`WayChooser`); both give each row what it gives alone, to float rounding.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Sequence
@@ -46,17 +47,23 @@ Strategy = Literal["auto", "vmap", "by_voice"]
 
 
 class WayChooser:
-    """Which way runs a batch shape faster, measured on this machine. Per key, each way is tried `trials`
-    times (`by_voice` first: it is never slower than one voice at a time); then the way with the lower cost
-    (the least of its last `window` timings) runs, and the other is tried again after `recheck` calls of the
-    key, then after twice as many, and so on (up to `MAX_GAP`): a change of load or a first-call warm-up does
-    not fix the choice for good, and a way that stays slower costs ever less."""
+    """Which way runs a batch shape faster, measured on this machine. Per key, each way is tried `trials` times
+    (`by_voice` first: it is never slower than one voice at a time); then the way with the lower cost (the least
+    of its last `window` timings) runs, and the other is tried again after a gap of calls of the key, then after
+    twice as many, and so on (up to `MAX_GAP`): a change of load or a first-call warm-up does not fix the choice
+    for good. The first gap is `recheck` calls, longer when the other way was much slower: a recheck costs
+    `ratio - 1` of a batch (the other way's cost over the better one's, less the batch it replaces), so the gap is
+    at least `(ratio - 1) / overhead` calls and rechecks cost at most about `overhead` of the time (on a 2-core
+    CPU a vmapped full-size batch took twice `by_voice`'s time: rechecking it every 32 calls would cost 3%)."""
 
     WAYS: tuple[Way, Way] = ("by_voice", "vmap")
     MAX_GAP = 1024
 
-    def __init__(self, trials: int = 2, window: int = 4, recheck: int = 32) -> None:
-        self.trials, self.window, self.recheck = trials, window, recheck
+    def __init__(self, trials: int = 1, window: int = 4, recheck: int = 32, overhead: float = 0.02) -> None:
+        if trials < 1 or window < trials or recheck < 1 or overhead <= 0:
+            raise ConfigError(f"WayChooser: trials {trials} (>= 1, <= window {window}), recheck {recheck} (>= 1) "
+                              f"and overhead {overhead} (> 0) out of range")
+        self.trials, self.window, self.recheck, self.overhead = trials, window, recheck, overhead
         self._costs: dict[Hashable, dict[Way, deque[float]]] = {}
         self._calls: dict[Hashable, int] = {}
         self._next: dict[Hashable, tuple[int, int]] = {}  # (call at which the other way runs again, the gap)
@@ -68,11 +75,16 @@ class WayChooser:
             if len(costs[way]) < self.trials:
                 return way
         best = min(self.WAYS, key=lambda w: min(costs[w]))
-        at, gap = self._next.setdefault(key, (calls - 1 + self.recheck, self.recheck))
+        other = self.WAYS[1 - self.WAYS.index(best)]
+        if key not in self._next:
+            ratio = min(costs[other]) / max(min(costs[best]), 1e-9)
+            gap = min(max(self.recheck, math.ceil((ratio - 1) / self.overhead)), self.MAX_GAP)
+            self._next[key] = (calls - 1 + gap, gap)
+        at, gap = self._next[key]
         if calls >= at:
             gap = min(2 * gap, self.MAX_GAP)
             self._next[key] = (calls + gap, gap)
-            return self.WAYS[1 - self.WAYS.index(best)]
+            return other
         return best
 
     def record(self, key: Hashable, way: Way, seconds: float) -> None:
@@ -270,7 +282,8 @@ class AdapterBank:
             with self._bound(voices[0]):
                 return split_audio(infer_padded(self.model.base, pad_rows(rows, device)), rows)
         way: Way = self.strategy if self.strategy != "auto" else "vmap"
-        key = (len(voices), max(r.plan.frames for r in rows).bit_length())  # voices, longest row within 2x
+        # distinct voices and longest row, each within 2x: few keys, so few trials of the slower way
+        key = (len(voices).bit_length(), max(r.plan.frames for r in rows).bit_length())
         if self.strategy == "auto":
             way = self.chooser.pick(key)
             start = time.perf_counter()
