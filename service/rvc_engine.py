@@ -381,7 +381,17 @@ class RVCStages:
         return len(self._plan.chunks)
 
     def encode(self, i: int) -> object:
-        return self._vc.content_features(self.plan, i)
+        """The chunk's content features on the device. Out of device memory -> `DeviceOutOfMemory`, which sends the
+        pipelined worker to `RVCEngine.convert` (the whole request in ever shorter chunks, else 503) instead of
+        failing the request as an internal error."""
+        import torch
+
+        try:
+            return self._vc.content_features(self.plan, i)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()  # out of `except`: its traceback keeps the failed run's tensors alive
+        raise DeviceOutOfMemory(f"the device ran out of memory encoding chunk {i}", retry_after=5)
 
     def row(self, i: int, encoded: object) -> Row:
         import torch

@@ -480,6 +480,48 @@ def test_device_oom_retries_in_shorter_chunks_else_503(tmp_path: Path, tiny_serv
         assert short.status_code == (200 if max_frames else 503)  # the worker lives on
 
 
+def _oom_encoding_engine(max_samples: int | None) -> Callable[[Any], Any]:
+    """The real engine on tiny models whose content encoder 'runs out of device memory' for chunks longer than
+    `max_samples` 16 kHz samples (None: always)."""
+    from rvc_lora.pipeline.steps import PadConfig
+    from service.rvc_engine import load_engine
+
+    def factory(settings: Any) -> Any:
+        engine = load_engine(settings)
+        vc = engine._vc  # type: ignore[attr-defined]
+        vc.pad = PadConfig(x_pad=1, x_query=2, x_center=8, x_max=9)  # 6 s of audio: one chunk of 8 s padded
+        real = vc.content_features
+
+        def content_features(plan: Any, i: int) -> Any:
+            chunk = plan.chunks[i]
+            if max_samples is None or chunk.stop - chunk.start > max_samples:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(plan, i)
+
+        vc.content_features = content_features
+        return engine
+
+    return factory
+
+
+@pytest.mark.parametrize(("max_samples", "status"), [(7 * 16000, 200), (None, 503)])
+def test_device_oom_in_the_pipelined_content_encoder_retries_whole_else_503(
+        tmp_path: Path, tiny_service_assets: dict[str, Any], max_samples: int | None, status: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The pipelined worker: out of memory in a chunk's content features is not an internal error but the same
+    retry as a row's (the whole request in shorter chunks), else 503; the worker serves the next request."""
+    with running_app(tmp_path, factory=_oom_encoding_engine(max_samples), model=tiny_service_assets["model"],
+                     hubert=tiny_service_assets["hubert"], max_rank=8, warmup=False, batching=True) as c:
+        r = c.post("/convert", data={"seed": "1"}, files={"audio": ("a.wav", sine_wav(6.0, freq=140.0))})
+        assert r.status_code == status, r.text[:300]
+        if status == 200:
+            assert "converting again in chunks of 4 s" in caplog.text
+        else:
+            assert r.json()["error"]["code"] == "device_out_of_memory" and r.headers["Retry-After"] == "5"
+        short = c.post("/convert", data={"seed": "1"}, files={"audio": ("a.wav", sine_wav(2.0, freq=140.0))})
+        assert short.status_code == (200 if max_samples else 503)  # the worker lives on
+
+
 # faults: disk full and write errors, on every write path
 
 def _enospc(*_: object, **__: object) -> Any:
