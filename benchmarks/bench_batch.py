@@ -7,9 +7,13 @@ length and batch size B, B rows of B distinct voices (random adapters filling ev
     way (`vmap` or `by_voice`, see rvc_lora/voice/bank.py) chosen by the bank's measurements (`auto`, warmed up
     before timing); the table names the way it ran.
 Rows are seeded; the table also gives the largest difference between a row's batched and serial audio.
+On CUDA the table adds the device memory a batch takes at its peak beyond what was allocated before it
+("peak MiB": activations per batch), the header the measured device bytes per bank slot, and after the table a
+bank slot load (an adapter copied into a free bank slot on the device: `AdapterBank.acquire` of a voice not
+resident) beside a single-voice `swap`.
 Run:
-    .venv/bin/python benchmarks/bench_batch.py [--device cpu|cuda] [--models tiny,full] [--batches 1,2,4,8,16]
-        [--chunks 1,0.25] [--full-batches 1,2,4] [--repeats 3]
+    .venv/bin/python benchmarks/bench_batch.py [--device cpu|cuda] [--dtype float32|float16] [--models tiny,full]
+        [--batches 1,2,4,8,16] [--chunks 1,0.25] [--full-batches 1,2,4] [--repeats 3] [--loads 50]
 `--full-batches` limits the full-size model's batch sizes (the 2-core CPU needs minutes per full-size batch of
 16 one-second rows); pass the same list as `--batches` for the whole grid. Prints one table; every number comes
 from this single run.
@@ -43,6 +47,35 @@ Out = TypeVar("Out")
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_loads(model: SynthesizerLoRA, bank: AdapterBank, voices: list[PreparedAdapter], loads: int,
+                device: str) -> None:
+    """An adapter copied into a bank slot (a voice not resident: every key new), then the resident swap."""
+    bank_ms, swap_ms = [], []
+    for i in range(loads):
+        sync(device)
+        t = time.perf_counter()
+        slot = bank.acquire(("load", i), voices[i % len(voices)])
+        sync(device)
+        bank_ms.append(1000 * (time.perf_counter() - t))
+        bank.release(slot)
+        t = time.perf_counter()
+        model.swap(voices[(i + 1) % len(voices)])
+        sync(device)
+        swap_ms.append(1000 * (time.perf_counter() - t))
+    print(f"bank slot load (adapter copied into a free slot) p50 / p99: {percentile(bank_ms, 0.5):.3f} / "
+          f"{percentile(bank_ms, 0.99):.3f} ms; resident swap p50 / p99: {percentile(swap_ms, 0.5):.3f} / "
+          f"{percentile(swap_ms, 0.99):.3f} ms ({loads} each)", flush=True)
 
 
 def timed_pair(first: Callable[[], Out], second: Callable[[], Out], repeats: int,
@@ -89,7 +122,8 @@ def make_rows(model: SynthesizerLoRA, n: int, frames: int, device: str) -> tuple
         pitch = torch.randint(1, 256, (frames,), generator=gen)
         rows.append(make_row(model, phone, pitch, nsff0, sid=0, generator=torch.Generator().manual_seed(i),
                              device=device))
-        solo.append({"phone": phone[None].to(device), "phone_lengths": torch.tensor([frames], device=device),
+        solo.append({"phone": phone[None].to(device, model.base.emb_g.weight.dtype),
+                     "phone_lengths": torch.tensor([frames], device=device),
                      "pitch": pitch[None].to(device), "nsff0": nsff0[None].to(device),
                      "sid": torch.tensor([0], device=device)})
     return rows, solo
@@ -106,18 +140,22 @@ def run_serial(model: SynthesizerLoRA, voices: list[PreparedAdapter], solo: list
 
 
 @torch.no_grad()
-def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int, device: str) -> list[str]:
+def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int, device: str,
+                dtype: torch.dtype, loads: int) -> list[str]:
     config, rank = MODELS[name]
     cfg = SynthConfig.from_list(config, version="v2", f0=True)
     torch.manual_seed(0)
     model = SynthesizerLoRA(build_synthesizer(cfg, with_posterior=False), layout=serving_layout(cfg, rank))
-    model = model.to(device).eval()
+    model = model.to(device, dtype).eval()
     most = max(batches)
     voices: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed)) for seed in range(most)]
+    before = allocated(device)
     bank = AdapterBank(model, most + 1)
+    measured = (allocated(device) - before) / (bank.size - 1)  # slot 0 is the model's own memory
     bank.acquire("serial", voices[0])  # pins slot 0 for good: the serial runs swap their voices through it
-    print(f"{name}: serving layout r={rank}, bank of {bank.size} slots, {bank.slot_nbytes / 2**20:.2f} MiB per slot",
-          flush=True)
+    print(f"{name}: serving layout r={rank}, {dtype}, bank of {bank.size} slots, {bank.slot_nbytes / 2**20:.2f} MiB "
+          f"per slot" + (f" (device allocation per slot measured: {measured / 2**20:.2f} MiB)" if device == "cuda"
+                         else ""), flush=True)
     lines = []
     for chunk_s in chunks:
         frames = round(chunk_s * FRAMES_PER_S)
@@ -129,12 +167,22 @@ def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int
                 batch = functools.partial(bank.synthesize, rows, slots)
                 for _ in range(2 * bank.chooser.trials):  # the chooser's trials: both ways measured
                     batch()
+                peak = ""
+                if device == "cuda":  # activations of one batch, the way the chooser settled on
+                    sync(device)
+                    base = allocated(device)
+                    torch.cuda.reset_peak_memory_stats()
+                    batch()
+                    sync(device)
+                    peak = f" {(torch.cuda.max_memory_allocated() - base) / 2**20:9.1f}"
                 t_serial, t_batch, reference, batched = timed_pair(serial, batch, repeats, device)
-            diff = max(float((x - y).abs().max()) for x, y in zip(batched, reference, strict=True))
+            diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(batched, reference, strict=True))
             audio_s = b * frames / FRAMES_PER_S
             lines.append(f"{name:5} {chunk_s:6.2f} {b:5d} {audio_s / t_serial:13.2f} {audio_s / t_batch:13.2f} "
-                         f"{t_serial / t_batch:8.2f}x {diff:10.1e} {bank.last_way}")
+                         f"{t_serial / t_batch:8.2f}x {diff:10.1e} {bank.last_way}{peak}")
             print(lines[-1], flush=True)
+    if loads:
+        bench_loads(model, bank, voices, loads, device)
     return lines
 
 
@@ -146,15 +194,20 @@ def main() -> None:
     parser.add_argument("--full-batches", default="1,2,4", help="batch sizes for the full-size model")
     parser.add_argument("--chunks", default="1,0.25", help="chunk lengths in seconds")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                        help="model and rows (the service runs float16 on CUDA)")
+    parser.add_argument("--loads", type=int, default=50, help="bank slot loads timed after the table (0: none)")
     args = parser.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     full_batches = [int(x) for x in args.full_batches.split(",")]
     chunks = [float(x) for x in args.chunks.split(",")]
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}; median of {args.repeats}; distinct voice per row")
-    print("model chunk     B  serial aud/s   batch aud/s  speedup   max|diff| way")
+    print("model chunk     B  serial aud/s   batch aud/s  speedup   max|diff| way" +
+          ("  peak MiB" if args.device == "cuda" else ""))
     for name in args.models.split(","):
-        bench_model(name, full_batches if name == "full" else batches, chunks, args.repeats, args.device)
+        bench_model(name, full_batches if name == "full" else batches, chunks, args.repeats, args.device,
+                    getattr(torch, args.dtype), args.loads)
 
 
 if __name__ == "__main__":
