@@ -16,6 +16,7 @@ over the measured rounds. The search doubles N, then bisects.
 "full" is the demo assets' full-size v2 40k base and 768-d HuBERT base (written to
 --assets first if missing); "tiny" is a random v1 40k model of test size (ResBlock 2) with a 9-layer 64-wide HuBERT.
 End-to-end latency (spec §6.8) = one block of buffering + crossfade + 10 ms - SOLA offset + server time.
+On CUDA each N's line also gives the device memory a stream keeps between blocks and the peak over its rounds.
 """
 
 from __future__ import annotations
@@ -109,7 +110,14 @@ def batched_round(streams: list[StreamConverter], x: np.ndarray, done: list[floa
 def run(vc: VoiceConverter, adapters: list[Path], n: int, rounds: int, bank: AdapterBank | None,
         max_frames: int) -> dict[str, float]:
     """n streams, `rounds` measured block rounds after one warm-up round -> latency stats and mean stage times
-    (`bank`: batched mode, else serial)."""
+    (`bank`: batched mode, else serial); on CUDA also the device memory each stream keeps between blocks
+    (`mem_stream`: its histories and caches) and the peak over the rounds beyond what was allocated before the
+    streams opened (`mem_peak`), in bytes."""
+    cuda = vc.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(vc.device)
+        before = torch.cuda.memory_allocated(vc.device)
+        torch.cuda.reset_peak_memory_stats(vc.device)
     streams = [StreamConverter(vc, PARAMS, sr=SR, adapter=adapters[i % len(adapters)],
                                bank_key=str(adapters[i % len(adapters)])) for i in range(n)]
     block = streams[0].block_frame
@@ -119,6 +127,7 @@ def run(vc: VoiceConverter, adapters: list[Path], n: int, rounds: int, bank: Ada
         return serial_round(streams, x, done) if bank is None else batched_round(streams, x, done, bank, max_frames)
 
     one_round(audio[:block], [])  # warm-up round, not timed
+    kept = (torch.cuda.memory_allocated(vc.device) - before) / n if cuda else 0.0
     latencies: list[float] = []
     offsets: list[int] = []
     stages = dict.fromkeys((*STAGES, "total"), 0.0)
@@ -135,8 +144,9 @@ def run(vc: VoiceConverter, adapters: list[Path], n: int, rounds: int, bank: Ada
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     count = len(latencies)
+    peak = float(torch.cuda.max_memory_allocated(vc.device) - before) if cuda else 0.0
     return {"p50": statistics.median(latencies), "p99": p99, "offset": statistics.mean(offsets),
-            **{k: v / count for k, v in stages.items()}}
+            "mem_stream": kept, "mem_peak": peak, **{k: v / count for k, v in stages.items()}}
 
 
 def search(vc: VoiceConverter, adapters: list[Path], rounds: int, max_n: int, budget_s: float,
@@ -150,7 +160,9 @@ def search(vc: VoiceConverter, adapters: list[Path], rounds: int, max_n: int, bu
             results[n] = run(vc, adapters, n, rounds, bank, max_frames)
             r = results[n]
             print(f"  N={n:>3}: p50 {r['p50'] * 1000:7.1f} ms, p99 {r['p99'] * 1000:7.1f} ms, "
-                  f"block compute {r['total'] * 1000:6.1f} ms", flush=True)
+                  f"block compute {r['total'] * 1000:6.1f} ms" + (
+                      f", device memory {r['mem_stream'] / 2**20:.1f} MiB kept per stream, peak "
+                      f"{r['mem_peak'] / 2**20:.0f} MiB" if r["mem_peak"] else ""), flush=True)
         return results[n]["p99"] < PARAMS.block_time
 
     good, bad = 0, None
