@@ -15,7 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +104,39 @@ def _slot_tensors(model: SynthesizerLoRA, prepared: PreparedAdapter) -> list[tor
     return [*(x.lora_A[:r] for x, r in pairs), *(x.lora_B[:, :r] for x, r in pairs), *s.params, *s.deltas]
 
 
+WIDTH = 76
+
+
+class Rows(list[tuple[str, str]]):
+    """The table's rows, each printed as it is added: a run cut short by a time limit keeps what it measured."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        super().append(row)
+        print(f"{row[0]:<{WIDTH}} | {row[1]}", flush=True)
+
+    def __iadd__(self, rows: Iterable[tuple[str, str]]) -> Rows:  # type: ignore[override,misc]
+        for row in rows:
+            self.append(row)
+        return self
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--swaps", type=int, default=300)
     parser.add_argument("--reloads", type=int, default=10)
     parser.add_argument("--infer-repeats", type=int, default=3)
+    parser.add_argument("--infer-seconds", default="1,10", help="audio lengths of the infer rows")
     args = parser.parse_args()
     dev = args.device
     torch.manual_seed(0)
     cfg = SynthConfig.from_list(V2_40K, version="v2", f0=True)
     base = build_synthesizer(cfg, with_posterior=False).eval()
-    rows: list[tuple[str, str]] = []
+    print(f"device: {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'measure':<{WIDTH}} | value")
+    print(f"{'-' * WIDTH}-|------", flush=True)
+    rows = Rows()
     with tempfile.TemporaryDirectory() as tmp:
         pth = save_rvc_checkpoint(Path(tmp) / "voice.pth", base)
         def reload() -> None:  # what RVC servers do to change voice: torch.load + build + load_state_dict
@@ -137,7 +158,7 @@ def main() -> None:
         model.load_adapter(random_adapter(model, 0))
         adapter_file = save_adapter(Path(tmp) / "voice.safetensors", model, dtype=torch.float16)
 
-        for seconds in (1, 10):
+        for seconds in (int(x) for x in args.infer_seconds.split(",")):
             frames = 100 * seconds
             gen = torch.Generator().manual_seed(1)
             inputs = (torch.randn(1, frames, 768, generator=gen).to(dev), torch.tensor([frames], device=dev),
@@ -161,13 +182,6 @@ def main() -> None:
         pth_bytes, ad_bytes = pth.stat().st_size, adapter_file.stat().st_size
         rows += [(".pth bytes / adapter bytes (r=8 ups+resblocks, fp16)",
                   f"{pth_bytes:,} / {ad_bytes:,} ({pth_bytes / ad_bytes:.0f}x)")]
-    width = max(len(k) for k, _ in rows)
-    print(f"device: {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}), torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"{'measure':<{width}} | value")
-    print(f"{'-' * width}-|------")
-    for k, v in rows:
-        print(f"{k:<{width}} | {v}")
 
 
 if __name__ == "__main__":
