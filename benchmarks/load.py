@@ -258,10 +258,11 @@ async def spawn_run(args: argparse.Namespace) -> None:
     merged = [merge(name, runs) for name, runs in results.items()]
     if not args.no_baseline:
         merged.append(run_baseline(assets / "demo-base-v2-40k.pth", assets / "demo-hubert_base.pt", args.adapters,
-                                   max(args.requests // 4, args.adapters), args.seconds, audio, args.audio_s, "cpu",
-                                   index))
+                                   max(args.requests // 4, args.adapters), args.seconds, audio, args.audio_s,
+                                   args.device, index))
     print(f"\nclients={args.clients} voices={args.adapters} audio={args.audio_s:g}s requests/phase={args.requests} "
-          f"rounds={args.rounds} cores={len(os.sched_getaffinity(0))} (demo v2 40k, full size, CPU)\n")
+          f"rounds={args.rounds} cores={len(os.sched_getaffinity(0))} (demo v2 40k, full size; servers on "
+          f"{os.environ.get('RVC_LORA_DEVICE', 'auto')}, baseline on {args.device})\n")
     print(HEADER)
     for r in merged:
         print(r.row())
@@ -271,9 +272,10 @@ async def spawn_run(args: argparse.Namespace) -> None:
         if on and off:
             print(f"{suffix}: batching on / off throughput = {on / off:.2f}x")
     base = next((r for r in merged if r.name.startswith("baseline")), None)
-    if base is not None and rate.get("batching on, pm +index"):
-        ratio = rate["batching on, pm +index"] / (base.ok / base.wall_s)
-        print(f"batching on, pm +index / reload baseline = {ratio:.1f}x")
+    for server in ("batching on", "batching off"):
+        if base is not None and base.ok and rate.get(f"{server}, pm +index"):
+            ratio = rate[f"{server}, pm +index"] / (base.ok / base.wall_s)
+            print(f"{server}, pm +index / reload baseline = {ratio:.1f}x")
 
 
 def merge(name: str, runs: list[PhaseResult]) -> PhaseResult:
@@ -294,7 +296,8 @@ async def main() -> None:
     p.add_argument("--audio-s", type=float, default=3.0)
     p.add_argument("--baseline-model", type=Path, help="the server's base .pth (enables the baseline phase)")
     p.add_argument("--hubert", type=Path, help="the server's content encoder (for the baseline)")
-    p.add_argument("--device", default="cpu", help="baseline device (the server's)")
+    p.add_argument("--device", default="cpu", help="baseline device (the server's: with --spawn, the servers take "
+                   "RVC_LORA_DEVICE from the environment, auto by default)")
     p.add_argument("--fill", action="store_true",
                    help="with --baseline-model: upload random adapters for it until the server holds K")
     p.add_argument("--spawn", action="store_true", help="start the two servers (batching on/off) on the demo assets")
