@@ -1,15 +1,23 @@
 """The CUDA checks no CPU test can make, on the full-size demo model, each printed as it finishes.
 
-    python benchmarks/gpu_checks.py [--assets demo-assets] [--device cuda] [--only fp16,device,compile,oom]
+    python benchmarks/gpu_checks.py [--assets demo-assets] [--device cuda]
+        [--only precision,f0,compile,oom,service-oom] [--seconds 10] [--swaps 100] [--oom-seconds 300]
 
-1. fp16 vs fp32 per stage (content features, RMVPE f0, synthesizer, whole conversion) with the same padding,
-   so the numbers measure precision only; and CUDA fp32 vs CPU fp32 of the whole conversion.
-2. `torch.compile` of the decoder at a fixed shape (inductor; and CUDA graphs via "reduce-overhead"), then
-   100 adapter swaps, each followed by a replay that must equal the eager decoder holding that adapter,
-   with no recompilation.
-3. A forced out-of-memory (memory capped with `set_per_process_memory_fraction`): the typed error, then an
-   ordinary conversion on the same converter to show it survived.
-`--device cpu` rehearses every section on the CPU (compile with a graph-counting backend, no OOM).
+- precision: fp16 vs fp32 per stage (content features, RMVPE f0, synthesizer, whole conversion) with the same
+  padding, so the numbers measure precision only; and CUDA fp32 vs CPU fp32 of the whole conversion.
+- f0: every f0 method this machine has (pm and harvest run on the CPU; rmvpe on random weights, crepe,
+  crepe-tiny and fcpe on the device, fp16 where RVC uses it): extraction time, voiced fraction, and the whole
+  conversion's real-time factor with it.
+- compile: `torch.compile` of the decoder at a fixed shape (inductor; and CUDA graphs via "reduce-overhead"),
+  then 100 adapter swaps, each followed by a replay that must equal the eager decoder holding that adapter,
+  with no recompilation.
+- oom: a forced out-of-memory in the library (memory capped with `set_per_process_memory_fraction`): the typed
+  error, then an ordinary conversion on the same converter to show it survived.
+- service-oom: the same through the service (in-process app, pipelined worker and one at a time): a long
+  request under a 2 GiB cap (retried in shorter chunks: 200, or 503), one under a cap just above what the models
+  hold (503 `device_out_of_memory`), then with the cap lifted a short request (200) and /readyz: the worker lives.
+`--device cpu` rehearses every section on the CPU at the sizes given (compile with a graph-counting backend; no
+memory cap, so oom is skipped and service-oom sends its requests uncapped).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from numpy.typing import NDArray
 
 from rvc_lora.demo import ensure_demo_assets, speech_like
 from rvc_lora.pipeline.converter import ConvertParams, VoiceConverter
-from rvc_lora.pipeline.f0 import get_f0_extractor
+from rvc_lora.pipeline.f0 import F0_METHODS, f0_method_problem, get_f0_extractor
 from rvc_lora.pipeline.f0.rmvpe_net import RMVPENet
 from rvc_lora.pipeline.steps import PadConfig
 
@@ -91,6 +99,43 @@ def section_precision(folder: Path, manifest: dict, device: str, seconds: float)
         a = cpu.convert(audio, 16000, params, adapter=adapter).audio
         b = full.convert(audio, 16000, params, adapter=adapter).audio
         print(row("conversion, CUDA vs CPU fp32", a, b) + " (noise drawn on each device)", flush=True)
+
+
+def sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def section_f0(folder: Path, manifest: dict, device: str, seconds: float, methods: list[str]) -> None:
+    rmvpe = random_rmvpe(folder / "random-rmvpe.pt")
+    vc = VoiceConverter.from_files(folder / manifest["model"], folder / manifest["hubert"], device=device,
+                                   rmvpe=rmvpe)
+    audio = speech_like(seconds, 16000, seed=11)
+    print(f"| f0 method  | where | extract {seconds:g} s (ms) | voiced | conversion RTF |")
+    print("|------------|-------|------------------|--------|----------------|")
+    for method in methods:
+        problem = f0_method_problem(method, rmvpe)
+        if problem is not None:
+            print(f"| {method:<10} | skipped: {problem} |", flush=True)
+            continue
+        extractor = get_f0_extractor(method, device=device, rmvpe_path=rmvpe, is_half=vc.is_half)
+        p_len = len(audio) // 160
+        extractor(audio[:16000], 100)  # warm-up: model load, kernels
+        sync(device)
+        start = time.perf_counter()
+        f0 = extractor(audio.astype(np.float64), p_len)
+        sync(device)
+        extract_s = time.perf_counter() - start
+        params = ConvertParams(f0_method=method, seed=0)
+        vc.convert(audio[:16000], 16000, params)  # warm-up of this method's conversion
+        sync(device)
+        start = time.perf_counter()
+        vc.convert(audio, 16000, params)
+        sync(device)
+        rtf = (time.perf_counter() - start) / seconds
+        where = "cpu" if method in ("pm", "harvest") else device
+        print(f"| {method:<10} | {where:<5} | {1000 * extract_s:16.1f} | {float(np.mean(f0 > 0)):6.3f} | "
+              f"{rtf:14.4f} |", flush=True)
 
 
 def section_compile(folder: Path, manifest: dict, device: str, swaps: int) -> None:
@@ -174,13 +219,80 @@ def section_oom(folder: Path, manifest: dict, device: str) -> None:
           f"finite {bool(np.isfinite(res.audio).all())}", flush=True)
 
 
+def section_service_oom(folder: Path, manifest: dict, device: str, seconds: float) -> None:
+    import io
+    import logging
+    import tempfile
+
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    class Tail(logging.Handler):  # the worker's out-of-memory warnings, to print beside the statuses
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "memory" in record.getMessage():
+                self.lines.append(record.getMessage())
+
+    def wav(duration: float, seed: int) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, speech_like(duration, 16000, seed=seed), 16000, format="WAV", subtype="PCM_16")
+        return buf.getvalue()
+
+    long, medium, short = wav(seconds, 3), wav(min(seconds, 30.0), 5), wav(2.0, 4)
+    tail = Tail()
+    logging.getLogger().addHandler(tail)
+    logging.getLogger().setLevel(logging.WARNING)
+    cuda = device != "cpu"
+    for batching in (True, False):
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = Settings(model=folder / manifest["model"], hubert=folder / manifest["hubert"], device=device,
+                                adapter_dir=Path(tmp) / "store", work_dir=Path(tmp), batching=batching,
+                                max_audio_s=max(seconds, 120.0) + 1, max_queued_audio_s=4 * max(seconds, 120.0),
+                                request_timeout_s=600.0, upload_timeout_s=600.0)
+            app = create_app(settings)
+            with TestClient(app, raise_server_exceptions=False) as client:
+                assert client.portal is not None
+                client.portal.call(app.state.worker.wait_loaded)
+                label = "pipelined" if batching else "one at a time"
+                held = torch.cuda.memory_allocated() if cuda else 0
+                for name, body, cap in ((f"{seconds:g} s under a 2 GiB cap", long, 2 * 2**30),
+                                        ("30 s under a cap 64 MiB above the models", medium, held + 64 * 2**20),
+                                        ("2 s, cap lifted", short, None)):
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        total = torch.cuda.get_device_properties(0).total_memory
+                        torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total)
+                    elif cap is not None:
+                        name += " (CPU: no cap)"
+                    tail.lines.clear()
+                    start = time.perf_counter()
+                    r = client.post("/convert", data={"seed": "0", "f0_method": "pm"},
+                                    files={"audio": ("a.wav", body)})
+                    took = time.perf_counter() - start
+                    code = r.json()["error"]["code"] if r.status_code != 200 else "ok"
+                    print(f"service-oom, {label}: {name}: HTTP {r.status_code} {code} in {took:.1f} s"
+                          + (f"; log: {' | '.join(tail.lines)[:300]}" if tail.lines else ""), flush=True)
+                ready = client.get("/readyz")
+                print(f"service-oom, {label}: afterwards /readyz {ready.status_code}; device memory held "
+                      f"{held / 2**20:.0f} MiB by the loaded models", flush=True)
+    logging.getLogger().removeHandler(tail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default="demo-assets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", default="precision,compile,oom")
+    parser.add_argument("--only", default="precision,f0,compile,oom,service-oom")
     parser.add_argument("--swaps", type=int, default=100)
-    parser.add_argument("--seconds", type=float, default=10.0, help="input length of the precision section")
+    parser.add_argument("--seconds", type=float, default=10.0, help="input length of the precision and f0 sections")
+    parser.add_argument("--f0-methods", default=",".join(F0_METHODS), help="f0: the methods to run")
+    parser.add_argument("--oom-seconds", type=float, default=300.0, help="service-oom: the long request's length")
     args = parser.parse_args()
     folder = Path(args.assets)
     manifest = ensure_demo_assets(folder)
@@ -188,8 +300,11 @@ def main() -> None:
           + (f", {torch.cuda.get_device_name()}" if args.device != "cpu" else ""), flush=True)
     sections = args.only.split(",")
     for name, fn in (("precision", lambda: section_precision(folder, manifest, args.device, args.seconds)),
+                     ("f0", lambda: section_f0(folder, manifest, args.device, args.seconds,
+                                                        args.f0_methods.split(","))),
                      ("compile", lambda: section_compile(folder, manifest, args.device, args.swaps)),
-                     ("oom", lambda: section_oom(folder, manifest, args.device))):
+                     ("oom", lambda: section_oom(folder, manifest, args.device)),
+                     ("service-oom", lambda: section_service_oom(folder, manifest, args.device, args.oom_seconds))):
         if name in sections:
             start = time.perf_counter()
             try:
