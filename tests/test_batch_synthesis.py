@@ -298,3 +298,53 @@ def test_auto_runs_either_way_with_the_same_audio() -> None:
     for out in outs[1:]:
         for a, b in zip(out, outs[0], strict=True):
             assert (a - b).abs().max() < TOL
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("way", ["vmap", "by_voice"])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_on_the_device_a_batched_row_equals_it_alone_and_the_cpu_batch(device: str, way: Strategy,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bank where it serves (on CUDA: slots copied on the device, vmap over rows there): each row of a mixed
+    batch equals the row synthesized alone on that device, and the CPU's batch (the rows' noise is drawn from
+    CPU generators, so every device gets the same numbers). TF32 off: its 10-bit mantissa is not what is tested."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()  # this API on torch 2.11 and 2.13 alike
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _check_device_batch(device, way)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _check_device_batch(device: str, way: Strategy) -> None:
+    plan = [0, None, 1, 2, 0]  # voice index per row; None = the base voice
+    specs = SPECS[: len(plan)]
+
+    def batched(on: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model = _model().to(on)
+        voices = [model.prepare(_adapter(model, s, r)) for s, r in ((1, 8), (2, 3), (3, 5))]
+        rows = []
+        for i, (frames, head, length) in enumerate(specs):
+            inputs = _inputs(model, frames, seed=i)
+            rows.append(make_row(model, **_row_args(model, inputs), generator=torch.Generator().manual_seed(100 + i),
+                                 skip_head=head, return_length=length, device=on))
+        bank = AdapterBank(model, 3)
+        bank.strategy = way
+        with bank.hold([(v, None if v is None else voices[v]) for v in plan]) as slots:
+            together = bank.synthesize(rows, slots)
+        alone = []
+        for row, v in zip(rows, plan, strict=True):
+            with bank.hold([(v, None if v is None else voices[v])]) as slots:
+                alone += bank.synthesize([row], slots)
+        return [t.cpu() for t in together], [t.cpu() for t in alone]
+
+    together, alone = batched(device)
+    for out, ref in zip(together, alone, strict=True):
+        assert (out - ref).abs().max() < TOL
+    if device != "cpu":
+        for out, ref in zip(together, batched("cpu")[0], strict=True):
+            assert (out - ref).abs().max() < 1e-3  # cuDNN and oneDNN sum in other orders
