@@ -14,7 +14,7 @@
 - oom: a forced out-of-memory in the library (memory capped with `set_per_process_memory_fraction`): the typed
   error, then an ordinary conversion on the same converter to show it survived.
 - service-oom: the same through the service (in-process app, pipelined worker and one at a time): a long
-  request under a 2 GiB cap (retried in shorter chunks: 200, or 503), one under a cap just above what the models
+  request under a 1 GiB cap (retried in shorter chunks: 200, or 503), one under a cap just above what the models
   hold (503 `device_out_of_memory`), then with the cap lifted a short request (200) and /readyz: the worker lives.
 `--device cpu` rehearses every section on the CPU at the sizes given (compile with a graph-counting backend; no
 memory cap, so oom is skipped and service-oom sends its requests uncapped).
@@ -261,11 +261,13 @@ def section_service_oom(folder: Path, manifest: dict, device: str, seconds: floa
                 client.portal.call(app.state.worker.wait_loaded)
                 label = "pipelined" if batching else "one at a time"
                 held = torch.cuda.memory_allocated() if cuda else 0
-                for name, body, cap in ((f"{seconds:g} s under a 2 GiB cap", long, 2 * 2**30),
-                                        ("30 s under a cap 64 MiB above the models", medium, held + 64 * 2**20),
+                for name, body, cap in ((f"{seconds:g} s under a 1 GiB cap", long, 2**30),
+                                        (f"{min(seconds, 30.0):g} s under a cap 64 MiB above the models", medium,
+                                         held + 64 * 2**20),
                                         ("2 s, cap lifted", short, None)):
                     if cuda:
                         torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
                         total = torch.cuda.get_device_properties(0).total_memory
                         torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total)
                     elif cap is not None:
@@ -276,7 +278,8 @@ def section_service_oom(folder: Path, manifest: dict, device: str, seconds: floa
                                     files={"audio": ("a.wav", body)})
                     took = time.perf_counter() - start
                     code = r.json()["error"]["code"] if r.status_code != 200 else "ok"
-                    print(f"service-oom, {label}: {name}: HTTP {r.status_code} {code} in {took:.1f} s"
+                    peak = f", peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if cuda else ""
+                    print(f"service-oom, {label}: {name}: HTTP {r.status_code} {code} in {took:.1f} s{peak}"
                           + (f"; log: {' | '.join(tail.lines)[:300]}" if tail.lines else ""), flush=True)
                 ready = client.get("/readyz")
                 print(f"service-oom, {label}: afterwards /readyz {ready.status_code}; device memory held "
