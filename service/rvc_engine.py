@@ -244,11 +244,29 @@ class RVCEngine:
         synthesizer row for `synthesize` (the noise drawn from the stream's generator; the bank holds the stream's
         own prepared adapter under its file's key, so a deleted adapter's stream keeps its voice), or None when
         the block must be synthesized alone (`StreamConverter.synthesize`: a shifted formant)."""
-        step = stream.begin(block)
-        row = stream.row(step)
-        if row is None:
-            return step, None
-        return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock))
+        def cut() -> tuple[Any, Row | None]:
+            step = stream.begin(block)
+            row = stream.row(step)
+            if row is None:
+                return step, None
+            return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock))
+
+        return self.stream_stage(cut)
+
+    def stream_stage(self, run: Callable[[], T]) -> T:
+        """Device thread: a stage of a realtime stream block (`StreamConverter.begin`, `process`, `synthesize`,
+        `finish`); a device out of memory frees the allocator's cache and becomes `DeviceOutOfMemory`. Not retried,
+        unlike a conversion's: the stage may have advanced the stream's state, so the stream ends (close code
+        4503) while the worker and the other streams go on."""
+        import torch
+
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()  # out of `except`: its traceback keeps the failed stage's tensors alive
+        raise DeviceOutOfMemory("the device ran out of memory for a stream block; reconnect in a few seconds",
+                                retry_after=5)
 
     def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio
