@@ -1,7 +1,7 @@
 """Realtime streams: how many concurrent streams (each its own voice) hold realtime on one device.
 
 Run:  .venv/bin/python benchmarks/bench_stream.py [--models tiny,full] [--modes serial,batched] [--device cpu]
-      [--max-streams 64] [--max-batch-frames 8000]
+      [--max-streams 64] [--max-batch-frames 8000] [--streams 1,4,8]
 
 Every stream: block 0.25 s, crossfade 0.05 s, extra 2.5 s, pm, 48 kHz mono into the 40 kHz model, its own LoRA
 adapter (random, rank 8). The streams' blocks arrive together every block time (the worst alignment) and run on
@@ -140,8 +140,9 @@ def run(vc: VoiceConverter, adapters: list[Path], n: int, rounds: int, bank: Ada
 
 
 def search(vc: VoiceConverter, adapters: list[Path], rounds: int, max_n: int, budget_s: float,
-           bank: AdapterBank | None, max_frames: int) -> tuple[int, dict]:  # type: ignore[type-arg]
-    """The largest N (doubling, then bisecting) whose p99 stays below the block time, within `budget_s`."""
+           bank: AdapterBank | None, max_frames: int, fixed: list[int]) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """The largest N (doubling, then bisecting) whose p99 stays below the block time, within `budget_s`; with
+    `fixed`, the largest of those Ns that holds (each measured, 1 always: the table's single-stream columns)."""
     deadline = time.perf_counter() + budget_s
     results: dict[int, dict[str, float]] = {}
 
@@ -153,6 +154,8 @@ def search(vc: VoiceConverter, adapters: list[Path], rounds: int, max_n: int, bu
                   f"block compute {r['total'] * 1000:6.1f} ms", flush=True)
         return results[n]["p99"] < PARAMS.block_time
 
+    if fixed:
+        return max([n for n in sorted({1, *fixed}) if holds(n)], default=0), results
     good, bad = 0, None
     n = 1
     while n <= max_n and time.perf_counter() < deadline and holds(n):
@@ -176,7 +179,10 @@ def main() -> None:
                         "all streams synthesized together)")
     parser.add_argument("--max-batch-frames", type=int, default=8000, help="batched: padded frames per batch, as "
                         "RVC_LORA_MAX_BATCH_FRAMES")
+    parser.add_argument("--streams", default="", help="comma-separated Ns to measure instead of the search "
+                        "(block compute and server time at N streams, e.g. 1,4,8 to compare modes under load)")
     args = parser.parse_args()
+    fixed = [int(n) for n in args.streams.split(",") if n]
     modes = args.modes.split(",")
     if not set(modes) <= {"serial", "batched"}:
         parser.error(f"--modes: serial and/or batched, got {args.modes}")
@@ -191,7 +197,7 @@ def main() -> None:
             for mode in modes:
                 print(f"{kind}, {mode}:", flush=True)
                 n, results = search(vc, adapters, args.rounds, args.max_streams, args.budget,
-                                    bank if mode == "batched" else None, args.max_batch_frames)
+                                    bank if mode == "batched" else None, args.max_batch_frames, fixed)
                 single = results[1]
                 sizes = StreamConverter(vc, PARAMS, sr=SR).sizes
                 algorithmic = (sizes.crossfade_frame + sizes.zc - single["offset"]) / SR
