@@ -8,9 +8,10 @@ adapter (random, rank 8). The streams' blocks arrive together every block time (
 one thread, as the service's device thread runs them, in one of two modes:
 - serial: each block whole (`StreamConverter.process`), one stream after another (the service with
   RVC_LORA_BATCHING=false);
-- batched: every stream's `begin`, then their rows synthesized together through an `AdapterBank` (one slot per
-  voice) in batches of at most `--max-batch-frames` padded frames, then every `finish` (the service's pipelined
-  worker: `RVC_LORA_BATCHING=true`, `RVC_LORA_BANK_SLOTS` >= the voices).
+- batched: every stream's `begin` with one content-encoder forward for all of them (`begin_blocks`), then their
+  rows synthesized together through an `AdapterBank` (one slot per voice) in batches of at most
+  `--max-batch-frames` padded frames, then every `finish` (the service's pipelined worker:
+  `RVC_LORA_BATCHING=true`, `RVC_LORA_BANK_SLOTS` >= the voices).
 N streams hold realtime when the p99 of (block output ready - block input complete) stays below the block time
 over the measured rounds. The search doubles N, then bisects.
 "full" is the demo assets' full-size v2 40k base and 768-d HuBERT base (written to
@@ -33,7 +34,7 @@ from rvc_lora import save_adapter
 from rvc_lora.demo import ensure_demo_assets, speech_like
 from rvc_lora.pipeline.converter import VoiceConverter
 from rvc_lora.stream import StreamConverter, StreamParams
-from rvc_lora.stream.converter import STAGES, StreamBlock
+from rvc_lora.stream.converter import STAGES, StreamBlock, begin_blocks
 from rvc_lora.voice import AdapterBank
 
 PARAMS = StreamParams(block_time=0.25, crossfade_time=0.05, extra_time=2.5, f0_method="pm", seed=0)
@@ -83,9 +84,10 @@ def serial_round(streams: list[StreamConverter], x: np.ndarray, done: list[float
 
 def batched_round(streams: list[StreamConverter], x: np.ndarray, done: list[float], bank: AdapterBank,
                   max_frames: int) -> list[StreamBlock]:
-    """Every stream's `begin`, their rows in batches of at most `max_frames` padded frames through `bank`, then
-    every `finish`; `done` gets each block's finishing time. A row's synth time is its batch's time / rows."""
-    steps = [s.begin(x) for s in streams]
+    """Every stream's `begin` with one content-encoder forward for all (`begin_blocks`: their histories have one
+    length), their rows in batches of at most `max_frames` padded frames through `bank`, then every `finish`;
+    `done` gets each block's finishing time. A row's synth (and features) time is its batch's time / rows."""
+    steps = begin_blocks(streams, [x] * len(streams))
     rows = [s.row(step) for s, step in zip(streams, steps, strict=True)]
     audio: list[torch.Tensor] = []
     per = max(1, max_frames // max(int(step.feats.shape[1]) for step in steps))

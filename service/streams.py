@@ -359,10 +359,10 @@ class StreamSession:
         worker, an engine that cuts stream blocks), else whole on the device thread."""
         worker, engine = self.worker, self.engine
         stage = engine.stream_stage  # device out of memory -> DeviceOutOfMemory (the engine's rule)
-        cut = getattr(engine, "stream_block", None)
+        cut = getattr(engine, "stream_blocks", None)
         if cut is None or not worker.batches_rows:
             return await worker.on_device(functools.partial(stage, functools.partial(stream.process, x)))
-        step, row = await worker.stream_step(functools.partial(cut, stream, x))
+        step, row = await worker.stream_step((stream, x), cut)  # with the other streams' blocks ready now
         if row is None:  # a shifted formant: synthesized alone
             alone = functools.partial(stage, lambda: stream.finish(step, stream.synthesize(step)))
             return await worker.on_device(alone)

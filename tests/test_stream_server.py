@@ -92,12 +92,12 @@ STREAMS = [  # (adapter, params, sample rate, channels)
 ]
 
 
-def stream_batches(url: str) -> tuple[float, float]:
-    """(device batches, batches with fewer than 2 stream rows) from the server's metrics."""
+def stream_batches(url: str, name: str = "rvc_lora_batch_stream_rows") -> tuple[float, float]:
+    """(observations, those below 2) of a histogram of the server's metrics: by default (device batches, batches
+    with fewer than 2 stream rows)."""
     text = httpx.get(url.replace("ws://", "http://").replace("/stream", "/metrics"), timeout=5).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith("rvc_lora_batch_stream_rows")}
-    return values["rvc_lora_batch_stream_rows_count"], values['rvc_lora_batch_stream_rows_bucket{le="1.0"}']
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(name)}
+    return values[f"{name}_count"], values[f'{name}_bucket{{le="1.0"}}']
 
 
 def _input(i: int, sr: int, channels: int) -> np.ndarray:
@@ -106,10 +106,10 @@ def _input(i: int, sr: int, channels: int) -> np.ndarray:
 
 
 def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
-    """Four streams (three voices and the base, distinct seeds) at once: their blocks meet in the device batches
-    (several stream rows in one batch, several voices in one forward) and each stream's output equals the same
-    stream alone to float rounding (measured: max abs diff <= 2.6e-7, SNR >= 132 dB; the realtime fixture's bar
-    is 1e-4 and 70 dB)."""
+    """Four streams (three voices and the base, distinct seeds) at once: their blocks meet in the content encoder's
+    forwards and the device batches (several stream rows in one batch, several voices in one forward) and each
+    stream's output equals the same stream alone to float rounding (measured: max abs diff <= 2.6e-7, SNR >= 132
+    dB; the realtime fixture's bar is 1e-4 and 70 dB)."""
     alone = []
     for i, (adapter, params, sr, ch) in enumerate(STREAMS):
         with client(service, adapter=adapter, params=params, sample_rate=sr, channels=ch) as c:
@@ -125,15 +125,17 @@ def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    before = stream_batches(service)
+    before, begins_before = stream_batches(service), stream_batches(service, "rvc_lora_stream_begin_blocks")
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(STREAMS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    after = stream_batches(service)
+    after, begins_after = stream_batches(service), stream_batches(service, "rvc_lora_stream_begin_blocks")
     assert not errors, errors
     assert after[0] - before[0] > after[1] - before[1], "no batch held two stream blocks"
+    assert begins_after[0] - begins_before[0] > begins_after[1] - begins_before[1], \
+        "no content-encoder forward held two stream blocks"
     for i, want in enumerate(alone):
         assert results[i].shape == want.shape
         diff = float(np.abs(results[i] - want).max())
