@@ -448,3 +448,44 @@ def test_a_stream_out_of_device_memory_closes_with_4503_and_the_others_go_on(
     assert np.abs(np.concatenate(got) - want).max() <= 1e-5
     assert "rvc_lora_stream_out_of_memory_total 1.0" in metrics
     assert 'rvc_lora_streams_closed_total{code="4503"} 1.0' in metrics
+
+
+def test_engine_stream_blocks_fail_a_block_alone(tiny_service_assets: dict[str, Path | list[Path]],
+                                                 tmp_path: Path) -> None:
+    """`RVCEngine.stream_blocks`: a block of non-finite samples fails alone (AudioError); the shared content
+    forward running out of device memory is retried one stream at a time, and those blocks' steps equal the
+    streams' own `begin`."""
+    import torch
+
+    from rvc_lora.errors import AudioError
+    from service.rvc_engine import load_engine
+    from service.settings import Settings
+
+    engine: Any = load_engine(Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"],
+                                       device="cpu", adapter_dir=tmp_path / "store", warmup=False))
+    params = [StreamParams(**{**PARAMS.to_dict(), "seed": s}) for s in (1, 2, 3)]
+    streams, alone = ([engine.open_stream(p, 16000, 1, None) for p in params] for _ in range(2))
+    x = _input(2, 16000, 1)[:1600]
+    bad = np.full(1600, np.nan, np.float32)
+    content = engine._vc.content
+    extract_batch, sizes = content.extract_batch, []
+
+    def oom_together(audios: list[torch.Tensor], version: str) -> list[torch.Tensor]:
+        sizes.append(len(audios))
+        if len(audios) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return extract_batch(audios, version)  # type: ignore[no-any-return]
+
+    content.extract_batch = oom_together
+    try:
+        results = engine.stream_blocks([(streams[0], x), (streams[1], bad), (streams[2], x)])
+    finally:
+        del content.extract_batch
+    assert sizes == [2, 1, 1]
+    assert isinstance(results[1], AudioError) and "NaN" in str(results[1])
+    for i in (0, 2):
+        step, row = results[i]
+        want = alone[i].begin(x)
+        assert row is not None and row.frames == want.feats.shape[1]
+        torch.testing.assert_close(step.feats, want.feats, rtol=0, atol=0)
+        torch.testing.assert_close(step.pitchf, want.pitchf, rtol=0, atol=0)
