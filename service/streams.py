@@ -1,8 +1,9 @@
 """WebSocket /stream: realtime conversion, one `StreamConverter` per connection, blocks on the device thread.
 
-Each block: `StreamConverter.begin` on the device thread ahead of queued work; then, with the pipelined worker,
-its synthesizer row goes to the worker's batcher, which synthesizes the blocks of every open stream (any voices)
-in one batch, ahead of conversions' rows; then `finish` on the device thread. One at a time
+Each block: `StreamConverter.begin` on the device thread ahead of queued work, in one call with the other
+streams' blocks waiting then (one content-encoder forward for all: `RVCEngine.stream_blocks`); then, with the
+pipelined worker, its synthesizer row goes to the worker's batcher, which synthesizes the blocks of every open
+stream (any voices) in one batch, ahead of conversions' rows; then `finish` on the device thread. One at a time
 (`RVC_LORA_BATCHING=false`) a block is `process`ed whole on the device thread.
 
 Protocol (JSON text messages and binary audio frames; README "Realtime streams" has the full table):
