@@ -342,9 +342,10 @@ class StreamConverter:
 
 def content_features(streams: Sequence[StreamConverter], taken: Sequence[StreamInput]) -> list[Tensor]:
     """The content features `[1, F, C]` of each stream's `take`n history, one content-encoder forward per group
-    of equal-length histories (`ContentEncoder.extract_batch`: streams of the same block, extra and crossfade
-    times and rate; exact to float rounding, never padded). Each group's time goes to its blocks' `features`
-    stage in equal shares. The streams share one `VoiceConverter` (its content encoder and model version)."""
+    of equal-length histories (`ContentEncoder.extract_batch`: streams of the same block, crossfade and extra
+    times, at any rate, since the history counts whole 10 ms frames; exact to float rounding, never padded).
+    Each group's time goes to its blocks' `features` stage in equal shares. The streams share one
+    `VoiceConverter` (its content encoder and model version)."""
     if len(streams) != len(taken):
         raise ParameterError(f"taken: {len(taken)} inputs for {len(streams)} streams")
     if not streams:
