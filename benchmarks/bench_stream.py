@@ -1,16 +1,17 @@
 """Realtime streams: how many concurrent streams (each its own voice) hold realtime on one device.
 
 Run:  .venv/bin/python benchmarks/bench_stream.py [--models tiny,full] [--modes serial,batched] [--device cpu]
-      [--max-streams 64] [--max-batch-frames 8000]
+      [--max-streams 64] [--max-batch-frames 8000] [--streams 1,4,8]
 
 Every stream: block 0.25 s, crossfade 0.05 s, extra 2.5 s, pm, 48 kHz mono into the 40 kHz model, its own LoRA
 adapter (random, rank 8). The streams' blocks arrive together every block time (the worst alignment) and run on
 one thread, as the service's device thread runs them, in one of two modes:
 - serial: each block whole (`StreamConverter.process`), one stream after another (the service with
   RVC_LORA_BATCHING=false);
-- batched: every stream's `begin`, then their rows synthesized together through an `AdapterBank` (one slot per
-  voice) in batches of at most `--max-batch-frames` padded frames, then every `finish` (the service's pipelined
-  worker: `RVC_LORA_BATCHING=true`, `RVC_LORA_BANK_SLOTS` >= the voices).
+- batched: every stream's `begin` with one content-encoder forward for all of them (`begin_blocks`), then their
+  rows synthesized together through an `AdapterBank` (one slot per voice) in batches of at most
+  `--max-batch-frames` padded frames, then every `finish` (the service's pipelined worker:
+  `RVC_LORA_BATCHING=true`, `RVC_LORA_BANK_SLOTS` >= the voices).
 N streams hold realtime when the p99 of (block output ready - block input complete) stays below the block time
 over the measured rounds. The search doubles N, then bisects.
 "full" is the demo assets' full-size v2 40k base and 768-d HuBERT base (written to
@@ -34,7 +35,7 @@ from rvc_lora import save_adapter
 from rvc_lora.demo import ensure_demo_assets, speech_like
 from rvc_lora.pipeline.converter import VoiceConverter
 from rvc_lora.stream import StreamConverter, StreamParams
-from rvc_lora.stream.converter import STAGES, StreamBlock
+from rvc_lora.stream.converter import STAGES, StreamBlock, begin_blocks
 from rvc_lora.voice import AdapterBank
 
 PARAMS = StreamParams(block_time=0.25, crossfade_time=0.05, extra_time=2.5, f0_method="pm", seed=0)
@@ -84,9 +85,10 @@ def serial_round(streams: list[StreamConverter], x: np.ndarray, done: list[float
 
 def batched_round(streams: list[StreamConverter], x: np.ndarray, done: list[float], bank: AdapterBank,
                   max_frames: int) -> list[StreamBlock]:
-    """Every stream's `begin`, their rows in batches of at most `max_frames` padded frames through `bank`, then
-    every `finish`; `done` gets each block's finishing time. A row's synth time is its batch's time / rows."""
-    steps = [s.begin(x) for s in streams]
+    """Every stream's `begin` with one content-encoder forward for all (`begin_blocks`: their histories have one
+    length), their rows in batches of at most `max_frames` padded frames through `bank`, then every `finish`;
+    `done` gets each block's finishing time. A row's synth (and features) time is its batch's time / rows."""
+    steps = begin_blocks(streams, [x] * len(streams))
     rows = [s.row(step) for s, step in zip(streams, steps, strict=True)]
     audio: list[torch.Tensor] = []
     per = max(1, max_frames // max(int(step.feats.shape[1]) for step in steps))
@@ -150,8 +152,9 @@ def run(vc: VoiceConverter, adapters: list[Path], n: int, rounds: int, bank: Ada
 
 
 def search(vc: VoiceConverter, adapters: list[Path], rounds: int, max_n: int, budget_s: float,
-           bank: AdapterBank | None, max_frames: int) -> tuple[int, dict]:  # type: ignore[type-arg]
-    """The largest N (doubling, then bisecting) whose p99 stays below the block time, within `budget_s`."""
+           bank: AdapterBank | None, max_frames: int, fixed: list[int]) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """The largest N (doubling, then bisecting) whose p99 stays below the block time, within `budget_s`; with
+    `fixed`, the largest of those Ns that holds (each measured, 1 always: the table's single-stream columns)."""
     deadline = time.perf_counter() + budget_s
     results: dict[int, dict[str, float]] = {}
 
@@ -165,6 +168,8 @@ def search(vc: VoiceConverter, adapters: list[Path], rounds: int, max_n: int, bu
                       f"{r['mem_peak'] / 2**20:.0f} MiB" if r["mem_peak"] else ""), flush=True)
         return results[n]["p99"] < PARAMS.block_time
 
+    if fixed:
+        return max([n for n in sorted({1, *fixed}) if holds(n)], default=0), results
     good, bad = 0, None
     n = 1
     while n <= max_n and time.perf_counter() < deadline and holds(n):
@@ -188,7 +193,10 @@ def main() -> None:
                         "all streams synthesized together)")
     parser.add_argument("--max-batch-frames", type=int, default=8000, help="batched: padded frames per batch, as "
                         "RVC_LORA_MAX_BATCH_FRAMES")
+    parser.add_argument("--streams", default="", help="comma-separated Ns to measure instead of the search "
+                        "(block compute and server time at N streams, e.g. 1,4,8 to compare modes under load)")
     args = parser.parse_args()
+    fixed = [int(n) for n in args.streams.split(",") if n]
     modes = args.modes.split(",")
     if not set(modes) <= {"serial", "batched"}:
         parser.error(f"--modes: serial and/or batched, got {args.modes}")
@@ -203,7 +211,7 @@ def main() -> None:
             for mode in modes:
                 print(f"{kind}, {mode}:", flush=True)
                 n, results = search(vc, adapters, args.rounds, args.max_streams, args.budget,
-                                    bank if mode == "batched" else None, args.max_batch_frames)
+                                    bank if mode == "batched" else None, args.max_batch_frames, fixed)
                 single = results[1]
                 sizes = StreamConverter(vc, PARAMS, sr=SR).sizes
                 algorithmic = (sizes.crossfade_frame + sizes.zc - single["offset"]) / SR

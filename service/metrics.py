@@ -41,6 +41,9 @@ class Metrics:
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_stream_rows = Histogram("rvc_lora_batch_stream_rows", "realtime stream blocks per device batch",
                                            buckets=(0, *BATCH_SIZE_BUCKETS), registry=r)
+        self.stream_begin_blocks = Histogram("rvc_lora_stream_begin_blocks", "realtime stream blocks per device call "
+                                             "before synthesis (one content-encoder forward per history length)",
+                                             buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_frames = Histogram("rvc_lora_batch_frames", "synthesizer frames (10 ms) per device batch",
                                       buckets=BATCH_FRAMES_BUCKETS, registry=r)
         self.device_busy = Counter("rvc_lora_device_busy_seconds_total", "time the device thread spent working "

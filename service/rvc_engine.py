@@ -33,9 +33,12 @@ from service.errors import DeviceOutOfMemory, relabel
 
 if TYPE_CHECKING:
 
+    from torch import Tensor
+
     from rvc_lora.adapters import AdapterInfo
     from rvc_lora.pipeline.converter import Plan, Stopwatch, VoiceConverter
     from rvc_lora.pipeline.steps import PadConfig
+    from rvc_lora.stream.converter import StreamConverter, StreamInput
     from rvc_lora.voice import SynthRow as BatchRow
     from service.settings import Settings
 
@@ -239,16 +242,46 @@ class RVCEngine:
         return StreamConverter(self._vc, params, sr=sr, channels=channels, adapter=None if v is None else v.adapter,
                                index=None if v is None else v.index, bank_key=None if v is None else v.key)
 
-    def stream_block(self, stream: Any, block: NDArray[np.float32]) -> tuple[Any, Row | None]:
-        """Device thread: a stream block's stages before synthesis (`StreamConverter.begin`) -> its step and its
-        synthesizer row for `synthesize` (the noise drawn from the stream's generator; the bank holds the stream's
-        own prepared adapter under its file's key, so a deleted adapter's stream keeps its voice), or None when
-        the block must be synthesized alone (`StreamConverter.synthesize`: a shifted formant)."""
-        step = stream.begin(block)
-        row = stream.row(step)
-        if row is None:
-            return step, None
-        return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock))
+    def stream_blocks(self, blocks: Sequence[tuple[Any, NDArray[np.float32]]]
+                      ) -> list[tuple[Any, Row | None] | Exception]:
+        """Device thread: the stages before synthesis of one block of each of several streams (`(stream, block)`
+        pairs) -> per block its step and its synthesizer row for `synthesize` (the noise drawn from the stream's
+        generator; the bank holds the stream's own prepared adapter under its file's key, so a deleted adapter's
+        stream keeps its voice; None when the block must be synthesized alone: a shifted formant), or the error
+        that failed that block only. Each stream `take`s its block, then one content-encoder forward runs per
+        group of equal-length histories (`rvc_lora.stream.converter.content_features`), then each stream
+        `prepare`s; a failed shared forward (out of memory) is retried one stream at a time."""
+        from rvc_lora.stream.converter import StreamInput, content_features
+
+        taken = [_attempt(self.stream_stage, functools.partial(stream.take, block)) for stream, block in blocks]
+        ready = [(i, stream, t) for i, ((stream, _), t) in enumerate(zip(blocks, taken, strict=True))
+                 if isinstance(t, StreamInput)]
+        feats: list[Tensor | Exception]
+        try:
+            feats = list(self.stream_stage(lambda: content_features([s for _, s, _ in ready], [t for *_, t in ready])))
+        except Exception:  # noqa: BLE001 - out of memory for the group, say: each stream's forward alone
+            feats = [_attempt(self.stream_stage, functools.partial(_features_alone, s, t)) for _, s, t in ready]
+        out: dict[int, tuple[Any, Row | None] | Exception] = {i: t for i, t in enumerate(taken)
+                                                              if isinstance(t, Exception)}
+        for (i, stream, t), f in zip(ready, feats, strict=True):
+            out[i] = f if isinstance(f, Exception) else _attempt(self.stream_stage,
+                                                                  functools.partial(_stream_row, stream, t, f))
+        return [out[i] for i in range(len(blocks))]
+
+    def stream_stage(self, run: Callable[[], T]) -> T:
+        """Device thread: a stage of a realtime stream block (`StreamConverter.begin`, `process`, `synthesize`,
+        `finish`); a device out of memory frees the allocator's cache and becomes `DeviceOutOfMemory`. Not retried,
+        unlike a conversion's: the stage may have advanced the stream's state, so the stream ends (close code
+        4503) while the worker and the other streams go on."""
+        import torch
+
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()  # out of `except`: its traceback keeps the failed stage's tensors alive
+        raise DeviceOutOfMemory("the device ran out of memory for a stream block; reconnect in a few seconds",
+                                retry_after=5)
 
     def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio
@@ -330,6 +363,30 @@ class _RowInput:
     adapter: Any  # rvc_lora.voice.PreparedAdapter | None
     voice_key: str
     clock: Stopwatch
+
+
+def _features_alone(stream: StreamConverter, taken: StreamInput) -> Tensor:
+    from rvc_lora.stream.converter import content_features
+
+    return content_features([stream], [taken])[0]
+
+
+def _stream_row(stream: StreamConverter, taken: StreamInput, feats: Tensor) -> tuple[Any, Row | None]:
+    """A taken stream block and its content features -> its step and its synthesizer row (None: synthesized
+    alone, a shifted formant)."""
+    step = stream.prepare(taken, feats)
+    row = stream.row(step)
+    if row is None:
+        return step, None
+    return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock))
+
+
+def _attempt(guard: Callable[[Callable[[], T]], T], run: Callable[[], T]) -> T | Exception:
+    """`guard(run)`, or the exception it raised (one stream's failure stays that stream's)."""
+    try:
+        return guard(run)
+    except Exception as exc:  # noqa: BLE001 - handed back to the block's stream
+        return exc
 
 
 def _as_input(row: Row) -> _RowInput:

@@ -1,8 +1,9 @@
 """WebSocket /stream: realtime conversion, one `StreamConverter` per connection, blocks on the device thread.
 
-Each block: `StreamConverter.begin` on the device thread ahead of queued work; then, with the pipelined worker,
-its synthesizer row goes to the worker's batcher, which synthesizes the blocks of every open stream (any voices)
-in one batch, ahead of conversions' rows; then `finish` on the device thread. One at a time
+Each block: `StreamConverter.begin` on the device thread ahead of queued work, in one call with the other
+streams' blocks waiting then (one content-encoder forward for all: `RVCEngine.stream_blocks`); then, with the
+pipelined worker, its synthesizer row goes to the worker's batcher, which synthesizes the blocks of every open
+stream (any voices) in one batch, ahead of conversions' rows; then `finish` on the device thread. One at a time
 (`RVC_LORA_BATCHING=false`) a block is `process`ed whole on the device thread.
 
 Protocol (JSON text messages and binary audio frames; README "Realtime streams" has the full table):
@@ -22,7 +23,8 @@ Protocol (JSON text messages and binary audio frames; README "Realtime streams" 
 
 Close codes: 4400 malformed config or message, 4401 unauthorized, 4404 unknown adapter, 4408 client not
 reading (or no config in time), 4413 more than `stream_buffer_s` of audio waiting, 4429 too many streams
-(`max_streams`), 4503 not ready or shutting down, 1011 internal error.
+(`max_streams`), 4503 not ready, shutting down, or the device out of memory for a block (try again in a few
+seconds; `rvc_lora_stream_out_of_memory_total`), 1011 internal error.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from rvc_lora.errors import AdapterNotFoundError, ParameterError, RVCLoraError
 from rvc_lora.stream.params import StreamParams
 from service.auth import token_matches
+from service.errors import DeviceOutOfMemory
 from service.metrics import LATENCY_BUCKETS
 from service.settings import Settings
 from service.store import AdapterStore
@@ -116,6 +119,9 @@ class StreamMetrics:
         self.blocks = Counter("rvc_lora_stream_blocks_total", "realtime blocks converted", registry=registry)
         self.late = Counter("rvc_lora_stream_late_blocks_total", "realtime blocks sent later than one block time "
                             "after their input was complete", registry=registry)
+        self.out_of_memory = Counter("rvc_lora_stream_out_of_memory_total", "realtime streams closed (4503) "
+                                     "because the device ran out of memory for one of their blocks",
+                                     registry=registry)
         self.closed = Counter("rvc_lora_streams_closed_total", "realtime streams ended, by close code", ["code"],
                               registry=registry)
         self.block_seconds = Histogram("rvc_lora_stream_block_seconds", "from a block's last input byte to its "
@@ -327,6 +333,9 @@ class StreamSession:
             x = decode_frames(payload, dtype, stream.channels)
             try:
                 result = await self._convert(stream, x, block_s)
+            except DeviceOutOfMemory as exc:  # the server's limit, not the client's fault: it may try again
+                self.hub.metrics.out_of_memory.inc()
+                raise StreamClosed(4503, f"block {self.stats.seq}: {exc}") from exc
             except RVCLoraError as exc:
                 raise StreamClosed(4400, f"block {self.stats.seq}: {exc}") from exc
             wait_s = time.monotonic() - arrived
@@ -349,14 +358,17 @@ class StreamSession:
     async def _convert(self, stream: Any, x: NDArray[np.float32], block_s: float) -> Any:
         """One block -> its `StreamBlock`: in stages, its synthesis batched with other streams' blocks (pipelined
         worker, an engine that cuts stream blocks), else whole on the device thread."""
-        worker, cut = self.worker, getattr(self.engine, "stream_block", None)
+        worker, engine = self.worker, self.engine
+        stage = engine.stream_stage  # device out of memory -> DeviceOutOfMemory (the engine's rule)
+        cut = getattr(engine, "stream_blocks", None)
         if cut is None or not worker.batches_rows:
-            return await worker.on_device(functools.partial(stream.process, x))
-        step, row = await worker.stream_step(functools.partial(cut, stream, x))
+            return await worker.on_device(functools.partial(stage, functools.partial(stream.process, x)))
+        step, row = await worker.stream_step((stream, x), cut)  # with the other streams' blocks ready now
         if row is None:  # a shifted formant: synthesized alone
-            return await worker.on_device(lambda: stream.finish(step, stream.synthesize(step)))
+            alone = functools.partial(stage, lambda: stream.finish(step, stream.synthesize(step)))
+            return await worker.on_device(alone)
         audio = await worker.synthesize_block(row, block_s)
-        return await worker.on_device(functools.partial(stream.finish, step, audio))
+        return await worker.on_device(functools.partial(stage, functools.partial(stream.finish, step, audio)))
 
     async def _send(self, header: dict[str, Any], data: bytes) -> None:
         self.sending_since = time.monotonic()
@@ -391,7 +403,7 @@ First message: JSON config (`adapter`, `format` pcm16|float32, `sample_rate`, `c
 frames of any size in; per block a JSON header (`seq`, `offset`, `server_ms`, `compute_ms`, `late_blocks`) and one
 binary frame out. `{"type": "update", ...}` changes pitch, formant, index rate, gate or RMS mix from the next block.
 Close codes: 4400 malformed, 4401 unauthorized, 4404 unknown adapter, 4408 client not reading, 4413 sending faster
-than realtime past the buffer, 4429 too many streams, 4503 not ready."""
+than realtime past the buffer, 4429 too many streams, 4503 not ready or out of device memory (try again)."""
 
 
 def register(app: FastAPI) -> None:

@@ -24,8 +24,9 @@ import concurrent.futures
 import functools
 import logging
 import math
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S = TypeVar("S")
 State = Literal["loading", "ready", "draining", "stopped", "failed"]
 MAX_RETRY_AFTER_S = 600.0
 PROBE_FRAMES = 50  # the synthesis an uploaded adapter must survive: 0.5 s of features
@@ -213,6 +215,25 @@ class _WaitingRow:
         return (False, self.since) if self.job is None else (True, self.job.enqueued_at)
 
 
+@dataclass(eq=False)
+class _WaitingStep:
+    """A stream block waiting for its stage before synthesis: its `cut` input, the cut, and its result's future."""
+
+    item: Any
+    cut: Callable[[list[Any]], Sequence[Any]]
+    future: asyncio.Future[Any]
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    """Event loop: `result` (a value or an exception) into `future`, unless nobody waits for it any more."""
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 class Worker:
     def __init__(self, settings: Settings, store: AdapterStore, metrics: Metrics,
                  engine_factory: Callable[[Settings], Engine]) -> None:
@@ -239,6 +260,9 @@ class Worker:
         self._rows: list[_WaitingRow] = []
         self._rows_ready = asyncio.Event()
         self._stream_steps = 0  # stream blocks on the device before synthesis: the batcher waits for their rows
+        self._steps: list[_WaitingStep] = []  # those not taken by the device thread yet (it takes them all at once)
+        self._steps_lock = threading.Lock()  # the event loop adds, the device thread takes
+        self._steps_queued = False  # a device call that will take them is queued
         self._room: asyncio.Semaphore | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._busy = (0.0, 0.0)  # (perf_counter, device busy seconds) at the start of the busy window
@@ -787,15 +811,44 @@ class Worker:
         """Whether synthesizer rows go through the device batcher (pipelined worker running)."""
         return self._batcher is not None
 
-    async def stream_step(self, fn: Callable[[], T]) -> T:
-        """`on_device` for a stream block's stage before synthesis: the batcher holds its next batch until every
-        such stage has returned, so the blocks of streams that arrive together share one batch."""
+    async def stream_step(self, item: S, cut: Callable[[list[S]], Sequence[T | Exception]]) -> T:
+        """A stream block's stage before synthesis, on the device thread ahead of queued work, together with the
+        other streams' blocks waiting for theirs when the device thread gets to them: one `cut` call for all of
+        them (the engine shares one content-encoder forward), each block's result (or error) to its stream. The
+        batcher holds its next batch until every such stage has returned, so the blocks of streams that arrive
+        together share one batch."""
+        waiting = _WaitingStep(item, cut, asyncio.get_running_loop().create_future())
         self._stream_steps += 1
         try:
-            return await self.on_device(fn)
+            with self._steps_lock:
+                self._steps.append(waiting)
+                queued, self._steps_queued = self._steps_queued, True
+            if not queued:  # else the queued call takes this block too
+                self._device.submit(functools.partial(self._run_steps, asyncio.get_running_loop()), first=True)
+            result: T = await waiting.future
+            return result
         finally:
             self._stream_steps -= 1
             self._rows_ready.set()
+
+    def _run_steps(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Device thread: every stream block waiting for its stage before synthesis now, one `cut` call per kind
+        of cut; results go back to the event loop."""
+        with self._steps_lock:
+            taken, self._steps, self._steps_queued = self._steps, [], False
+        by_cut: dict[Callable[[list[Any]], Sequence[Any]], list[_WaitingStep]] = {}
+        for waiting in taken:
+            by_cut.setdefault(waiting.cut, []).append(waiting)
+        for cut, group in by_cut.items():
+            self._metrics.stream_begin_blocks.observe(len(group))
+            try:
+                results = list(cut([w.item for w in group]))
+                if len(results) != len(group):
+                    raise RuntimeError(f"a stream cut returned {len(results)} results for {len(group)} blocks")
+            except Exception as exc:  # noqa: BLE001 - an engine's bug: every block of the call gets it
+                results = [exc] * len(group)
+            for w, result in zip(group, results, strict=True):
+                loop.call_soon_threadsafe(_settle, w.future, result)
 
     async def synthesize_block(self, row: Row, audio_s: float) -> NDArray[np.float32]:
         """A stream block's row through the batcher, ahead of every conversion's row; its audio."""

@@ -237,6 +237,38 @@ def test_the_single_voice_path_sees_what_the_bank_wrote(tiny_service_assets: dic
 
 
 @pytest.mark.anyio
+async def test_stream_blocks_waiting_together_go_to_the_device_in_one_cut(tmp_path: Path) -> None:
+    """Three streams' blocks arrive while the device thread is busy: one `cut` call takes all three (the engine
+    shares one content-encoder forward), each gets its own result, and an error for one block fails that block
+    only; a block arriving later gets a call of its own. The batcher waits until all three have returned."""
+    w = Worker(Settings(adapter_dir=tmp_path), AdapterStore(tmp_path), Metrics(), lambda _: FakeEngine())
+    calls: list[list[str]] = []
+
+    def cut(items: list[str]) -> list[str | Exception]:
+        calls.append(items)
+        return [ValueError(f"bad {i}") if i == "b" else i.upper() for i in items]
+
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(10)
+
+    busy = asyncio.ensure_future(w.on_device(hold))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    steps = [asyncio.ensure_future(w.stream_step(i, cut)) for i in "abc"]
+    await asyncio.sleep(0.05)
+    assert w._stream_steps == 3 and not calls
+    gate.set()
+    await busy
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    assert calls == [["a", "b", "c"]] and w._stream_steps == 0
+    assert results[0] == "A" and results[2] == "C" and isinstance(results[1], ValueError)
+    assert await w.stream_step("d", cut) == "D" and calls[1:] == [["d"]]
+
+
+@pytest.mark.anyio
 async def test_a_stream_block_is_taken_before_an_older_conversion_row(tmp_path: Path) -> None:
     """The batcher's order: realtime stream rows first (oldest first among them), then conversion rows oldest job
     first; `max_batch_frames` still bounds a batch, and rows nobody waits for are dropped."""

@@ -341,3 +341,49 @@ def test_blocks_of_many_streams_synthesized_as_one_batch_equal_each_stream_alone
         assert diff <= 1e-5, diff  # 3.6e-7 measured (float order of the padded batch)
     np.testing.assert_array_equal(np.stack(batched[-1]), alone[-1])
     assert not np.allclose(alone[0], alone[1][: len(alone[0])])
+
+
+def test_streams_sharing_one_content_forward_equal_each_stream_alone(
+        tiny_service_assets: dict[str, list[Path]]) -> None:
+    """`begin_blocks`: one block of each of six streams (three voices and the base, distinct seeds and keys, one at
+    48 kHz: the same 16 kHz history) and a seventh with a longer extra time (a history of its own length) -> two
+    content-encoder forwards per round, not seven; each stream's output equals the stream alone."""
+    from rvc_lora.stream.converter import begin_blocks
+
+    vc = VoiceConverter.from_files(tiny_service_assets["model"], tiny_service_assets["hubert"], device="cpu",
+                                   lora_config=TINY_LORA)
+    adapters = [*tiny_service_assets["adapters"][:3], None, None, tiny_service_assets["adapters"][0], None]
+    configs = [StreamParams(**{**SHORT.to_dict(), "seed": 20 + i, "f0_up_key": i}) for i in range(6)]
+    configs.append(StreamParams(**{**SHORT.to_dict(), "extra_time": 0.7}))
+    rates = [16000] * 4 + [48000, 16000, 16000]
+
+    def make() -> list[StreamConverter]:
+        return [StreamConverter(vc, p, sr=sr, adapter=a) for p, sr, a in zip(configs, rates, adapters, strict=True)]
+
+    inputs = [blocks(s, 4, seed=i) for i, s in enumerate(make())]
+    alone = [run(s, x)[0] for s, x in zip(make(), inputs, strict=True)]
+    streams = make()
+    forward, forwards = vc.content._forward, []
+
+    def counted(audio: torch.Tensor, *args: object) -> torch.Tensor:
+        forwards.append(audio.shape[0])
+        return forward(audio, *args)  # type: ignore[arg-type]
+
+    vc.content._forward = counted  # type: ignore[method-assign]
+    try:
+        shared: list[list[np.ndarray]] = [[] for _ in streams]
+        for b in range(4):
+            steps = begin_blocks(streams, [x[b] for x in inputs])
+            for out, s, step in zip(shared, streams, steps, strict=True):
+                out.append(s.finish(step, s.synthesize(step)).audio)
+    finally:
+        del vc.content._forward
+    assert forwards == [6, 1] * 4
+    for got, want in zip(shared, alone, strict=True):
+        diff = np.abs(np.stack(got) - want).max()
+        assert diff <= 1e-5, diff  # 3e-7 measured (float order of the batched forward); the length-1 group: 0
+    assert not np.allclose(alone[0], alone[1])
+    with pytest.raises(ParameterError, match="streams: a stream appears twice"):
+        begin_blocks([streams[0], streams[0]], [inputs[0][0], inputs[0][1]])
+    with pytest.raises(ParameterError, match="blocks: 1 blocks for 2 streams"):
+        begin_blocks(streams[:2], [inputs[0][0]])

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,6 +28,7 @@ from tests.test_service_server import ROOT, _free_port
 SERVER = """
 import sys, json
 from pathlib import Path
+from typing import Any
 sys.path.insert(0, {root!r})
 from service.app import create_app, run_server
 from service.logs import configure_logging
@@ -90,12 +92,12 @@ STREAMS = [  # (adapter, params, sample rate, channels)
 ]
 
 
-def stream_batches(url: str) -> tuple[float, float]:
-    """(device batches, batches with fewer than 2 stream rows) from the server's metrics."""
+def stream_batches(url: str, name: str = "rvc_lora_batch_stream_rows") -> tuple[float, float]:
+    """(observations, those below 2) of a histogram of the server's metrics: by default (device batches, batches
+    with fewer than 2 stream rows)."""
     text = httpx.get(url.replace("ws://", "http://").replace("/stream", "/metrics"), timeout=5).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith("rvc_lora_batch_stream_rows")}
-    return values["rvc_lora_batch_stream_rows_count"], values['rvc_lora_batch_stream_rows_bucket{le="1.0"}']
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(name)}
+    return values[f"{name}_count"], values[f'{name}_bucket{{le="1.0"}}']
 
 
 def _input(i: int, sr: int, channels: int) -> np.ndarray:
@@ -104,10 +106,10 @@ def _input(i: int, sr: int, channels: int) -> np.ndarray:
 
 
 def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
-    """Four streams (three voices and the base, distinct seeds) at once: their blocks meet in the device batches
-    (several stream rows in one batch, several voices in one forward) and each stream's output equals the same
-    stream alone to float rounding (measured: max abs diff <= 2.6e-7, SNR >= 132 dB; the realtime fixture's bar
-    is 1e-4 and 70 dB)."""
+    """Four streams (three voices and the base, distinct seeds) at once: their blocks meet in the content encoder's
+    forwards and the device batches (several stream rows in one batch, several voices in one forward) and each
+    stream's output equals the same stream alone to float rounding (measured: max abs diff <= 2.6e-7, SNR >= 132
+    dB; the realtime fixture's bar is 1e-4 and 70 dB)."""
     alone = []
     for i, (adapter, params, sr, ch) in enumerate(STREAMS):
         with client(service, adapter=adapter, params=params, sample_rate=sr, channels=ch) as c:
@@ -123,15 +125,17 @@ def test_interleaved_streams_each_equal_the_stream_alone(service: str) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    before = stream_batches(service)
+    before, begins_before = stream_batches(service), stream_batches(service, "rvc_lora_stream_begin_blocks")
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(STREAMS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    after = stream_batches(service)
+    after, begins_after = stream_batches(service), stream_batches(service, "rvc_lora_stream_begin_blocks")
     assert not errors, errors
     assert after[0] - before[0] > after[1] - before[1], "no batch held two stream blocks"
+    assert begins_after[0] - begins_before[0] > begins_after[1] - begins_before[1], \
+        "no content-encoder forward held two stream blocks"
     for i, want in enumerate(alone):
         assert results[i].shape == want.shape
         diff = float(np.abs(results[i] - want).max())
@@ -363,3 +367,125 @@ def test_without_batching_blocks_run_whole_and_equal_the_library_exactly(
         metrics = http.get("/metrics").text
     np.testing.assert_array_equal(np.concatenate(got), want)
     assert "rvc_lora_batch_rows_count 0.0" in metrics
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_stream_out_of_device_memory_closes_with_4503_and_the_others_go_on(
+        tiny_service_assets: dict[str, Path | list[Path]], tmp_path: Path, batching: bool) -> None:
+    """The device 'runs out of memory' for any synthesis in an adapter (the bank's batch in the pipelined worker,
+    the swap of a whole `process` one at a time): the stream in voice0 is closed with 4503 (try again) and
+    counted; the base-voice stream interleaved with it goes on to the end, equal to the library, and a new
+    stream opens afterwards."""
+    import torch
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from rvc_lora.pipeline.converter import VoiceConverter
+    from rvc_lora.stream import StreamConverter
+    from service.app import create_app
+    from service.rvc_engine import load_engine
+    from service.settings import Settings
+
+    armed = threading.Event()  # after the seed adapter's store-time check, which synthesizes in it
+
+    def factory(settings: Settings) -> object:
+        engine: Any = load_engine(settings)
+        hold, use_adapter = engine._bank.hold, engine._vc.use_adapter
+
+        def oom_hold(voices: list[tuple[str, object]]) -> object:
+            if armed.is_set() and any(adapter is not None for _, adapter in voices):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return hold(voices)
+
+        def oom_use_adapter(adapter: object) -> object:
+            if armed.is_set() and adapter is not None:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return use_adapter(adapter)
+
+        engine._bank.hold, engine._vc.use_adapter = oom_hold, oom_use_adapter
+        return engine
+
+    adapters = tiny_service_assets["adapters"]
+    assert isinstance(adapters, list)
+    settings = Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], device="cpu",
+                        adapter_dir=tmp_path / "store", warmup=False, batching=batching,
+                        seed_adapters={"voice0": str(adapters[0])})
+    x = _input(1, 16000, 1)
+    vc = VoiceConverter.from_files(tiny_service_assets["model"], tiny_service_assets["hubert"],  # type: ignore[arg-type]
+                                   device="cpu")
+    want = StreamConverter(vc, PARAMS, sr=16000).convert(x)
+    blocks = np.zeros(want.size, np.float32)
+    blocks[: len(x)] = x
+    blocks = blocks.reshape(-1, round(PARAMS.block_time * 16000))
+    opening = json.dumps({"format": "float32", "sample_rate": 16000, **PARAMS.to_dict()})
+    with TestClient(create_app(settings, engine_factory=factory)) as http:  # type: ignore[arg-type]
+        for _ in range(600):  # the seed adapter is stored in the background
+            if http.get("/adapters").json()["adapters"]:
+                break
+            time.sleep(0.1)
+        armed.set()
+        with http.websocket_connect("/stream") as voiced, http.websocket_connect("/stream") as base:
+            voiced.send_text(json.dumps({"adapter": "voice0", **json.loads(opening)}))
+            base.send_text(opening)
+            assert voiced.receive_json()["type"] == base.receive_json()["type"] == "ready"
+            got = []
+            for i, block in enumerate(blocks):
+                base.send_bytes(block.tobytes())
+                if i == 1:
+                    voiced.send_bytes(block.tobytes())
+                    with pytest.raises(WebSocketDisconnect) as closed:
+                        voiced.receive_json()
+                    assert closed.value.code == 4503 and "out of memory" in closed.value.reason
+                assert base.receive_json()["type"] == "block"
+                got.append(np.frombuffer(base.receive_bytes(), np.float32))
+        with http.websocket_connect("/stream") as again:  # the worker lives on
+            again.send_text(opening)
+            assert again.receive_json()["type"] == "ready"
+            again.send_bytes(blocks[0].tobytes())
+            assert again.receive_json()["type"] == "block"
+            np.testing.assert_array_equal(np.frombuffer(again.receive_bytes(), np.float32), got[0])
+        metrics = http.get("/metrics").text
+    assert np.abs(np.concatenate(got) - want).max() <= 1e-5
+    assert "rvc_lora_stream_out_of_memory_total 1.0" in metrics
+    assert 'rvc_lora_streams_closed_total{code="4503"} 1.0' in metrics
+
+
+def test_engine_stream_blocks_fail_a_block_alone(tiny_service_assets: dict[str, Path | list[Path]],
+                                                 tmp_path: Path) -> None:
+    """`RVCEngine.stream_blocks`: a block of non-finite samples fails alone (AudioError); the shared content
+    forward running out of device memory is retried one stream at a time, and those blocks' steps equal the
+    streams' own `begin`."""
+    import torch
+
+    from rvc_lora.errors import AudioError
+    from service.rvc_engine import load_engine
+    from service.settings import Settings
+
+    engine: Any = load_engine(Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"],
+                                       device="cpu", adapter_dir=tmp_path / "store", warmup=False))
+    params = [StreamParams(**{**PARAMS.to_dict(), "seed": s}) for s in (1, 2, 3)]
+    streams, alone = ([engine.open_stream(p, 16000, 1, None) for p in params] for _ in range(2))
+    x = _input(2, 16000, 1)[:1600]
+    bad = np.full(1600, np.nan, np.float32)
+    content = engine._vc.content
+    extract_batch, sizes = content.extract_batch, []
+
+    def oom_together(audios: list[torch.Tensor], version: str) -> list[torch.Tensor]:
+        sizes.append(len(audios))
+        if len(audios) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return extract_batch(audios, version)  # type: ignore[no-any-return]
+
+    content.extract_batch = oom_together
+    try:
+        results = engine.stream_blocks([(streams[0], x), (streams[1], bad), (streams[2], x)])
+    finally:
+        del content.extract_batch
+    assert sizes == [2, 1, 1]
+    assert isinstance(results[1], AudioError) and "NaN" in str(results[1])
+    for i in (0, 2):
+        step, row = results[i]
+        want = alone[i].begin(x)
+        assert row is not None and row.frames == want.feats.shape[1]
+        torch.testing.assert_close(step.feats, want.feats, rtol=0, atol=0)
+        torch.testing.assert_close(step.pitchf, want.pitchf, rtol=0, atol=0)

@@ -7,7 +7,10 @@ mix), align them with the previous block's tail (SOLA), cross-fade, and emit the
 
 `process` runs a block in three stages, which the service runs apart: `begin` (everything before synthesis),
 `synthesize` (the synthesizer alone, in the stream's adapter) or `row` (the same synthesis as a batch row, for
-`rvc_lora.voice.AdapterBank.synthesize` with other streams' rows), and `finish` (everything after).
+`rvc_lora.voice.AdapterBank.synthesize` with other streams' rows), and `finish` (everything after). `begin` is
+itself `take` (the block into the histories), the content encoder over the history (`content_features`: one
+forward for the histories of many streams), and `prepare` (index, f0, the synthesizer's inputs); `begin_blocks`
+runs them for one block of each of many streams.
 
 A stream owns its buffers and its own random generator state, so streams sharing one `VoiceConverter`
 (model, content encoder, adapter slots) can be interleaved in any order and each gives what it gives alone.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,7 @@ from rvc_lora.adapters import Adapter
 from rvc_lora.errors import AudioError, ParameterError
 from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.models.generator import GeneratorNSF
+from rvc_lora.pipeline.batching import equal_length_groups
 from rvc_lora.pipeline.converter import Stopwatch, VoiceConverter
 from rvc_lora.pipeline.index import RetrievalIndex
 from rvc_lora.pipeline.steps import upsample_features_x2
@@ -54,6 +60,16 @@ class StreamBlock:
     audio: NDArray[np.float32]
     offset: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamInput:
+    """A block taken into its stream's histories (`StreamConverter.take`), before its content features: the
+    content encoder's input `audio16k` `[input_wav_res_len]` float32 (the stream's 16 kHz history itself, not a
+    copy: use it before the stream's next `take`) and the block's stopwatch."""
+
+    audio16k: Tensor
+    clock: _Clock
 
 
 @dataclass(frozen=True)
@@ -182,13 +198,20 @@ class StreamConverter:
     # --- a block's stages (the service batches the synthesis of many streams' blocks) ---------------
     def begin(self, block: ArrayLike) -> StreamStep:
         """The block's part before synthesis (device): gate, the input histories, content features over the
-        history, index blend, f0 (cache), and the synthesizer's inputs. Call `finish` on it before the next
-        `begin`: the stream's state is half advanced in between."""
+        history, index blend, f0 (cache), and the synthesizer's inputs: `take`, `content_features` of this stream
+        alone, `prepare`. Call `finish` on it before the next `begin`: the stream's state is half advanced in
+        between."""
+        taken = self.take(block)
+        return self.prepare(taken, content_features([self], [taken])[0])
+
+    def take(self, block: ArrayLike) -> StreamInput:
+        """The block into the stream's histories (gate, `input_wav`, its 16 kHz copy `input_wav_res`) -> the
+        content encoder's input. Then `prepare` with its features (`content_features`) before the next `take`."""
         x = self._mono(block)
         clock = _Clock(self.device)
         p, z = self.params, self.sizes
         zc, n_block = z.zc, z.block_frame
-        with torch.inference_mode(), self._generator():
+        with torch.inference_mode():
             with clock.stage("postprocess"):
                 if p.gate_on:  # [block + 2 zc]: the previous 2 frames re-gated now that their future is known
                     x = dsp.noise_gate(x, self.rms_buffer, zc, p.threshold)
@@ -199,14 +222,19 @@ class StreamConverter:
                 # re-resample the newest frames of the previous write too, now with right context; drop the
                 # first 10 ms of the result, which saw the zero padding of the stateless resampler
                 self.input_wav_res[-HOP_16K * (n // zc + 1) :] = self._to_16k(self.input_wav[-(n + 2 * zc) :])[HOP_16K:]
-            return self._inputs(clock)
+        return StreamInput(self.input_wav_res, clock)
 
-    def _inputs(self, clock: _Clock) -> StreamStep:
-        """The history -> the synthesizer's inputs for the newest `return_length` frames."""
+    def prepare(self, taken: StreamInput, feats: Tensor) -> StreamStep:
+        """`take`'s block with its content features `feats` `[1, F, C]` (model dtype, F = the content encoder's
+        frames of `input_wav_res_len` samples) -> the synthesizer's inputs for the newest `return_length` frames:
+        index blend, f0 over the newest window (cache), features upsampled x2."""
+        with torch.inference_mode(), self._generator():
+            return self._inputs(feats, taken.clock)
+
+    def _inputs(self, feats: Tensor, clock: _Clock) -> StreamStep:
         p, z = self.params, self.sizes
         model, m = self.voice.model, z.frames
         with clock.stage("features"):
-            feats = self.voice.content.extract(self.input_wav_res, model.cfg.version)  # [1, F, C]
             feats = torch.cat((feats, feats[:, -1:, :]), 1)  # [1, F + 1, C]: 2(F + 1) >= M
         if self._index is not None and p.index_rate != 0:
             with clock.stage("index"):
@@ -310,6 +338,47 @@ class StreamConverter:
         x = np.pad(x, pad)
         return np.concatenate([self.process(x[i * z.block_frame : (i + 1) * z.block_frame]).audio
                                for i in range(n_blocks)])
+
+
+def content_features(streams: Sequence[StreamConverter], taken: Sequence[StreamInput]) -> list[Tensor]:
+    """The content features `[1, F, C]` of each stream's `take`n history, one content-encoder forward per group
+    of equal-length histories (`ContentEncoder.extract_batch`: streams of the same block, crossfade and extra
+    times, at any rate, since the history counts whole 10 ms frames; exact to float rounding, never padded).
+    Each group's time goes to its blocks' `features` stage in equal shares. The streams share one
+    `VoiceConverter` (its content encoder and model version)."""
+    if len(streams) != len(taken):
+        raise ParameterError(f"taken: {len(taken)} inputs for {len(streams)} streams")
+    if not streams:
+        return []
+    voice = streams[0].voice
+    if any(s.voice is not voice for s in streams):
+        raise ParameterError("streams: content features are shared only by streams of one VoiceConverter")
+    lengths = [t.audio16k.shape[0] for t in taken]
+    out: list[Tensor] = [torch.empty(0)] * len(taken)
+    for group in equal_length_groups(lengths):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            feats = voice.content.extract_batch([taken[i].audio16k for i in group], voice.model.cfg.version)
+        if voice.device.type == "cuda":
+            torch.cuda.synchronize(voice.device)
+        share = (time.perf_counter() - start) / len(group)
+        for i, f in zip(group, feats, strict=True):
+            out[i] = f
+            taken[i].clock.times["features"] += share
+    return out
+
+
+def begin_blocks(streams: Sequence[StreamConverter], blocks: Sequence[ArrayLike]) -> list[StreamStep]:
+    """`begin` for one block of each stream (`blocks[i]` is `streams[i]`'s; a stream at most once), with one
+    content-encoder forward per group of equal-length histories (`content_features`). Each step equals the
+    stream's own `begin` to float rounding of the batched forward."""
+    if len(streams) != len(blocks):
+        raise ParameterError(f"blocks: {len(blocks)} blocks for {len(streams)} streams")
+    if len({id(s) for s in streams}) != len(streams):
+        raise ParameterError("streams: a stream appears twice (its second block needs the first one's finish)")
+    taken = [s.take(b) for s, b in zip(streams, blocks, strict=True)]
+    feats = content_features(streams, taken)
+    return [s.prepare(t, f) for s, t, f in zip(streams, taken, feats, strict=True)]
 
 
 class _Clock(Stopwatch):
