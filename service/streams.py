@@ -349,12 +349,14 @@ class StreamSession:
     async def _convert(self, stream: Any, x: NDArray[np.float32], block_s: float) -> Any:
         """One block -> its `StreamBlock`: in stages, its synthesis batched with other streams' blocks (pipelined
         worker, an engine that cuts stream blocks), else whole on the device thread."""
-        worker, cut = self.worker, getattr(self.engine, "stream_block", None)
-        if cut is None or not worker.batches_rows:
+        worker, engine = self.worker, self.engine
+        if getattr(engine, "stream_block", None) is None:  # an engine that does not cut blocks: the stream alone
             return await worker.on_device(functools.partial(stream.process, x))
-        step, row = await worker.stream_step(functools.partial(cut, stream, x))
+        if not worker.batches_rows:  # whole, in the stream's adapter bank slot
+            return await worker.on_device(functools.partial(engine.stream_process, stream, x))
+        step, row = await worker.stream_step(functools.partial(engine.stream_block, stream, x))
         if row is None:  # a shifted formant: synthesized alone
-            return await worker.on_device(lambda: stream.finish(step, stream.synthesize(step)))
+            return await worker.on_device(functools.partial(engine.stream_alone, stream, step))
         audio = await worker.synthesize_block(row, block_s)
         return await worker.on_device(functools.partial(stream.finish, step, audio))
 
