@@ -374,7 +374,9 @@ def _as_input(row: Row) -> _RowInput:
 
 
 def _by_voices(inputs: list[_RowInput], slots: int) -> list[list[_RowInput]]:
-    """`inputs` cut, in order, into runs of at most `slots` distinct voices (the base voice takes no slot)."""
+    """`inputs` cut, in order, into runs of at most `slots` distinct voices (the base voice takes no slot): each run
+    releases its pins before the next loads, and pins last one device call only, so no run finds every slot pinned
+    (a `BankFullError` would be a bug, and it changes no slot)."""
     parts: list[list[_RowInput]] = [[]]
     voices: set[str] = set()
     for i in inputs:

@@ -215,6 +215,23 @@ def test_a_host_prepared_voice_loads_by_one_copy_and_runs_bound_in_its_slot() ->
     assert bank.resident() == {"a": 0} and bank.pinned(0) == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pinned_host_voice_loads_into_a_cuda_slot_in_place() -> None:
+    """The service's host copies are pinned CPU tensors: the fused copy into a CUDA slot (non-blocking) gives the
+    slot what a device-prepared copy gives, and no slot tensor moves."""
+    model = _model().cuda()
+    bank = AdapterBank(model, 3)
+    adapter = _adapter(model, 1, 4)
+    host = model.prepare(adapter, device="cpu").pin_memory()
+    assert all(t.is_pinned() for t in host.tensors)
+    pointers = [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)]
+    with bank.hold([("device", model.prepare(adapter)), ("host", host)]) as (d, h):
+        torch.cuda.synchronize()
+        assert (d, h) == (0, 1) and all(torch.equal(t[d], t[h]) for t in (*bank._a, *bank._b, *bank._v))
+    assert [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)] == pointers
+
+
 def test_bad_rows_and_unacquired_slots_are_refused() -> None:
     model = _model()
     inputs = _inputs(model, 10, seed=0)
