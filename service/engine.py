@@ -52,7 +52,7 @@ class ModelInfo:
     target_modules: tuple[str, ...]
     f0_methods: tuple[str, ...]
     device: str
-    bank_slots: int = 1  # adapter slots for batches of several voices (RVC_LORA_BANK_SLOTS)
+    bank_slots: int = 1  # adapter slots on the device, the device tier of voices (RVC_LORA_BANK_SLOTS)
     bank_slot_bytes: int = 0  # device memory one slot holds
 
 
@@ -119,9 +119,11 @@ class Stages(Protocol):
 
 
 class Engine(Protocol):
-    """What the worker needs from the models. Voices are opaque: `load_voice` returns a host-memory
-    voice (adapter tensors + optional index), `to_device` the device copy that `convert`/`infer` take.
-    `convert`/`infer` work through long inputs in chunks and call `stop_if_requested()` between them."""
+    """What the worker needs from the models. Voices are opaque: `load_voice` returns a host-memory voice
+    (the validated adapter as the slots hold it + optional index), which every call that computes takes; the
+    device tier is the engine's adapter bank (`to_device`, `device_voices`, `drop_device`: `service.cache`'s
+    `DeviceTier`), into which a call copies the voice if it is not resident. `convert`/`infer` work through long
+    inputs in chunks and call `stop_if_requested()` between them."""
 
     @property
     def info(self) -> ModelInfo: ...
@@ -148,7 +150,18 @@ class Engine(Protocol):
         budget is in these bytes."""
         ...
 
-    def to_device(self, voice: object) -> object: ...
+    def to_device(self, voice: object) -> bool:
+        """Device thread: make `voice` resident in an adapter slot (one fused copy of its host copy into a free or
+        the least recently used unpinned slot) unless it is; whether it was."""
+        ...
+
+    def device_voices(self) -> int:
+        """Voices resident in the adapter bank now (read from the event loop for a gauge: no state changes)."""
+        ...
+
+    def drop_device(self, voice: object) -> None:
+        """Device thread: `voice`'s slot is free for other voices (its host copy left, its adapter was deleted)."""
+        ...
 
     def warmup(self) -> float:
         """Run one representative conversion; return the seconds of audio it processed."""

@@ -60,9 +60,11 @@ class Metrics:
         self.swaps = Counter("rvc_lora_adapter_swaps_total", "adapter changes in the model's LoRA slots",
                              registry=r)
         self.cache = Counter("rvc_lora_adapter_cache_lookups_total",
-                             "adapter lookups: hit (already on the device) or miss, and the tier that served it",
+                             "adapter lookups: hit (resident in an adapter bank slot) or miss, and the tier that "
+                             "served it (host: one copy into a slot; disk: read, checked, then that copy)",
                              ["result", "tier"], registry=r)
-        self.resident = Gauge("rvc_lora_resident_adapters", "adapters held per tier", ["tier"], registry=r)
+        self.resident = Gauge("rvc_lora_resident_adapters", "adapters held per tier (device: in adapter "
+                              "bank slots)", ["tier"], registry=r)
         self.open_connections = Gauge("rvc_lora_http_open_connections", "open HTTP connections", registry=r)
         self.connection_limit = Gauge("rvc_lora_http_connection_limit", "max_connections: open connections "
                                       "(the oldest idle ones are closed past it) and requests in progress (503 past "

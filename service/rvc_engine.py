@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,7 +58,9 @@ def load_engine(settings: Settings) -> Engine:
 
 @dataclass(frozen=True)
 class _Voice:
-    adapter: Any  # rvc_lora.adapters.Adapter (host tier) or rvc_lora.voice.PreparedAdapter (device tier)
+    """A voice's host copy: what the device tier (the adapter bank) is loaded from."""
+
+    adapter: Any  # rvc_lora.voice.PreparedAdapter in host memory (pinned on CUDA)
     index: Any  # rvc_lora.pipeline.index.RetrievalIndex | None
     key: str  # the adapter file (content-addressed in the store): its name in the adapter bank
 
@@ -104,7 +107,7 @@ class RVCEngine:
                                max_rank=settings.max_rank, target_modules=tuple(layout.lora.target_modules),
                                f0_methods=available_f0_methods(settings.rmvpe), device=str(self._vc.device))
         self._max_index_bytes = settings.max_index_memory_bytes
-        # K adapter slots for batches of several voices (slot 0 is the resident memory, so K=1 costs nothing)
+        # K adapter slots: the device tier of voices, and the voices one batch can mix (slot 0 is the resident memory)
         self._bank = AdapterBank(model, settings.bank_slots)
         self._info = dataclasses.replace(self._info, bank_slots=self._bank.size,
                                          bank_slot_bytes=self._bank.slot_nbytes)
@@ -141,30 +144,47 @@ class RVCEngine:
                                              "eval_seconds": r.eval_seconds})
 
     def load_voice(self, adapter: Path, index: Path | None) -> object:
-        """The host tier: the adapter file read, checked against the model, in the model dtype (pinned on CUDA,
-        so that the host -> device copy is a plain DMA), unpadded (compact)."""
+        """The host tier: the adapter file read, checked against the model and prepared in host memory as a bank
+        slot holds it (`PreparedAdapter`: the model dtype, alpha/r folded, at its own rank), pinned on CUDA so that
+        the copy into a slot is a plain DMA."""
         from rvc_lora.adapters import load_adapter
         from rvc_lora.pipeline.index import RetrievalIndex
 
-        loaded = load_adapter(adapter)
-        self._vc.model.check_adapter(loaded)
+        prepared = self._vc.model.prepare(load_adapter(adapter), device="cpu")
         if self._vc.device.type == "cuda":
-            dtype = self._vc.dtype
-            loaded = type(loaded)(loaded.info, {k: v.to(dtype).pin_memory() for k, v in loaded.tensors.items()})
+            prepared = prepared.pin_memory()
         retrieval = None if index is None else RetrievalIndex.from_path(index, dim=self._info.content_dim,
                                                                         max_bytes=self._max_index_bytes)
-        return _Voice(loaded, retrieval, str(adapter))
+        return _Voice(prepared, retrieval, str(adapter))
 
     def host_bytes(self, voice: object) -> int:
         host = _as_voice(voice)
-        tensors = sum(int(t.nbytes) for t in host.adapter.tensors.values())
-        return tensors + (0 if host.index is None else host.index.nbytes)
+        return int(host.adapter.nbytes()) + (0 if host.index is None else host.index.nbytes)
 
-    def to_device(self, voice: object) -> object:
-        """The device tier: the adapter prepared for the resident slots (padded, scaled, on the device), so a
-        swap is one fused copy."""
-        host = _as_voice(voice)
-        return _Voice(self._vc.model.prepare(host.adapter), host.index, host.key)
+    def to_device(self, voice: object) -> bool:
+        v = _as_voice(voice)
+        resident = self._bank.holds(v.key)
+        with self._bank.hold([(v.key, v.adapter)]):  # loads it unless resident; marks it most recently used
+            pass
+        return resident
+
+    def device_voices(self) -> int:
+        return self._bank.voices
+
+    def drop_device(self, voice: object) -> None:
+        self._bank.discard(_as_voice(voice).key)
+
+    @contextmanager
+    def _in_voice(self, voice: object | None, key: str | None = None) -> Iterator[Any]:
+        """The model computes in `voice`'s bank slot (loaded if not resident, pinned) inside the block, which
+        gets the adapter to pass to `VoiceConverter` (it copies nothing then). `voice` a host `_Voice`, or a
+        stream's `PreparedAdapter` with its bank `key`; None: the base voice (no slot)."""
+        adapter: Any = voice
+        if isinstance(voice, _Voice):
+            adapter, key = voice.adapter, voice.key
+        with self._bank.hold([] if adapter is None else [(key, adapter)]) as slots, \
+                self._bank.bound(slots[0] if slots else None, adapter):
+            yield adapter
 
     def warmup(self) -> float:
         seconds = 1.0
@@ -174,18 +194,23 @@ class RVCEngine:
         return seconds
 
     def convert(self, audio16k: NDArray[np.float32], options: ConvertOptions, voice: object | None) -> Rendered:
-        adapter, index = (None, None) if voice is None else (_as_voice(voice).adapter, _as_voice(voice).index)
-        result = self._in_shorter_chunks_on_oom(lambda: self._vc.convert_16k(  # the handler prepared it
-            audio16k, options, adapter=adapter, index=index, progress=lambda *_: stop_if_requested()))
+        index = None if voice is None else _as_voice(voice).index
+        with self._in_voice(voice) as adapter:
+            result = self._in_shorter_chunks_on_oom(lambda: self._vc.convert_16k(  # the handler prepared it
+                audio16k, options, adapter=adapter, index=index, progress=lambda *_: stop_if_requested()))
         return Rendered(result.audio, result.sr, result.timings, result.f0)
 
     def infer(self, features: Features, voice: object | None) -> Rendered:
         """`INFER_CHUNK_FRAMES` frames at a time (memory and device time per step stay bounded, and an abandoned
         request stops between chunks), each with `INFER_CONTEXT_FRAMES` of context on both sides. An input of
         one chunk is synthesized whole; the seed seeds the first chunk, the later ones continue its stream."""
+
+        with self._in_voice(voice) as adapter:
+            return self._infer(features, adapter)
+
+    def _infer(self, features: Features, adapter: Any) -> Rendered:
         import torch
 
-        adapter = None if voice is None else _as_voice(voice).adapter
         phone = torch.from_numpy(features.phone)
         pitch = None if features.pitch is None else torch.from_numpy(features.pitch)
         nsff0 = None if features.nsff0 is None else torch.from_numpy(features.nsff0)
@@ -235,7 +260,8 @@ class RVCEngine:
 
     def open_stream(self, params: Any, sr: int, channels: int, voice: object | None) -> Any:
         """A realtime `StreamConverter` over the resident model (on the device thread: it allocates there); it keeps
-        `voice` (adapter and index) for its whole life."""
+        `voice`'s host copy (adapter and index) and bank key for its whole life, so a deleted adapter's stream keeps
+        its voice: the bank loads it again from that copy if it left its slot."""
         from rvc_lora.stream.converter import StreamConverter
 
         v = None if voice is None else _as_voice(voice)
@@ -282,6 +308,16 @@ class RVCEngine:
         torch.cuda.empty_cache()  # out of `except`: its traceback keeps the failed stage's tensors alive
         raise DeviceOutOfMemory("the device ran out of memory for a stream block; reconnect in a few seconds",
                                 retry_after=5)
+
+    def stream_process(self, stream: Any, block: NDArray[np.float32]) -> Any:
+        """Device thread: a whole stream block (`StreamConverter.process`) in the stream's bank slot."""
+        with self._in_voice(stream.adapter, stream.bank_key):
+            return stream.process(block)
+
+    def stream_alone(self, stream: Any, step: Any) -> Any:
+        """Device thread: a block `stream_block` gave no row for, synthesized alone in the stream's bank slot."""
+        with self._in_voice(stream.adapter, stream.bank_key):
+            return stream.finish(step, stream.synthesize(step))
 
     def _in_shorter_chunks_on_oom(self, run: Callable[[], T]) -> T:
         """Device out of memory: free the allocator's cache and convert again in shorter chunks (RVC's long-audio
@@ -395,7 +431,9 @@ def _as_input(row: Row) -> _RowInput:
 
 
 def _by_voices(inputs: list[_RowInput], slots: int) -> list[list[_RowInput]]:
-    """`inputs` cut, in order, into runs of at most `slots` distinct voices (the base voice takes no slot)."""
+    """`inputs` cut, in order, into runs of at most `slots` distinct voices (the base voice takes no slot): each run
+    releases its pins before the next loads, and pins last one device call only, so no run finds every slot pinned
+    (a `BankFullError` would be a bug, and it changes no slot)."""
     parts: list[list[_RowInput]] = [[]]
     voices: set[str] = set()
     for i in inputs:

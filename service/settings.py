@@ -51,7 +51,6 @@ class Settings(BaseSettings):
     seed_adapters: dict[str, Path] = Field(default_factory=dict,
                                            description="name -> adapter file added to the store at start")
     seed_indexes: dict[str, Path] = Field(default_factory=dict, description="name -> .index of that seed adapter")
-    device_cache_size: int = Field(default=8, ge=1, description="adapters kept on the device (LRU)")
     host_cache_bytes: int = Field(default=4096 * MiB, ge=1, description="host memory for adapters kept loaded "
                                   "(LRU): their tensors and their indexes' vectors as loaded (float32)")
     stale_upload_s: float = Field(default=3600.0, gt=0, description="temp files of other processes older than this "
@@ -104,9 +103,10 @@ class Settings(BaseSettings):
                                   "single longer chunk runs alone")
     cpu_threads: int = Field(default_factory=default_cpu_threads, ge=1, description="threads for the CPU stages "
                              "(high-pass, pm/harvest f0, index search, assembly); default: the cores, at most 4")
-    bank_slots: int = Field(default=1, ge=1, le=256, description="adapter slots on the device (each a copy of the "
-                            "LoRA slot tensors, size in GET /model): a batch mixes at most this many voices; 1 "
-                            "keeps the memory of one resident adapter")
+    bank_slots: int = Field(default=8, ge=1, le=256, description="adapter slots on the device, the device tier "
+                            "of voices (LRU of unpinned slots; each a copy of the LoRA slot tensors, bytes per slot "
+                            "in GET /model and metrics): a batch mixes at most this many voices; 1 keeps the memory "
+                            "of one resident adapter")
     pipeline_jobs: int = Field(default=16, ge=1, description="requests in the pipeline at once (the others wait in "
                                "the queue); more give larger batches and hold more memory")
     torch_threads: int | None = Field(default=None, ge=1, description="torch's threads per operation; unset: "

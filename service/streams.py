@@ -361,12 +361,14 @@ class StreamSession:
         worker, engine = self.worker, self.engine
         stage = engine.stream_stage  # device out of memory -> DeviceOutOfMemory (the engine's rule)
         cut = getattr(engine, "stream_blocks", None)
-        if cut is None or not worker.batches_rows:
+        if cut is None:  # an engine that does not cut blocks: the stream alone
             return await worker.on_device(functools.partial(stage, functools.partial(stream.process, x)))
+        if not worker.batches_rows:  # whole, in the stream's adapter bank slot
+            return await worker.on_device(functools.partial(stage, functools.partial(engine.stream_process, stream, x)))
         step, row = await worker.stream_step((stream, x), cut)  # with the other streams' blocks ready now
-        if row is None:  # a shifted formant: synthesized alone
-            alone = functools.partial(stage, lambda: stream.finish(step, stream.synthesize(step)))
-            return await worker.on_device(alone)
+        if row is None:  # a shifted formant: synthesized alone, in the stream's bank slot
+            alone = functools.partial(engine.stream_alone, stream, step)
+            return await worker.on_device(functools.partial(stage, alone))
         audio = await worker.synthesize_block(row, block_s)
         return await worker.on_device(functools.partial(stage, functools.partial(stream.finish, step, audio)))
 

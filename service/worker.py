@@ -245,7 +245,7 @@ class Worker:
         self._sched = Scheduler(settings.max_bypass)
         self._rate = Throughput()
         self._engine: Engine | None = None
-        self._cache: VoiceCache[object, object] | None = None
+        self._cache: VoiceCache[object] | None = None
         self._settled = asyncio.Event()
         self._resident = ""
         self._running: asyncio.Future[_Outcome] | None = None  # one-at-a-time: the job on the device
@@ -383,8 +383,11 @@ class Worker:
             raise NotReady("the models are still loading", retry_after=5)
 
         def probe() -> bool:
-            voice = engine.to_device(engine.load_voice(adapter, None))
-            return bool(np.isfinite(engine.infer(probe_features(engine.info), voice).audio).all())
+            voice = engine.load_voice(adapter, None)
+            try:
+                return bool(np.isfinite(engine.infer(probe_features(engine.info), voice).audio).all())
+            finally:
+                engine.drop_device(voice)  # its slot goes first to the next voice: the upload is not a request
 
         try:
             finite = self._device.submit(probe).result(timeout=PROBE_WAIT_S)
@@ -395,8 +398,8 @@ class Worker:
                                "lora_alpha and the weights right?); it could convert nothing")
 
     def forget(self, rec: StoredAdapter) -> None:
-        """Drop a deleted adapter's cached tensors, on the device thread after the running job (not awaited:
-        a delete does not wait for a conversion)."""
+        """Drop a deleted adapter's host copy and free its bank slot, on the device thread after the running job
+        (not awaited: a delete does not wait for a conversion; a stream open on it keeps its own host copy)."""
         cache = self._cache
         if cache is not None:
             self._device.submit(lambda: cache.discard(rec.cache_key))
@@ -500,8 +503,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             engine = await asyncio.wrap_future(self._device.submit(lambda: self._factory(self.settings)))
-            self._cache = VoiceCache(self.settings.device_cache_size, self.settings.host_cache_bytes, engine.to_device,
-                                     engine.host_bytes)
+            self._cache = VoiceCache(self.settings.host_cache_bytes, engine.host_bytes, engine)
             if self.settings.warmup:
                 start = loop.time()
                 audio_s = await asyncio.wrap_future(self._device.submit(engine.warmup))
@@ -789,7 +791,8 @@ class Worker:
         self._busy_counted = busy
 
     def voice(self, rec: StoredAdapter) -> tuple[object, str]:
-        """On the device thread: `rec`'s voice on the device (through the cache) and the tier it came from."""
+        """On the device thread: `rec`'s host copy, its voice made resident in the adapter bank (through the cache),
+        and the tier it came from."""
         assert self._engine is not None and self._cache is not None
         engine, store = self._engine, self._store
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rvc_lora.adapters import Adapter, AdapterInfo
-from rvc_lora.errors import BankFullError, ConfigError
+from rvc_lora.errors import AdapterError, BankFullError, ConfigError
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, make_row, serving_layout, synthesize_rows
 from rvc_lora.voice.bank import Strategy, WayChooser
@@ -181,6 +181,55 @@ def test_pinned_slots_are_never_evicted_and_lru_goes_first() -> None:
     assert bank.acquire(0, voices[0]) == a  # resident: no load
     with pytest.raises(ConfigError):
         bank.release(c)  # released above already
+
+
+def test_a_host_prepared_voice_loads_by_one_copy_and_runs_bound_in_its_slot() -> None:
+    """The service's device tier: a voice prepared in host memory is copied into a slot in place, and `bound`
+    runs the model's own forward in that slot (no copy into slot 0: `use_adapter` copies nothing, a swap is
+    refused), bit for bit the solo run; `discard` frees the slot for the next load."""
+    model = _model()
+    voices = [_adapter(model, s, 4) for s in (1, 2)]
+    inputs = _inputs(model, 15, seed=1)
+    refs = [_solo(model, model.prepare(v), inputs, seed=4) for v in voices]
+    model.swap(None)
+    bank = AdapterBank(model, 2)
+    pointers = [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)]
+    host = [model.prepare(v, device="cpu") for v in voices]
+    with bank.hold([("a", host[0]), ("b", host[1])]) as (a, b):
+        assert (a, b) == (0, 1) and bank.holds("a") and bank.voices == 2
+        with bank.bound(b, host[1]):
+            assert model.slots.resident is host[1] and model.slots.bound
+            with pytest.raises(AdapterError):
+                model.swap(host[0])
+            got = run_infer(model, inputs, seed=4)[0][0, 0]
+        assert torch.equal(got, refs[1]) and not model.slots.bound and model.slots.resident is host[0]
+    assert [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)] == pointers
+    bank.discard("b")
+    assert not bank.holds("b") and bank.resident() == {"a": 0}
+    bad = dataclasses.replace(host[1], key=dataclasses.replace(host[1].key, fingerprint="0" * 64))
+    slot1 = [t[1].clone() for t in (*bank._a, *bank._b)]
+    with pytest.raises(ConfigError, match="another model"):  # refused before the copy into the freed slot 1
+        with bank.hold([("a", host[0]), ("bad", bad)]):
+            pass
+    assert all(torch.equal(t[1], w) for t, w in zip((*bank._a, *bank._b), slot1, strict=True))
+    assert bank.resident() == {"a": 0} and bank.pinned(0) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pinned_host_voice_loads_into_a_cuda_slot_in_place() -> None:
+    """The service's host copies are pinned CPU tensors: the fused copy into a CUDA slot (non-blocking) gives the
+    slot what a device-prepared copy gives, and no slot tensor moves."""
+    model = _model().cuda()
+    bank = AdapterBank(model, 3)
+    adapter = _adapter(model, 1, 4)
+    host = model.prepare(adapter, device="cpu").pin_memory()
+    assert all(t.is_pinned() for t in host.tensors)
+    pointers = [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)]
+    with bank.hold([("device", model.prepare(adapter)), ("host", host)]) as (d, h):
+        torch.cuda.synchronize()
+        assert (d, h) == (0, 1) and all(torch.equal(t[d], t[h]) for t in (*bank._a, *bank._b, *bank._v))
+    assert [t.data_ptr() for t in (*bank._a, *bank._b, *bank._v)] == pointers
 
 
 def test_bad_rows_and_unacquired_slots_are_refused() -> None:

@@ -249,7 +249,7 @@ def test_service_engine_in_half_precision(engines: tuple[Any, Any], tiny_service
     assert dataclasses.replace(fp16.info, bank_slot_bytes=0) == dataclasses.replace(fp32.info, bank_slot_bytes=0)
     assert fp16.info.bank_slot_bytes * 2 == fp32.info.bank_slot_bytes > 0
     fp32._vc.pad = PAD_FP16  # chunk alike, as RVC's fp16 padding does
-    voices = [(e, e.to_device(e.load_voice(tiny_service_assets["adapters"][0], None))) for e in engines]
+    voices = [(e, e.load_voice(tiny_service_assets["adapters"][0], None)) for e in engines]
     assert {t.dtype for t in voices[1][1].adapter.tensors} == {torch.float16}
     audio = speech_like(SECONDS, 16000, seed=3)
     options = ConvertOptions(f0_method="pm", seed=2)

@@ -70,7 +70,7 @@ async def test_concurrent_seeded_requests_equal_solo_requests_with_batching(
     model = tiny_service_assets["model"]
     adapters = [*tiny_service_assets["adapters"], *_more_adapters(model, tmp_path, (11, 12, 13, 14))]
     settings = Settings(model=model, hubert=tiny_service_assets["hubert"], max_rank=8, adapter_dir=tmp_path / "store",
-                        bank_slots=4, device_cache_size=8, max_batch_frames=4000, cpu_threads=2, batching=True)
+                        bank_slots=4, max_batch_frames=4000, cpu_threads=2, batching=True)
     app = create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300) as client:
@@ -222,12 +222,13 @@ def test_a_failing_row_fails_its_request_only(tmp_path: Path, engine_type: type[
 
 def test_the_single_voice_path_sees_what_the_bank_wrote(tiny_service_assets: dict[str, Any]) -> None:
     """Was: after a batch had loaded voice B into the bank's slot 0 (the resident memory), a one-at-a-time
-    conversion with voice A, resident before, skipped its swap and ran in voice B."""
+    conversion with voice A, resident before, skipped its swap and ran in voice B. (The service's own paths run in
+    the voice's bank slot: `test_service_cache.py`; this is the library's `use_adapter` beside a bank.)"""
     from service.rvc_engine import load_engine
 
     engine: Any = load_engine(Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"],
                                        max_rank=8, bank_slots=1))
-    a, b = (engine.to_device(engine.load_voice(p, None)) for p in tiny_service_assets["adapters"][:2])
+    a, b = (engine.load_voice(p, None) for p in tiny_service_assets["adapters"][:2])  # host copies
     vc, bank = engine._vc, engine._bank
     assert vc.use_adapter(a.adapter) and not vc.use_adapter(a.adapter)
     with bank.hold([(b.key, b.adapter)]):

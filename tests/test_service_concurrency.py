@@ -50,7 +50,7 @@ async def check_no_bleed(app: FastAPI, adapter_files: list[bytes]) -> None:
 
 @pytest.mark.anyio
 async def test_concurrent_requests_match_solo_requests_fake_engine(tmp_path: Path) -> None:
-    app = create_app(Settings(adapter_dir=tmp_path / "store", device_cache_size=2,
+    app = create_app(Settings(adapter_dir=tmp_path / "store", bank_slots=2,
                               host_cache_bytes=3 * FAKE_VOICE_BYTES), engine_factory=lambda _: FakeEngine())
     await check_no_bleed(app, [adapter_bytes(tmp_path, seed) for seed in range(N_ADAPTERS)])
 
@@ -60,7 +60,7 @@ async def test_concurrent_requests_match_solo_requests_real_engine(
         tmp_path: Path, tiny_service_assets: dict[str, Path | list[Path]]) -> None:
     """The one-at-a-time worker, byte for byte; the batched one: `test_service_batching.py` (to 1 int16 unit)."""
     settings = Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], max_rank=8,
-                        adapter_dir=tmp_path / "store", device_cache_size=2, host_cache_bytes=3 * FAKE_VOICE_BYTES,
+                        adapter_dir=tmp_path / "store", bank_slots=2, host_cache_bytes=3 * FAKE_VOICE_BYTES,
                         batching=False)
     adapters = tiny_service_assets["adapters"]
     assert isinstance(adapters, list)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,7 +82,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.loads = 0
-        self.to_device_calls = 0
+        self.bank: OrderedDict[object, None] = OrderedDict()  # the fake adapter bank: resident voices, LRU first
         self.calls: list[str] = []  # "convert"/"infer" per job that reached the device
         self.slot = 1.0
 
@@ -132,9 +133,19 @@ class FakeEngine:
     def host_bytes(self, voice: object) -> int:
         return FAKE_VOICE_BYTES
 
-    def to_device(self, voice: object) -> object:
-        self.to_device_calls += 1
-        return voice
+    def to_device(self, voice: object) -> bool:
+        resident = voice in self.bank
+        self.bank[voice] = None
+        self.bank.move_to_end(voice)
+        while len(self.bank) > self.info.bank_slots:
+            self.bank.popitem(last=False)
+        return resident
+
+    def drop_device(self, voice: object) -> None:
+        self.bank.pop(voice, None)
+
+    def device_voices(self) -> int:
+        return len(self.bank)
 
     def warmup(self) -> float:
         return 1.0

@@ -34,6 +34,7 @@ from tests.test_service_engine import (
     sine_wav,
     upload,
 )
+from tests.test_service_worker import FakeBank
 
 # 2. memory: indexes bounded by their size once loaded, the host cache in bytes, probes bounded
 
@@ -76,7 +77,7 @@ def test_host_cache_is_bounded_in_bytes_and_drops_device_copies_with_host_ones()
     """Was: 64 entries whatever each held. Here one voice is 50 bytes, another 30, the budget 100."""
     sizes = {"big": 50, "a": 30, "b": 30, "huge": 500}
     loads: list[str] = []
-    cache: VoiceCache[str, str] = VoiceCache(8, 100, to_device=str.upper, size_of=lambda h: sizes[h])
+    cache: VoiceCache[str] = VoiceCache(100, lambda h: sizes[h], FakeBank(8))
 
     def get(key: str) -> str:
         return cache.get(key, lambda: loads.append(key) or key)[1]

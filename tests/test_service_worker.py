@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rvc_lora.adapters import AdapterInfo
+from rvc_lora.errors import AdapterError
 from service.cache import VoiceCache
 from service.engine import ConvertOptions
 from service.errors import ClientGone, QueueFull, ServiceStopping
@@ -99,20 +100,70 @@ def test_throughput_estimate() -> None:
 
 # cache tiers
 
+class FakeBank:
+    """A device tier of `slots` voices, LRU, with pins, as `AdapterBank` keeps them (voices are their keys)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots, self.resident, self.pinned = slots, list[str](), set[str]()  # resident: LRU first
+        self.copies: list[str] = []
+
+    def to_device(self, voice: str) -> bool:
+        if voice in self.resident:
+            self.resident.remove(voice)
+            self.resident.append(voice)
+            return True
+        if len(self.resident) == self.slots:
+            self.resident.remove(next(v for v in self.resident if v not in self.pinned))  # StopIteration: all pinned
+        self.resident.append(voice)
+        self.copies.append(voice)
+        return False
+
+    def drop_device(self, voice: str) -> None:
+        if voice not in self.pinned and voice in self.resident:
+            self.resident.remove(voice)
+
+    def device_voices(self) -> int:
+        return len(self.resident)
+
+
 def test_voice_cache_tiers_and_lru() -> None:
     loads: list[str] = []
-    cache: VoiceCache[str, str] = VoiceCache(2, 3, to_device=lambda h: h.upper(), size_of=lambda _: 1)
+    bank = FakeBank(2)
+    cache: VoiceCache[str] = VoiceCache(3, lambda _: 1, bank)
 
     def get(key: str) -> str:
         return cache.get(key, lambda: loads.append(key) or key)[1]
 
-    assert [get(k) for k in ("a", "b", "a", "c")] == ["disk", "disk", "device", "disk"]  # device: a, c
-    assert get("b") == "host" and get("a") == "host"  # b was evicted from the device, not from the host
-    assert [get(k) for k in ("d", "b")] == ["disk", "host"]  # d evicts c (host LRU: c, a, b -> a, b, d)
-    assert get("c") == "disk"
+    assert [get(k) for k in ("a", "b", "a", "c")] == ["disk", "disk", "device", "disk"]  # c takes b's slot (LRU)
+    assert get("b") == "host" and bank.resident == ["c", "b"]  # b left the bank, not the host: one copy back in
+    assert get("d") == "disk" and bank.resident == ["b", "d"]  # a left the host (LRU a, c, b -> c, b, d)
+    assert get("b") == "device" and get("a") == "disk"
     assert cache.sizes() == (2, 3)
-    cache.discard("c")
-    assert get("c") == "disk" and loads == ["a", "b", "c", "d", "c", "c"]
+    cache.discard("a")
+    assert bank.resident == ["b"] and get("a") == "disk" and loads == ["a", "b", "c", "d", "a", "a"]
+    assert bank.copies == ["a", "b", "c", "b", "d", "a", "a"]  # one copy per host hit or disk load, none per hit
+
+
+def test_a_voice_leaves_the_bank_with_its_host_copy() -> None:
+    """A request needs its voice's index too, which only the host copy holds: no resident voice without one."""
+    bank = FakeBank(8)
+    cache: VoiceCache[str] = VoiceCache(2, lambda _: 1, bank)
+    for key in "abc":
+        cache.get(key, lambda key=key: key)  # type: ignore[misc]
+    assert bank.resident == ["b", "c"] and cache.sizes() == (2, 2)
+
+
+def test_voice_cache_failed_load_changes_nothing() -> None:
+    bank = FakeBank(2)
+    cache: VoiceCache[str] = VoiceCache(3, lambda _: 1, bank)
+    cache.get("a", lambda: "a")
+
+    def bad() -> str:
+        raise AdapterError("a.safetensors: not made for this base")
+
+    with pytest.raises(AdapterError):
+        cache.get("b", bad)
+    assert (cache.sizes(), bank.resident, bank.copies) == ((1, 1), ["a"], ["a"])
 
 
 # the worker

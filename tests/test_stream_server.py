@@ -326,22 +326,26 @@ def test_an_adapter_deleted_mid_stream_keeps_its_voice(service: str) -> None:
     assert close_code(service, config(adapter="voice2"), AUTH)[0] == 4404  # a new stream cannot open it
 
 
+@pytest.mark.parametrize("delete_midway", [False, True])
 def test_without_batching_blocks_run_whole_and_equal_the_library_exactly(
-        tiny_service_assets: dict[str, Path | list[Path]], tmp_path: Path) -> None:
+        tiny_service_assets: dict[str, Path | list[Path]], tmp_path: Path, delete_midway: bool) -> None:
     """RVC_LORA_BATCHING=false keeps the one-at-a-time path: each block is `StreamConverter.process` on the device
-    thread, so the server's stream is the library's bit for bit (no batch moved a float), and no batch ran."""
+    thread, in the stream's adapter bank slot, so the server's stream is the library's bit for bit (no batch moved
+    a float), and no batch ran. `delete_midway`: the stream's adapter is deleted and another voice takes the only
+    slot; the stream's next block loads its voice again from the host copy it kept, and the output does not change."""
     from starlette.testclient import TestClient
 
     from rvc_lora.pipeline.converter import VoiceConverter
     from rvc_lora.stream import StreamConverter
     from service.app import create_app
     from service.settings import Settings
+    from tests.test_service_engine import sine_wav
 
     adapters = tiny_service_assets["adapters"]
     assert isinstance(adapters, list)
     settings = Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], device="cpu",
-                        adapter_dir=tmp_path / "store", warmup=False, batching=False,
-                        seed_adapters={"voice0": str(adapters[0])})
+                        adapter_dir=tmp_path / "store", warmup=False, batching=False, bank_slots=1,
+                        seed_adapters={"voice0": str(adapters[0]), "voice1": str(adapters[1])})
     x = _input(0, 16000, 1)
     vc = VoiceConverter.from_files(tiny_service_assets["model"], tiny_service_assets["hubert"],  # type: ignore[arg-type]
                                    device="cpu")
@@ -350,17 +354,23 @@ def test_without_batching_blocks_run_whole_and_equal_the_library_exactly(
     padded = np.zeros(blocks.size, np.float32)
     padded[: len(x)] = x
     with TestClient(create_app(settings)) as http:
-        for _ in range(600):  # the seed adapter is stored in the background
-            if http.get("/adapters").json()["adapters"]:
+        for _ in range(600):  # the seed adapters are stored in the background
+            if len(http.get("/adapters").json()["adapters"]) == 2:
                 break
             time.sleep(0.1)
+        ids = {a["name"]: a["id"] for a in http.get("/adapters").json()["adapters"]}
         with http.websocket_connect("/stream") as ws:
             ws.send_text(json.dumps({"adapter": "voice0", "format": "float32", "sample_rate": 16000,
                                      **PARAMS.to_dict()}))
             ready = ws.receive_json()
             assert ready["type"] == "ready" and ready["block_samples"] == blocks.shape[1]
             got = []
-            for block in padded.reshape(blocks.shape):
+            for i, block in enumerate(padded.reshape(blocks.shape)):
+                if delete_midway and i == len(blocks) // 2:
+                    assert http.delete(f"/adapters/{ids['voice0']}").status_code in (200, 204)
+                    r = http.post("/convert", data={"adapter": "voice1", "seed": "1"},
+                                  files={"audio": ("a.wav", sine_wav(0.3))})
+                    assert (r.status_code, r.headers["X-Adapter-Cache"]) == (200, "miss"), r.text
                 ws.send_bytes(block.tobytes())
                 assert ws.receive_json()["type"] == "block"
                 got.append(np.frombuffer(ws.receive_bytes(), np.float32))

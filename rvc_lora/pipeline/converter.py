@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
 from rvc_lora.adapters import Adapter, load_adapter
-from rvc_lora.errors import ParameterError
+from rvc_lora.errors import AdapterError, ParameterError
 from rvc_lora.frames import HOP_16K, SR_16K
 from rvc_lora.lora import LoRAConfig
 from rvc_lora.models.generator import GeneratorNSF
@@ -199,8 +199,14 @@ class VoiceConverter:
             adapter = last[1] if last is not None and last[0] is adapter else self._remember(adapter)
         elif adapter is not None and not isinstance(adapter, PreparedAdapter):
             adapter = self.prepare(adapter)
-        if adapter is not None and adapter is self.model.slots.resident:  # the model's record: an adapter bank
-            # over this model writes its resident slots too
+        slots = self.model.slots
+        if slots.bound:  # an `AdapterBank` runs the model in one of its slots: that slot is the voice
+            if adapter is not slots.resident:
+                raise AdapterError("the model runs in an adapter bank slot holding another voice (AdapterBank.bound); "
+                                   "pass the voice bound there")
+            return False
+        if adapter is not None and adapter is slots.resident:  # the model's record: an adapter bank over this
+            # model writes its resident slots too
             return False
         self.model.swap(adapter)
         return True

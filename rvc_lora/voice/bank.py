@@ -8,7 +8,11 @@ slot's views. Nothing is reallocated afterwards (`data_ptr()`s stay put).
 
 A batch acquires the slot of each voice it uses (`acquire`, loading the voice into a free or the least
 recently used unpinned slot if it is not resident) and releases them when its forward is done; a pinned slot
-is never evicted, and `BankFullError` says every slot is pinned. `synthesize(rows, slots)` gathers each row's
+is never evicted, and `BankFullError` says every slot is pinned (nothing is loaded or evicted then). The
+prepared adapter may live in host memory (pinned on CUDA): the load is then the host -> device copy itself,
+still one fused copy into the slot, so the bank is the device tier of a voice cache and nothing else holds a
+device copy. `bound(slot, voice)` runs the model's own forward (`VoiceConverter.convert`, a stream block) in
+a slot's voice without copying it into slot 0. `synthesize(rows, slots)` gathers each row's
 A, B and full-delta values from the bank (`index_select`: one gather per tensor, no loop over rows) and runs
 `rvc_lora.models.rows.infer_padded` under `torch.func.vmap` with them: each LoRA layer's fused weight
 `W + B_row @ A_row` then becomes a grouped convolution over the rows. A batch in a single voice skips the
@@ -169,6 +173,26 @@ class AdapterBank:
         """How many holders pin `slot` now."""
         return self._pins[slot]
 
+    def holds(self, key: Hashable) -> bool:
+        """Whether voice `key` is resident in a slot now."""
+        self._sync_slot0()
+        return key in self._where
+
+    @property
+    def voices(self) -> int:
+        """How many named voices the slots hold (a read only: callable from another thread for a gauge; slot 0
+        may have been swapped since, which the next `acquire` notices)."""
+        return len(self._where)
+
+    def discard(self, key: Hashable) -> None:
+        """Forget voice `key` unless a holder pins its slot (its cache entry left, its adapter was deleted): the
+        slot is then the first one `acquire` loads. Its weights stay until then (nothing is copied here)."""
+        slot = self._where.get(key)
+        if slot is not None and self._pins[slot] == 0:
+            del self._where[key]
+            self._keys[slot] = None
+            self._lru.move_to_end(slot, last=False)
+
     def acquire(self, key: Hashable, prepared: PreparedAdapter | None) -> Slot:
         """The slot holding voice `key` (loading `prepared` into a free or the least recently used unpinned slot
         if it is not resident), pinned until `release`. `prepared` None is the base voice: no slot, None.
@@ -212,8 +236,28 @@ class AdapterBank:
             for slot in slots:
                 self.release(slot)
 
+    @contextmanager
+    def bound(self, slot: Slot, voice: PreparedAdapter | None) -> Iterator[None]:
+        """Inside the block the model computes in `slot`'s voice (from `acquire`; None: the base voice) without
+        any copy: `voice`, the adapter acquired for it, is the model's `slots.resident` and `slots.bound` is
+        set, so `VoiceConverter.use_adapter(voice)` copies nothing and a `swap` is refused."""
+        if slot is not None and self._pins[slot] < 1:
+            raise ConfigError(f"slot {slot} is not acquired (acquire it before binding it, release it after)")
+        slots = self.model.slots
+        if slots.bound:
+            raise ConfigError("the model is bound to a bank slot already")
+        saved = slots.resident
+        slots.resident, slots.bound = voice, True
+        try:
+            with self._bound(slot):
+                yield
+        finally:
+            slots.resident, slots.bound = saved, False
+
     def _sync_slot0(self) -> None:
         """Slot 0 is the model's resident memory: a `swap` outside the bank replaced what it holds."""
+        if self.model.slots.bound:  # `resident` is the bound slot's voice for now, not slot 0's
+            return
         current = self.model.slots.resident
         if current is not self._loaded[0]:
             self._loaded[0] = current
@@ -238,7 +282,7 @@ class AdapterBank:
         dst, extra, zero = self._plan(slot, prepared.layers, prepared.ranks, prepared.deltas)
         n, d = len(prepared.layers), len(prepared.deltas)
         src = [*prepared.tensors[: 2 * n + d], *extra]
-        torch._foreach_copy_(dst, src)
+        torch._foreach_copy_(dst, src, non_blocking=True)  # from pinned host memory: an async DMA in stream order
         if zero:
             torch._foreach_zero_(zero)
         self._loaded[slot] = prepared

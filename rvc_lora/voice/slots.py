@@ -109,6 +109,9 @@ class ResidentSlots:
         self._plans: dict[tuple[tuple[int, ...], Ranks, tuple[int, ...]], _Plan] = {}
         self._zeros: dict[tuple[Ranks, Ranks], list[Tensor]] = {}
         self.resident: PreparedAdapter | None = None  # what the last swap loaded (None: the base voice)
+        # True while an `AdapterBank` runs the model in one of its slots (`AdapterBank.bound`): `resident` is then
+        # that slot's voice and a swap would write into the bound slot's views, so `swap` refuses
+        self.bound = False
 
     # --- checks, once per adapter -------------------------------------------------------------------------------
     def check(self, adapter: Adapter, source: str | None = None) -> None:
@@ -207,6 +210,8 @@ class ResidentSlots:
     def swap(self, prepared: PreparedAdapter | None) -> None:
         """Make `prepared` resident (None: the base voice), in place: one fused copy of the adapter's own rank,
         one fused zero of what the previous adapter left beyond it."""
+        if self.bound:
+            raise AdapterError("the model runs in an adapter bank slot now (AdapterBank.bound); swap after the block")
         if prepared is None:
             layers: tuple[int, ...] = ()
             ranks: Ranks = ()

@@ -44,7 +44,9 @@ AUDIO_HEADERS = {
     "X-F0-Method": {"description": "the f0 method that ran (the request's, or the server's default); 'none' for a "
                     "model without f0 input", "schema": {"type": "string"}},
     "X-Adapter": {"description": "adapter id used, or 'base'", "schema": {"type": "string"}},
-    "X-Adapter-Cache": {"description": "hit: the adapter was already on the device; miss: it was loaded",
+    "X-Adapter-Cache": {"description": "hit: the adapter was resident in an adapter bank slot on the device; miss: "
+                        "it was copied into one (from host memory, or read from disk first; the "
+                        "rvc_lora_adapter_cache_lookups_total metric says which)",
                         "schema": {"type": "string", "enum": ["hit", "miss"]}},
 }
 _TOKEN = re.compile(r"[^A-Za-z0-9_-]")
