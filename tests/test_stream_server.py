@@ -396,7 +396,7 @@ def test_a_stream_out_of_device_memory_closes_with_4503_and_the_others_go_on(
     from service.rvc_engine import load_engine
     from service.settings import Settings
 
-    armed = threading.Event()  # after the seed adapter's store-time check, which synthesizes in it
+    armed = threading.Event()  # once both streams are open (the store-time check and the open hold the bank)
 
     def factory(settings: Settings) -> object:
         engine: Any = load_engine(settings)
@@ -433,11 +433,11 @@ def test_a_stream_out_of_device_memory_closes_with_4503_and_the_others_go_on(
             if http.get("/adapters").json()["adapters"]:
                 break
             time.sleep(0.1)
-        armed.set()
         with http.websocket_connect("/stream") as voiced, http.websocket_connect("/stream") as base:
             voiced.send_text(json.dumps({"adapter": "voice0", **json.loads(opening)}))
             base.send_text(opening)
             assert voiced.receive_json()["type"] == base.receive_json()["type"] == "ready"
+            armed.set()  # opened: voice0 is in its bank slot (loading it holds the bank too)
             got = []
             for i, block in enumerate(blocks):
                 base.send_bytes(block.tobytes())
