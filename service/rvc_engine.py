@@ -315,7 +315,8 @@ class RVCEngine:
             return stream.process(block)
 
     def stream_alone(self, stream: Any, step: Any) -> Any:
-        """Device thread: a block `stream_block` gave no row for, synthesized alone in the stream's bank slot."""
+        """Device thread: a block `stream_blocks` gave no row for (a shifted formant), synthesized alone in the
+        stream's bank slot."""
         with self._in_voice(stream.adapter, stream.bank_key):
             return stream.finish(step, stream.synthesize(step))
 
