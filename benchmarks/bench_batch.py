@@ -35,6 +35,7 @@ from rvc_lora import SynthConfig, build_synthesizer
 from rvc_lora.adapters import Adapter, AdapterInfo
 from rvc_lora.demo import V2_40K_CONFIG
 from rvc_lora.frames import FRAMES_PER_S
+from rvc_lora.host_memory import DEFAULT_MALLOC_REUSE_BYTES, reuse_freed_memory
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, SynthRow, make_row, serving_layout
 
@@ -141,7 +142,7 @@ def run_serial(model: SynthesizerLoRA, voices: list[PreparedAdapter], solo: list
 
 @torch.no_grad()
 def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int, device: str,
-                dtype: torch.dtype, loads: int) -> list[str]:
+                dtype: torch.dtype, loads: int, way: str = "default") -> list[str]:
     config, rank = MODELS[name]
     cfg = SynthConfig.from_list(config, version="v2", f0=True)
     torch.manual_seed(0)
@@ -151,11 +152,13 @@ def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int
     voices: list[PreparedAdapter] = [model.prepare(random_adapter(model, seed)) for seed in range(most)]
     before = allocated(device)
     bank = AdapterBank(model, most + 1)
+    if way != "default":
+        bank.strategy = way  # type: ignore[assignment]  # one of Strategy's values (argparse choices)
     measured = (allocated(device) - before) / (bank.size - 1)  # slot 0 is the model's own memory
     bank.acquire("serial", voices[0])  # pins slot 0 for good: the serial runs swap their voices through it
+    slot_note = f" (device allocation per slot measured: {measured / 2**20:.2f} MiB)" if device == "cuda" else ""
     print(f"{name}: serving layout r={rank}, {dtype}, bank of {bank.size} slots, {bank.slot_nbytes / 2**20:.2f} MiB "
-          f"per slot" + (f" (device allocation per slot measured: {measured / 2**20:.2f} MiB)" if device == "cuda"
-                         else ""), flush=True)
+          f"per slot{slot_note}, several voices: {bank.strategy}", flush=True)
     lines = []
     for chunk_s in chunks:
         frames = round(chunk_s * FRAMES_PER_S)
@@ -165,7 +168,7 @@ def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int
             serial = functools.partial(run_serial, model, voices[:b], solo)
             with bank.hold([(i, voices[i]) for i in range(b)]) as slots:
                 batch = functools.partial(bank.synthesize, rows, slots)
-                for _ in range(2 * bank.chooser.trials):  # the chooser's trials: both ways measured
+                for _ in range(2 * bank.chooser.trials if bank.strategy == "auto" else 1):  # warm-up; auto: its trials
                     batch()
                 peak = ""
                 if device == "cuda":  # activations of one batch, the way the chooser settled on
@@ -197,7 +200,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="model and rows (the service runs float16 on CUDA)")
     parser.add_argument("--loads", type=int, default=50, help="bank slot loads timed after the table (0: none)")
+    parser.add_argument("--way", choices=["default", "auto", "by_voice", "vmap"], default="default",
+                        help="how several voices run (the bank's strategy; default: the bank's own for the device, "
+                             "by_voice on a CPU, auto elsewhere)")
     args = parser.parse_args()
+    reuse_freed_memory(DEFAULT_MALLOC_REUSE_BYTES)  # as the service and `rvc-lora convert` do
     batches = [int(x) for x in args.batches.split(",")]
     full_batches = [int(x) for x in args.full_batches.split(",")]
     chunks = [float(x) for x in args.chunks.split(",")]
@@ -207,7 +214,7 @@ def main() -> None:
           ("  peak MiB" if args.device == "cuda" else ""))
     for name in args.models.split(","):
         bench_model(name, full_batches if name == "full" else batches, chunks, args.repeats, args.device,
-                    getattr(torch, args.dtype), args.loads)
+                    getattr(torch, args.dtype), args.loads, args.way)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 from rvc_lora import save_adapter
 from rvc_lora.demo import ensure_demo_assets, speech_like
+from rvc_lora.host_memory import DEFAULT_MALLOC_REUSE_BYTES, reuse_freed_memory
 from rvc_lora.pipeline.converter import VoiceConverter
 from rvc_lora.stream import StreamConverter, StreamParams
 from rvc_lora.stream.converter import STAGES, StreamBlock, begin_blocks
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--streams", default="", help="comma-separated Ns to measure instead of the search "
                         "(block compute and server time at N streams, e.g. 1,4,8 to compare modes under load)")
     args = parser.parse_args()
+    reuse_freed_memory(DEFAULT_MALLOC_REUSE_BYTES)  # as the service does
     fixed = [int(n) for n in args.streams.split(",") if n]
     modes = args.modes.split(",")
     if not set(modes) <= {"serial", "batched"}:

@@ -109,6 +109,8 @@ class RVCEngine:
         self._max_index_bytes = settings.max_index_memory_bytes
         # K adapter slots: the device tier of voices, and the voices one batch can mix (slot 0 is the resident memory)
         self._bank = AdapterBank(model, settings.bank_slots)
+        if settings.batch_way is not None:
+            self._bank.strategy = settings.batch_way
         self._info = dataclasses.replace(self._info, bank_slots=self._bank.size,
                                          bank_slot_bytes=self._bank.slot_nbytes)
 

@@ -22,9 +22,16 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_cpu_threads() -> int:
-    """The cores this process may use, at most 4: the device thread and torch's own threads need cores too."""
-    return max(1, min(4, usable_cores()))
+def stage_threads(cpu_threads: int | None, device: str) -> int:
+    """Threads for the pipelined worker's CPU stages (`Settings.cpu_threads`); 0 runs them on the device thread.
+
+    Unset: 0 when the model runs on the CPU, whose cores are torch's: a stage running beside it takes a core away
+    in the middle of torch's parallel regions, which then wait for it (on the 2-core CPU a 30%-busy thread beside
+    a conversion made it 35% slower, so overlapping the stages lost more than it won). On an accelerator, the
+    cores, at most 4 (the device thread and the event loop need cores too)."""
+    if cpu_threads is not None:
+        return cpu_threads
+    return 0 if device == "cpu" else max(1, min(4, usable_cores()))
 
 
 class Settings(BaseSettings):
@@ -101,12 +108,17 @@ class Settings(BaseSettings):
                            "one request at a time, start to end, on the device thread")
     max_batch_frames: int = Field(default=8000, ge=1, description="synthesizer frames (10 ms each) per batch; a "
                                   "single longer chunk runs alone")
-    cpu_threads: int = Field(default_factory=default_cpu_threads, ge=1, description="threads for the CPU stages "
-                             "(high-pass, pm/harvest f0, index search, assembly); default: the cores, at most 4")
+    cpu_threads: int | None = Field(default=None, ge=0, description="threads for the CPU stages (high-pass, "
+                                    "pm/harvest f0, index search, assembly); 0: on the device thread; unset: 0 when "
+                                    "the device is the CPU (its cores run torch), else the cores, at most 4")
     bank_slots: int = Field(default=8, ge=1, le=256, description="adapter slots on the device, the device tier "
                             "of voices (LRU of unpinned slots; each a copy of the LoRA slot tensors, bytes per slot "
                             "in GET /model and metrics): a batch mixes at most this many voices; 1 keeps the memory "
                             "of one resident adapter")
+    batch_way: Literal["auto", "by_voice", "vmap"] | None = Field(
+        default=None, description="how a batch of several voices runs (`Strategy` in rvc_lora/voice/bank.py): "
+        "by_voice, one forward per voice; vmap, one forward with each row's adapter; auto, whichever measured "
+        "faster per batch shape; unset: by_voice on a CPU, auto on an accelerator")
     pipeline_jobs: int = Field(default=16, ge=1, description="requests in the pipeline at once (the others wait in "
                                "the queue); more give larger batches and hold more memory")
     torch_threads: int | None = Field(default=None, ge=1, description="torch's threads per operation; unset: "

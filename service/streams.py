@@ -23,8 +23,8 @@ Protocol (JSON text messages and binary audio frames; README "Realtime streams" 
 
 Close codes: 4400 malformed config or message, 4401 unauthorized, 4404 unknown adapter, 4408 client not
 reading (or no config in time), 4413 more than `stream_buffer_s` of audio waiting, 4429 too many streams
-(`max_streams`), 4503 not ready, shutting down, or the device out of memory for a block (try again in a few
-seconds; `rvc_lora_stream_out_of_memory_total`), 1011 internal error.
+(`max_streams`), 4503 not ready, shutting down, or the device out of memory opening the stream or for a block
+(try again in a few seconds; `rvc_lora_stream_out_of_memory_total`), 1011 internal error.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class StreamMetrics:
         self.late = Counter("rvc_lora_stream_late_blocks_total", "realtime blocks sent later than one block time "
                             "after their input was complete", registry=registry)
         self.out_of_memory = Counter("rvc_lora_stream_out_of_memory_total", "realtime streams closed (4503) "
-                                     "because the device ran out of memory for one of their blocks",
+                                     "because the device ran out of memory opening them or for one of their blocks",
                                      registry=registry)
         self.closed = Counter("rvc_lora_streams_closed_total", "realtime streams ended, by close code", ["code"],
                               registry=registry)
@@ -258,9 +258,13 @@ class StreamSession:
             voice = None if rec is None else worker.voice(rec)[0]
             return open_stream(config.params, config.sample_rate, config.channels, voice)
 
+        stage = getattr(engine, "stream_stage", None)  # device out of memory -> DeviceOutOfMemory (the engine's rule)
         with self.store.lease(rec):
             try:
-                return await worker.on_device(build)
+                return await worker.on_device(build if stage is None else functools.partial(stage, build))
+            except DeviceOutOfMemory as exc:  # loading the voice into a bank slot, or the stream's buffers
+                self.hub.metrics.out_of_memory.inc()
+                raise StreamClosed(4503, f"opening the stream: {exc}") from exc
             except AdapterNotFoundError as exc:
                 raise StreamClosed(4404, str(exc)) from exc
             except ParameterError as exc:

@@ -7,13 +7,13 @@ may overtake it, at most `max_bypass` times. A job whose client left (or whose d
 at once and its remaining work never reaches the device. An exception inside one job fails that job only.
 
 Two ways to run a job (`Settings.batching`):
-- pipelined (default): up to `pipeline_jobs` jobs at once, each through its `Stages` (`service/engine.py`):
-  CPU stages on `cpu_threads` threads, content features on the device thread, and synthesizer rows
-  gathered by `_batches`, which hands the device the rows ready at that moment (realtime stream blocks first,
-  then oldest job first, up to `max_batch_frames`) in one `Engine.synthesize` call. A request has at most one
-  row waiting, so a long input's chunks take turns with short requests. A failing batch is split in halves and
-  retried down to single rows, so one bad row fails its request only; a single row out of device memory sends
-  its request through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
+- pipelined (default): up to `pipeline_jobs` jobs at once, each through its `Stages` (`service/engine.py`): CPU
+  stages on `cpu_threads` threads (on the device thread when the device is the CPU), content features on the device
+  thread, and synthesizer rows gathered by `_batches`, which hands the device the rows ready at that moment
+  (realtime stream blocks first, then oldest job first, up to `max_batch_frames`) in one `Engine.synthesize` call. A
+  request has at most one row waiting, so a long input's chunks take turns with short requests. A failing batch is
+  split in halves and retried down to single rows, so one bad row fails its request only; a single row out of device
+  memory sends its request through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
 - one at a time: each job start to end on the device thread (`Engine.convert` / `Engine.infer`).
 """
 
@@ -50,7 +50,7 @@ from service.errors import (
 )
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, stage_threads
 from service.store import AdapterStore, StoredAdapter
 from service.threads import SerialThread
 
@@ -475,7 +475,10 @@ class Worker:
         if not await self._load():
             return
         if self.settings.batching:
-            self._cpu = concurrent.futures.ThreadPoolExecutor(self.settings.cpu_threads, thread_name_prefix="rvc-cpu")
+            assert self._engine is not None
+            threads = stage_threads(self.settings.cpu_threads, self._engine.info.device)
+            if threads:
+                self._cpu = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rvc-cpu")
             self._room = asyncio.Semaphore(self.settings.pipeline_jobs)
             self._busy = (time.perf_counter(), self._device.busy_s)
             self._batcher = asyncio.get_running_loop().create_task(self._batches(), name="rvc-batches")
@@ -642,8 +645,9 @@ class Worker:
         self._finish(job, outcome, queue_s)
 
     async def _through_stages(self, job: Job) -> tuple[Rendered, str | None]:
-        assert self._engine is not None and self._cpu is not None
-        engine, cpu, device = self._engine, self._cpu, self._device.submit
+        assert self._engine is not None
+        engine, device = self._engine, self._device.submit
+        cpu = device if self._cpu is None else self._cpu.submit
         voice, tier = None, None
         if job.adapter is not None:
             rec = job.adapter
@@ -654,13 +658,12 @@ class Worker:
             rendered = await self._stage(job, "infer", device, lambda: engine.infer(work, voice))
             return self._checked(job, rendered), tier
         stages = engine.stages(work.audio16k, work.options, voice)
-        chunks = await self._stage(job, "prepare", device if stages.prepare_on_device else cpu.submit,
-                                   stages.prepare)
+        chunks = await self._stage(job, "prepare", device if stages.prepare_on_device else cpu, stages.prepare)
         outputs = []
         try:
             for i in range(chunks):
                 encoded = await self._stage(job, "encode", device, functools.partial(stages.encode, i))
-                row = await self._stage(job, "row", cpu.submit, functools.partial(stages.row, i, encoded))
+                row = await self._stage(job, "row", cpu, functools.partial(stages.row, i, encoded))
                 outputs.append(await self._synthesized(job, row, job.audio_s / chunks))
         except DeviceOutOfMemory:  # alone, one row is too much: the whole conversion in shorter chunks, or 503
             log.warning("device out of memory for one row: converting the request start to end")
@@ -668,7 +671,7 @@ class Worker:
             rendered = await self._stage(job, "convert", device,
                                          lambda: engine.convert(work.audio16k, work.options, voice))
             return self._checked(job, rendered), tier
-        rendered = await self._stage(job, "finish", cpu.submit, functools.partial(stages.finish, outputs))
+        rendered = await self._stage(job, "finish", cpu, functools.partial(stages.finish, outputs))
         return self._checked(job, rendered), tier
 
     async def _stage(self, job: Job, name: str, submit: Callable[[Callable[[], T]], concurrent.futures.Future[T]],

@@ -13,7 +13,7 @@ from rvc_lora.adapters import Adapter, AdapterInfo
 from rvc_lora.errors import AdapterError, BankFullError, ConfigError
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, make_row, serving_layout, synthesize_rows
-from rvc_lora.voice.bank import Strategy, WayChooser
+from rvc_lora.voice.bank import Strategy, WayChooser, default_strategy
 from tests.conftest import run_infer, tiny_inputs, tiny_model
 
 TOL = 1e-4
@@ -336,6 +336,9 @@ def test_auto_runs_either_way_with_the_same_audio() -> None:
     model = _model()
     voices = [model.prepare(_adapter(model, s, 4)) for s in (1, 2)]
     bank = AdapterBank(model, 2)
+    assert bank.strategy == default_strategy(torch.device("cpu")) == "by_voice"  # a CPU bank's own choice
+    assert default_strategy(torch.device("cuda")) == "auto"
+    bank.strategy = "auto"
     inputs = [_inputs(model, frames, seed=i) for i, frames in enumerate((9, 13))]
     outs = []
     with bank.hold([(0, voices[0]), (1, voices[1])]) as slots:

@@ -4,6 +4,7 @@ turns with short requests, and a failing row fails its own request only."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import re
 import threading
@@ -19,13 +20,21 @@ import soundfile as sf
 import torch
 
 from service.app import create_app
-from service.engine import ConvertOptions, Rendered, Row
+from service.engine import ConvertOptions, ModelInfo, Rendered, Row
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AdapterStore
 from service.worker import ConvertWork, Job, Worker
-from tests.test_service_engine import FAIL_SEED, BlockingEngine, FakeEngine, running_app, sine_wav
+from tests.test_service_engine import (
+    FAIL_SEED,
+    FAKE_INFO,
+    BlockingEngine,
+    FakeEngine,
+    FakeStages,
+    running_app,
+    sine_wav,
+)
 
 N_REQUESTS = 40
 
@@ -64,9 +73,10 @@ async def test_concurrent_seeded_requests_equal_solo_requests_with_batching(
         tmp_path: Path, tiny_service_assets: dict[str, Any]) -> None:
     """40 concurrent seeded /convert over 8 adapters and the base voice (real engine, tiny models, batching on,
     4 bank slots so that batches also cycle voices through the slots): each response's samples equal the same
-    request sent alone to within 1 int16 unit, not byte for byte: the bank's forward of a padded batch (vmap over
-    rows) sums floats in another order than its forward of one row, which moves a few samples across a rounding
-    edge (measured: 37 of the 40 responses have some sample 1 unit off, none more)."""
+    request sent alone to within 1 int16 unit, not byte for byte: a padded batch of several rows (one forward per
+    voice, the CPU default; vmap over rows where the bank picks it) sums floats in another order than the forward of one
+    row, which moves a few samples across a rounding edge (measured: 20 of the 40 responses have some sample 1
+    unit off, none more; 37 with vmap)."""
     model = tiny_service_assets["model"]
     adapters = [*tiny_service_assets["adapters"], *_more_adapters(model, tmp_path, (11, 12, 13, 14))]
     settings = Settings(model=model, hubert=tiny_service_assets["hubert"], max_rank=8, adapter_dir=tmp_path / "store",
@@ -115,6 +125,77 @@ def test_the_engine_sets_torch_threads_only_when_told(tiny_service_assets: dict[
     load_engine(Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], max_rank=8,
                          torch_threads=told))
     assert torch.get_num_threads() == told
+
+
+
+def test_a_cpu_engine_batches_voices_one_forward_each_unless_told(tiny_service_assets: dict[str, Any]) -> None:
+    """The bank's way for several voices: unset, its CPU default (`by_voice`: vmap's trials cost whole batches and
+    it never won on a CPU); set, what the operator chose. The setting's choices are the bank's."""
+    from typing import get_args
+
+    from rvc_lora.voice.bank import Strategy
+    from service.rvc_engine import RVCEngine
+
+    assets = {"model": tiny_service_assets["model"], "hubert": tiny_service_assets["hubert"], "max_rank": 8}
+    assert RVCEngine(Settings(**assets))._bank.strategy == "by_voice"
+    for way in get_args(Strategy):
+        assert RVCEngine(Settings(**assets, batch_way=way))._bank.strategy == way
+    assert set(get_args(get_args(Settings.model_fields["batch_way"].annotation)[0])) == set(get_args(Strategy))
+    with pytest.raises(ValueError, match="batch_way"):
+        Settings(**assets, batch_way="fastest")
+
+class StageThreadsEngine(FakeEngine):
+    """A fake on `device` that records which thread ran each stage of a conversion."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+        self.ran: dict[str, set[str]] = {}
+
+    @property
+    def info(self) -> ModelInfo:
+        return dataclasses.replace(FAKE_INFO, device=self.device)
+
+    def stages(self, audio16k: np.ndarray, options: ConvertOptions, voice: object | None) -> FakeStages:
+        ran = self.ran
+
+        class Recording(FakeStages):
+            def prepare(self) -> int:
+                ran.setdefault("prepare", set()).add(threading.current_thread().name)
+                return super().prepare()
+
+            def row(self, i: int, encoded: object) -> Row:
+                ran.setdefault("row", set()).add(threading.current_thread().name)
+                return super().row(i, encoded)
+
+            def finish(self, outputs: Sequence[np.ndarray]) -> Rendered:
+                ran.setdefault("finish", set()).add(threading.current_thread().name)
+                return super().finish(outputs)
+
+        return Recording(audio16k, options, voice)
+
+
+@pytest.mark.parametrize(("device", "cpu_threads", "where"), [
+    ("cpu", None, "rvc-device"),  # the CPU is the device: its cores are torch's, the stages take turns with it
+    ("cuda", None, "rvc-cpu"),
+    ("cuda", 0, "rvc-device"),
+    ("cpu", 2, "rvc-cpu"),
+])
+def test_cpu_stages_run_on_the_device_thread_when_the_device_is_the_cpu(
+        tmp_path: Path, device: str, cpu_threads: int | None, where: str) -> None:
+    engine = StageThreadsEngine(device)
+    with running_app(tmp_path, engine, batching=True, cpu_threads=cpu_threads) as client:
+        for seed in range(3):
+            r = client.post("/convert", data={"seed": str(seed)}, files={"audio": ("in.wav", sine_wav(0.3))})
+            assert r.status_code == 200, r.text
+    assert set(engine.ran) == {"prepare", "row", "finish"}
+    for stage, threads in engine.ran.items():
+        assert {name.split("_")[0] for name in threads} == {where}, (stage, threads)
+
+
+def test_stage_threads_setting_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cpu_threads"):
+        Settings(adapter_dir=tmp_path, cpu_threads=-1)
 
 
 class ChunkedEngine(FakeEngine):

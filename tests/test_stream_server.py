@@ -460,6 +460,60 @@ def test_a_stream_out_of_device_memory_closes_with_4503_and_the_others_go_on(
     assert 'rvc_lora_streams_closed_total{code="4503"} 1.0' in metrics
 
 
+def test_a_stream_whose_voice_does_not_fit_the_device_is_closed_with_4503(
+        tiny_service_assets: dict[str, Path | list[Path]], tmp_path: Path) -> None:
+    """Opening a stream loads its voice into a bank slot; the device out of memory there closes that stream with
+    4503 (try again) and counts it, as a block's would; a base-voice stream opens and converts beside it."""
+    import torch
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from service.app import create_app
+    from service.rvc_engine import load_engine
+    from service.settings import Settings
+
+    armed = threading.Event()
+
+    def factory(settings: Settings) -> object:
+        engine: Any = load_engine(settings)
+        hold = engine._bank.hold
+
+        def oom_hold(voices: list[tuple[str, object]]) -> object:
+            if armed.is_set() and any(adapter is not None for _, adapter in voices):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return hold(voices)
+
+        engine._bank.hold = oom_hold
+        return engine
+
+    adapters = tiny_service_assets["adapters"]
+    assert isinstance(adapters, list)
+    settings = Settings(model=tiny_service_assets["model"], hubert=tiny_service_assets["hubert"], device="cpu",
+                        adapter_dir=tmp_path / "store", warmup=False, seed_adapters={"voice0": str(adapters[0])})
+    opening = {"format": "float32", "sample_rate": 16000, **PARAMS.to_dict()}
+    block = _input(1, 16000, 1)[: round(PARAMS.block_time * 16000)]
+    with TestClient(create_app(settings, engine_factory=factory)) as http:  # type: ignore[arg-type]
+        for _ in range(600):  # the seed adapter is stored in the background
+            if http.get("/adapters").json()["adapters"]:
+                break
+            time.sleep(0.1)
+        armed.set()
+        with http.websocket_connect("/stream") as voiced:
+            voiced.send_text(json.dumps({"adapter": "voice0", **opening}))
+            with pytest.raises(WebSocketDisconnect) as closed:
+                voiced.receive_json()
+        assert closed.value.code == 4503
+        assert "opening the stream" in closed.value.reason and "out of memory" in closed.value.reason
+        with http.websocket_connect("/stream") as base:
+            base.send_text(json.dumps(opening))
+            assert base.receive_json()["type"] == "ready"
+            base.send_bytes(block.tobytes())
+            assert base.receive_json()["type"] == "block"
+            assert len(base.receive_bytes()) == block.nbytes
+        metrics = http.get("/metrics").text
+    assert "rvc_lora_stream_out_of_memory_total 1.0" in metrics
+    assert 'rvc_lora_streams_closed_total{code="4503"} 1.0' in metrics
+
 def test_engine_stream_blocks_fail_a_block_alone(tiny_service_assets: dict[str, Path | list[Path]],
                                                  tmp_path: Path) -> None:
     """`RVCEngine.stream_blocks`: a block of non-finite samples fails alone (AudioError); the shared content
