@@ -4,8 +4,9 @@ For each model (tiny, full-size v2 40k f0; random weights, serving layout: every
 length and batch size B, B rows of B distinct voices (random adapters filling every slot) are synthesized
   - serially: per row, `swap` the voice into the resident slots and `infer` it (the one-at-a-time worker), and
   - batched: one `AdapterBank.synthesize` over the B rows (slots acquired before timing: loads not counted), its
-    way (`vmap` or `by_voice`, see rvc_lora/voice/bank.py) chosen by the bank's measurements (`auto`, warmed up
-    before timing); the table names the way it ran.
+    way (`vmap` or `by_voice`, see rvc_lora/voice/bank.py) the bank's default for the device (`by_voice` on a
+    CPU, `auto` elsewhere: measured per batch shape, its trials run before timing) or `--way`; the table names
+    the way it ran.
 Rows are seeded; the table also gives the largest difference between a row's batched and serial audio.
 On CUDA the table adds the device memory a batch takes at its peak beyond what was allocated before it
 ("peak MiB": activations per batch), the header the measured device bytes per bank slot, and after the table a
@@ -14,6 +15,7 @@ resident) beside a single-voice `swap`.
 Run:
     .venv/bin/python benchmarks/bench_batch.py [--device cpu|cuda] [--dtype float32|float16] [--models tiny,full]
         [--batches 1,2,4,8,16] [--chunks 1,0.25] [--full-batches 1,2,4] [--repeats 3] [--loads 50]
+        [--way default|auto|by_voice|vmap]
 `--full-batches` limits the full-size model's batch sizes (the 2-core CPU needs minutes per full-size batch of
 16 one-second rows); pass the same list as `--batches` for the whole grid. Prints one table; every number comes
 from this single run.

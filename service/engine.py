@@ -54,6 +54,9 @@ class ModelInfo:
     device: str
     bank_slots: int = 1  # adapter slots on the device, the device tier of voices (RVC_LORA_BANK_SLOTS)
     bank_slot_bytes: int = 0  # device memory one slot holds
+    # how a batch of several voices runs (`rvc_lora.voice.bank.Strategy`): "by_voice" is one forward per voice, so
+    # the pipelined worker gives the device one voice per call (the others' rows need not wait for it)
+    batch_way: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,12 @@ class Extracted:
 class Row:
     """One synthesizer input of a conversion: `frames` 10 ms frames (what the batch budget counts) and the
     engine's own `inputs` (features, pitch, voice, the request's random generator). The worker batches rows of
-    several requests into one `Engine.synthesize` call."""
+    several requests into one `Engine.synthesize` call. `voice`: the row's voice ("" the base voice; None not
+    said), for an engine that runs each voice's rows as their own forward (`ModelInfo.batch_way`)."""
 
     frames: int
     inputs: Any
+    voice: str | None = None
 
 
 class Stages(Protocol):

@@ -112,7 +112,7 @@ class RVCEngine:
         if settings.batch_way is not None:
             self._bank.strategy = settings.batch_way
         self._info = dataclasses.replace(self._info, bank_slots=self._bank.size,
-                                         bank_slot_bytes=self._bank.slot_nbytes)
+                                         bank_slot_bytes=self._bank.slot_nbytes, batch_way=self._bank.strategy)
 
     @property
     def info(self) -> ModelInfo:
@@ -417,7 +417,8 @@ def _stream_row(stream: StreamConverter, taken: StreamInput, feats: Tensor) -> t
     row = stream.row(step)
     if row is None:
         return step, None
-    return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock))
+    voice = "" if stream.adapter is None else stream.bank_key
+    return step, Row(int(step.feats.shape[1]), _RowInput(row, stream.adapter, stream.bank_key, step.clock), voice)
 
 
 def _attempt(guard: Callable[[Callable[[], T]], T], run: Callable[[], T]) -> T | Exception:
@@ -500,7 +501,7 @@ class RVCStages:
         chunk = self._vc.blend_row(self.plan, i, encoded)
         row = make_row(self._vc.model, chunk.feats[0], None if chunk.pitch is None else chunk.pitch[0],
                        None if chunk.pitchf is None else chunk.pitchf[0], sid=chunk.sid, generator=self._generator)
-        return Row(chunk.frames, _RowInput(row, self._adapter, self._voice_key, self.plan.clock))
+        return Row(chunk.frames, _RowInput(row, self._adapter, self._voice_key, self.plan.clock), self._voice_key)
 
     def finish(self, outputs: Sequence[NDArray[np.float32]]) -> Rendered:
         from rvc_lora.pipeline.steps import output_sr

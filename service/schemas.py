@@ -266,6 +266,10 @@ class ModelOut(BaseModel):
     device: str
     bank_slots: int = Field(description="adapter slots on the device: voices one batch can mix")
     bank_slot_bytes: int = Field(description="device memory per adapter slot")
+    batch_way: Literal["auto", "by_voice", "vmap"] = Field(
+        description="how a batch of several voices runs (RVC_LORA_BATCH_WAY): by_voice, one forward per voice (a "
+                    "device call then takes one voice); vmap, one forward with each row's adapter; auto, whichever "
+                    "measured faster per batch shape")
     limits: Limits
 
 

@@ -704,19 +704,26 @@ class Worker:
 
     def _take_batch(self) -> list[_WaitingRow]:
         """The rows ready now, realtime stream blocks first, then oldest job first, up to `max_batch_frames` (at
-        least one row); rows nobody waits for are dropped."""
+        least one row); rows nobody waits for are dropped. An engine that runs each voice as its own forward
+        (`ModelInfo.batch_way` "by_voice") gets the first row's voice only: a batch of several voices would hand
+        every row back when the last voice's forward ends, so the others wait for the next call instead (the
+        oldest row always goes first, so none starves)."""
         for waiting in [w for w in self._rows if w.over]:
             self._rows.remove(waiting)
             waiting.future.cancel()
         self._rows.sort(key=lambda w: w.order)
+        one_voice = self._engine is not None and self._engine.info.batch_way == "by_voice"
         batch: list[_WaitingRow] = []
         frames = 0
         for waiting in self._rows:
+            if one_voice and batch and waiting.row.voice != batch[0].row.voice:
+                continue
             if batch and frames + waiting.row.frames > self.settings.max_batch_frames:
                 break
             batch.append(waiting)
             frames += waiting.row.frames
-        del self._rows[: len(batch)]
+        taken = set(map(id, batch))
+        self._rows = [w for w in self._rows if id(w) not in taken]
         return batch
 
     async def _batches(self) -> None:

@@ -378,3 +378,40 @@ async def test_a_stream_block_is_taken_before_an_older_conversion_row(tmp_path: 
     w._rows.append(waiting(None, 15, 4.0))
     first = w._take_batch()
     assert [r.job for r in first] == [None] and w._take_batch() == [convert]
+
+
+class ByVoiceEngine(FakeEngine):
+    """A fake whose batches of several voices run one forward per voice (as a CPU bank's do)."""
+
+    @property
+    def info(self) -> ModelInfo:
+        return dataclasses.replace(FAKE_INFO, batch_way="by_voice")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("engine_type", [ByVoiceEngine, FakeEngine])
+async def test_an_engine_running_voices_one_by_one_gets_one_voice_per_call(
+        tmp_path: Path, engine_type: type[FakeEngine]) -> None:
+    """`batch_way` "by_voice": each device call takes the oldest row's voice (rows of other voices wait for the next
+    call instead of for its forward), oldest first, within `max_batch_frames`; other engines mix voices."""
+    from service.worker import _WaitingRow
+
+    w = Worker(Settings(adapter_dir=tmp_path, max_batch_frames=30), AdapterStore(tmp_path), Metrics(),
+               lambda _: engine_type())
+    w._engine = engine_type()
+    loop = asyncio.get_running_loop()
+
+    def waiting(voice: str, since: float) -> _WaitingRow:
+        job = Job(voice, ConvertWork(np.zeros(1600, np.float32), ConvertOptions()), 0.1, None, 1e9)
+        job.future, job.enqueued_at = loop.create_future(), since
+        return _WaitingRow(job, Row(10, None, voice), 0.1, loop.create_future(), since)
+
+    rows = [waiting(voice, since) for since, voice in enumerate(["a", "b", "a", "", "a", "a", "b"])]
+    w._rows = list(rows)
+    calls = []
+    while w._rows:
+        calls.append("".join(r.row.voice or "-" for r in w._take_batch()))
+    if engine_type is ByVoiceEngine:
+        assert calls == ["aaa", "bb", "-", "a"]  # 30 frames a call: the fourth "a" row waits its turn
+    else:
+        assert calls == ["aba", "-aa", "b"]

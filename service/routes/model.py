@@ -23,7 +23,8 @@ def model_out(info: ModelInfo, settings: Settings) -> ModelOut:
                     n_speakers=info.n_speakers, content_dim=info.content_dim, max_rank=info.max_rank,
                     target_modules=list(info.target_modules), f0_methods=list(info.f0_methods),
                     default_f0_method=preferred_f0_method(info.f0_methods), device=info.device,
-                    bank_slots=info.bank_slots, bank_slot_bytes=info.bank_slot_bytes, limits=limits)
+                    bank_slots=info.bank_slots, bank_slot_bytes=info.bank_slot_bytes,
+                    batch_way=info.batch_way, limits=limits)
 
 
 @router.get("/model", response_model=ModelOut, responses=error_responses(401, 503))
