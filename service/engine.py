@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from rvc_lora.adapters import AdapterInfo
 from rvc_lora.pipeline.params import ConvertParams
+from rvc_lora.voice.bank import Strategy
 from service.errors import JobCancelled
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class ModelInfo:
     bank_slot_bytes: int = 0  # device memory one slot holds
     # how a batch of several voices runs (`rvc_lora.voice.bank.Strategy`): "by_voice" is one forward per voice, so
     # the pipelined worker gives the device one voice per call (the others' rows need not wait for it)
-    batch_way: str = "auto"
+    batch_way: Strategy = "auto"
 
 
 @dataclass(frozen=True)

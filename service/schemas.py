@@ -15,6 +15,7 @@ from rvc_lora.adapters import AdapterInfo
 from rvc_lora.pipeline.audio import EncodeFormat
 from rvc_lora.pipeline.f0 import F0Method
 from rvc_lora.pipeline.params import BOUNDS, DEFAULTS, MIN_RESAMPLE_SR
+from rvc_lora.voice.bank import Strategy
 from service.engine import ConvertOptions
 from service.store import NAME_PATTERN, StoredAdapter
 
@@ -266,7 +267,7 @@ class ModelOut(BaseModel):
     device: str
     bank_slots: int = Field(description="adapter slots on the device: voices one batch can mix")
     bank_slot_bytes: int = Field(description="device memory per adapter slot")
-    batch_way: Literal["auto", "by_voice", "vmap"] = Field(
+    batch_way: Strategy = Field(
         description="how a batch of several voices runs (RVC_LORA_BATCH_WAY): by_voice, one forward per voice (a "
                     "device call then takes one voice); vmap, one forward with each row's adapter; auto, whichever "
                     "measured faster per batch shape")

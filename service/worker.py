@@ -50,7 +50,7 @@ from service.errors import (
 )
 from service.logs import REQUEST_ID
 from service.metrics import Metrics
-from service.settings import Settings, stage_threads
+from service.settings import Settings, pipeline_depth, stage_threads
 from service.store import AdapterStore, StoredAdapter
 from service.threads import SerialThread
 
@@ -479,7 +479,7 @@ class Worker:
             threads = stage_threads(self.settings.cpu_threads, self._engine.info.device)
             if threads:
                 self._cpu = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rvc-cpu")
-            self._room = asyncio.Semaphore(self.settings.pipeline_jobs)
+            self._room = asyncio.Semaphore(pipeline_depth(self.settings.pipeline_jobs, self._engine.info.device))
             self._busy = (time.perf_counter(), self._device.busy_s)
             self._batcher = asyncio.get_running_loop().create_task(self._batches(), name="rvc-batches")
             self._batcher.add_done_callback(self._ended)

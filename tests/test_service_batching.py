@@ -69,18 +69,21 @@ def _more_adapters(base: Path, folder: Path, seeds: Sequence[int]) -> list[Path]
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("batch_way", ["by_voice", "auto"])
 async def test_concurrent_seeded_requests_equal_solo_requests_with_batching(
-        tmp_path: Path, tiny_service_assets: dict[str, Any]) -> None:
+        tmp_path: Path, tiny_service_assets: dict[str, Any], batch_way: str) -> None:
     """40 concurrent seeded /convert over 8 adapters and the base voice (real engine, tiny models, batching on,
     4 bank slots so that batches also cycle voices through the slots): each response's samples equal the same
-    request sent alone to within 1 int16 unit, not byte for byte: a padded batch of several rows (one forward per
-    voice, the CPU default; vmap over rows where the bank picks it) sums floats in another order than the forward of one
-    row, which moves a few samples across a rounding edge (measured: 20 of the 40 responses have some sample 1
-    unit off, none more; 37 with vmap)."""
+    request sent alone to within 1 int16 unit, not byte for byte: a padded batch of several rows sums floats in
+    another order than the forward of one row, which moves a few samples across a rounding edge (measured: 20 of
+    the 40 responses have some sample 1 unit off, none more; 37 with vmap). `by_voice` (the CPU default: one voice
+    per device call) and `auto` (several voices per call, vmap tried) both; 16 requests in the pipeline (an
+    accelerator's default) so that batches fill."""
     model = tiny_service_assets["model"]
     adapters = [*tiny_service_assets["adapters"], *_more_adapters(model, tmp_path, (11, 12, 13, 14))]
     settings = Settings(model=model, hubert=tiny_service_assets["hubert"], max_rank=8, adapter_dir=tmp_path / "store",
-                        bank_slots=4, max_batch_frames=4000, cpu_threads=2, batching=True)
+                        bank_slots=4, max_batch_frames=4000, cpu_threads=2, batching=True, pipeline_jobs=16,
+                        batch_way=batch_way)
     app = create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300) as client:
@@ -275,7 +278,7 @@ def test_a_failing_row_fails_its_request_only(tmp_path: Path, engine_type: type[
     the others their audio (the batch was split and retried). A batch out of device memory is split the same
     way before any request gets a 503."""
     engine = engine_type()
-    with running_app(tmp_path, engine, batching=batching) as client:
+    with running_app(tmp_path, engine, batching=batching, pipeline_jobs=16) as client:  # room for all five
         results: dict[int, int] = {}
 
         def send(seed: int) -> None:
