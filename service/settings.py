@@ -27,8 +27,10 @@ def stage_threads(cpu_threads: int | None, device: str) -> int:
 
     Unset: 0 when the model runs on the CPU, whose cores are torch's: a stage running beside it takes a core away
     in the middle of torch's parallel regions, which then wait for it (on the 2-core CPU a 30%-busy thread beside
-    a conversion made it 35% slower, so overlapping the stages lost more than it won). On an accelerator, the
-    cores, at most 4 (the device thread and the event loop need cores too)."""
+    a conversion made it 35% slower, so overlapping the stages lost more than it won). A stage then holds the
+    device thread as a one-at-a-time job does (a long input's harvest f0 delays realtime blocks until it ends);
+    set 1 or more where streams matter more than throughput. On an accelerator, the cores, at most 4 (the device
+    thread and the event loop need cores too)."""
     if cpu_threads is not None:
         return cpu_threads
     return 0 if device == "cpu" else max(1, min(4, usable_cores()))
