@@ -29,7 +29,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -40,6 +40,7 @@ from rvc_lora.frames import FRAMES_PER_S
 from rvc_lora.host_memory import DEFAULT_MALLOC_REUSE_BYTES, reuse_freed_memory
 from rvc_lora.lora import FULL_DELTA_PREFIX
 from rvc_lora.voice import AdapterBank, PreparedAdapter, SynthesizerLoRA, SynthRow, make_row, serving_layout
+from rvc_lora.voice.bank import Strategy
 
 TINY_CONFIG = [17, 32, 6, 8, 16, 2, 2, 3, 0, "1", [3, 7, 11], [[1, 3, 5]] * 3, [10, 10, 2, 2], 16, [16, 16, 4, 4],
                3, 8, 40000]  # the test suite's tiny v2 40k geometry
@@ -114,7 +115,7 @@ def random_adapter(model: SynthesizerLoRA, seed: int) -> Adapter:
     return Adapter(info, tensors)
 
 
-def make_rows(model: SynthesizerLoRA, n: int, frames: int, device: str) -> tuple[list[SynthRow], list[dict]]:
+def make_rows(model: SynthesizerLoRA, n: int, frames: int, device: str) -> tuple[list[SynthRow], list[dict[str, Any]]]:
     """n seeded rows of `frames` frames (and the same inputs for the solo `infer`)."""
     rows, solo = [], []
     cfg = model.cfg
@@ -132,7 +133,7 @@ def make_rows(model: SynthesizerLoRA, n: int, frames: int, device: str) -> tuple
     return rows, solo
 
 
-def run_serial(model: SynthesizerLoRA, voices: list[PreparedAdapter], solo: list[dict]) -> list[torch.Tensor]:
+def run_serial(model: SynthesizerLoRA, voices: list[PreparedAdapter], solo: list[dict[str, Any]]) -> list[torch.Tensor]:
     """The rows one by one, as the one-at-a-time worker runs them: swap the row's voice in, seed, `infer`."""
     out = []
     for i, (voice, inputs) in enumerate(zip(voices, solo, strict=True)):
@@ -155,7 +156,7 @@ def bench_model(name: str, batches: list[int], chunks: list[float], repeats: int
     before = allocated(device)
     bank = AdapterBank(model, most + 1)
     if way != "default":
-        bank.strategy = way  # type: ignore[assignment]  # one of Strategy's values (argparse choices)
+        bank.strategy = cast(Strategy, way)  # one of Strategy's values (argparse choices)
     measured = (allocated(device) - before) / (bank.size - 1)  # slot 0 is the model's own memory
     bank.acquire("serial", voices[0])  # pins slot 0 for good: the serial runs swap their voices through it
     slot_note = f" (device allocation per slot measured: {measured / 2**20:.2f} MiB)" if device == "cuda" else ""
