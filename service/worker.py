@@ -10,10 +10,12 @@ Two ways to run a job (`Settings.batching`):
 - pipelined (default): up to `pipeline_jobs` jobs at once, each through its `Stages` (`service/engine.py`): CPU
   stages on `cpu_threads` threads (on the device thread when the device is the CPU), content features on the device
   thread, and synthesizer rows gathered by `_batches`, which hands the device the rows ready at that moment
-  (realtime stream blocks first, then oldest job first, up to `max_batch_frames`) in one `Engine.synthesize` call. A
-  request has at most one row waiting, so a long input's chunks take turns with short requests. A failing batch is
-  split in halves and retried down to single rows, so one bad row fails its request only; a single row out of device
-  memory sends its request through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
+  (realtime stream blocks first, then oldest job first, up to `max_batch_frames`; only the oldest row's voice when
+  the engine's `batch_way` is "by_voice") in one `Engine.synthesize` call. `pipeline_depth` and `stage_threads`
+  (`service/settings.py`) give the CPU device its own defaults: 2 jobs, stages on the device thread. A request has
+  at most one row waiting, so a long input's chunks take turns with short requests. A failing batch is split in
+  halves and retried down to single rows, so one bad row fails its request only; a single row out of device memory
+  sends its request through the one-at-a-time `Engine.convert` (shorter chunks, else 503).
 - one at a time: each job start to end on the device thread (`Engine.convert` / `Engine.infer`).
 """
 
